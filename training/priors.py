@@ -1,0 +1,170 @@
+"""Priors of the two-photon movie simulator, and the `low` / `high` presets.
+
+Every number that the simulator draws per movie (D, particle count, PSF, brightness,
+background, noise, detector gain) comes from a :class:`SimulatorPriors`. The presets
+carry the numbers of the paper's reference simulator (DESIGN §4).
+
+Units: D in µm²/s, lengths in µm, intensities in photons per pixel (background) or
+photons integrated over the in-plane PSF (brightness). ``(mean, std)`` pairs are
+normal distributions whose absolute value is taken; ``(low, high)`` pairs are uniform.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from dle_stream.errors import DleStreamError
+from dle_stream.timing import ScanTiming
+
+D_PRIORS = ("uniform", "log-uniform")
+PARTICLE_PRIORS = ("reference", "fixed")
+DENSITIES = ("cloud", "box")
+
+
+@dataclass(frozen=True)
+class SimulatorPriors:
+    """What the simulator draws for each movie.
+
+    Attributes:
+        d_min_um2_s, d_max_um2_s: range of the diffusion coefficient D, µm²/s.
+        d_prior: "uniform" or "log-uniform" on that range (log-uniform needs d_min > 0).
+        particles: "reference" (1 + Exp(mean) capped, or uniform on 0..max, with equal
+            chance) or "fixed" (exactly ``particles_max`` particles).
+        particles_exp_mean: mean of the exponential part of the reference prior.
+        particles_max: cap on the particle count (the reference prior gives at most max + 1).
+        density: "cloud" (a Gaussian cloud around the tile that spreads out; its densest
+            moment at a random frame) or "box" (uniform, stationary density in a periodic
+            box much larger than the PSF around the tile).
+        cloud_lateral_std_tiles: (mean, std) of the cloud's lateral std, in tile widths.
+        cloud_axial_std_um: the cloud's axial std, µm.
+        box_margin_um: lateral margin of the periodic box around the tile, µm.
+        box_half_depth_um: half thickness of the periodic box along z, µm.
+        psf_sigma_xy_um, psf_sigma_z_um: (mean, std) of the 3D Gaussian PSF widths, µm.
+        background_photons: (mean, std) background photons per pixel.
+        brightness_photons: (mean, std) photons of one in-focus particle, summed over pixels.
+        read_noise_photons: (low, high) std of the additive Gaussian noise, redrawn per frame.
+        gain: (mean, std) detector gain, fixed per movie.
+        subtract_offset: subtract an offset near the background (as a detector's baseline).
+    """
+
+    d_min_um2_s: float = 0.0
+    d_max_um2_s: float = 1.5
+    d_prior: str = "uniform"
+    particles: str = "reference"
+    particles_exp_mean: float = 24.0
+    particles_max: int = 97
+    density: str = "cloud"
+    cloud_lateral_std_tiles: tuple[float, float] = (2.0, 0.5)
+    cloud_axial_std_um: float = 1.0
+    box_margin_um: float = 2.0
+    box_half_depth_um: float = 4.0
+    psf_sigma_xy_um: tuple[float, float] = (0.21, 0.05)
+    psf_sigma_z_um: tuple[float, float] = (1.36, 0.2)
+    background_photons: tuple[float, float] = (100.0, 20.0)
+    brightness_photons: tuple[float, float] = (600.0, 200.0)
+    read_noise_photons: tuple[float, float] = (0.5, 2.5)
+    gain: tuple[float, float] = (1.0, 0.1)
+    subtract_offset: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> DleStreamError:
+            return DleStreamError(f"simulator priors: {name} {why}")
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            for v in values:
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+                    raise bad(f.name, f"must be finite, got {value!r}")
+        if self.d_min_um2_s < 0 or self.d_max_um2_s <= self.d_min_um2_s:
+            raise bad("D range", f"must satisfy 0 ≤ d_min < d_max, got {self.d_min_um2_s}–{self.d_max_um2_s} µm²/s")
+        if self.d_prior not in D_PRIORS:
+            raise bad("d_prior", f"must be one of {D_PRIORS}, got {self.d_prior!r}")
+        if self.d_prior == "log-uniform" and self.d_min_um2_s <= 0:
+            raise bad("d_min_um2_s", "must be > 0 for a log-uniform D prior")
+        if self.particles not in PARTICLE_PRIORS:
+            raise bad("particles", f"must be one of {PARTICLE_PRIORS}, got {self.particles!r}")
+        if self.density not in DENSITIES:
+            raise bad("density", f"must be one of {DENSITIES}, got {self.density!r}")
+        if self.particles_max < 0 or self.particles_exp_mean <= 0:
+            raise bad("particle count", "needs particles_max ≥ 0 and particles_exp_mean > 0")
+        for name in ("psf_sigma_xy_um", "psf_sigma_z_um", "brightness_photons", "gain", "cloud_lateral_std_tiles"):
+            mean, std = getattr(self, name)
+            if mean <= 0 or std < 0:
+                raise bad(name, f"needs a positive mean and non-negative std, got {(mean, std)}")
+        mean, std = self.background_photons
+        if mean < 0 or std < 0:
+            raise bad("background_photons", f"needs non-negative mean and std, got {(mean, std)}")
+        lo, hi = self.read_noise_photons
+        if lo < 0 or hi < lo:
+            raise bad("read_noise_photons", f"needs 0 ≤ low ≤ high, got {(lo, hi)}")
+        if self.cloud_axial_std_um <= 0 or self.box_margin_um < 0 or self.box_half_depth_um <= 0:
+            raise bad("density geometry", "needs positive cloud_axial_std_um and box_half_depth_um, non-negative box_margin_um")
+
+    @property
+    def d_mean_um2_s(self) -> float:
+        """Mean of the D prior (the 'guess the prior mean' baseline), µm²/s."""
+        if self.d_prior == "uniform":
+            return 0.5 * (self.d_min_um2_s + self.d_max_um2_s)
+        lo, hi = self.d_min_um2_s, self.d_max_um2_s
+        return (hi - lo) / math.log(hi / lo)
+
+    def with_(self, **changes) -> "SimulatorPriors":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SimulatorPriors":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DleStreamError(f"simulator priors: unknown field(s) {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named simulation setting: priors, scan timing, tile and window size."""
+
+    name: str
+    priors: SimulatorPriors
+    timing: ScanTiming
+    tile_height: int = 20
+    tile_width: int = 20
+    frames: int = 400
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "priors": self.priors.to_dict(), "timing": self.timing.to_dict(),
+            "tile_height": self.tile_height, "tile_width": self.tile_width, "frames": self.frames,
+            "description": self.description,
+        }
+
+
+def _presets() -> dict[str, Preset]:
+    ref = ScanTiming.reference()
+    return {
+        "low": Preset(
+            "low", SimulatorPriors(d_max_um2_s=1.5), ref,
+            description="quantum dots in brain tissue: D uniform on 0–1.5 µm²/s, reference scan",
+        ),
+        "high": Preset(
+            "high", SimulatorPriors(d_max_um2_s=50.0), ref,
+            description="nanobeads in water: D uniform on 0–50 µm²/s, reference scan",
+        ),
+    }
+
+
+PRESETS: dict[str, Preset] = _presets()
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise DleStreamError(f"unknown preset {name!r}; use --preset {' or '.join(PRESETS)}") from None
+
