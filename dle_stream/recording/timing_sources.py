@@ -1,0 +1,143 @@
+"""Which scan timing to use for a stream: :func:`resolve_timing`.
+
+Precedence, field by field (DESIGN §3): command-line flags > timing file > the
+recording's metadata > the recording's frame size (``width_px``, ``height_px`` only) >
+the fallback (a model card), which is used with a loud warning because the estimate is
+only valid if the microscope really scanned with that timing.
+
+``bidirectional`` is the one field with a default: when nothing gives it, the scan is
+assumed unidirectional, with a warning naming ``--bidirectional``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dle_stream.errors import DleStreamError
+from dle_stream.recording.base import Recording
+from dle_stream.timing import ScanTiming
+
+#: The command-line flag that sets each ScanTiming field (None: only a timing file can).
+FLAG_FOR_FIELD: dict[str, str | None] = {
+    "pixel_size_um": "--pixel-size-um",
+    "dwell_us": "--dwell-us",
+    "line_period_us": "--line-period-us",
+    "frame_period_us": "--frame-period-us",
+    "width_px": None,
+    "height_px": None,
+    "bidirectional": "--bidirectional",
+}
+
+
+def read_timing_file(path: Path) -> dict[str, Any]:
+    """The ScanTiming fields in a JSON timing file (any subset of the fields)."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise DleStreamError(f"{path}: cannot read the timing file ({exc.strerror or exc}); check --timing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DleStreamError(f"{path}: the timing file is not valid JSON ({exc}); fix it or drop --timing") from None
+    if isinstance(data, dict) and isinstance(data.get("timing"), dict):
+        data = data["timing"]  # a dle-stream metadata document or model card section
+    if not isinstance(data, dict):
+        raise DleStreamError(f"{path}: the timing file must be a JSON object with fields {', '.join(ScanTiming.field_names())}")
+    unknown = [k for k in data if k not in FLAG_FOR_FIELD]
+    if unknown:
+        raise DleStreamError(
+            f"{path}: unknown scan timing field(s) {', '.join(unknown)} in the timing file; "
+            f"allowed: {', '.join(ScanTiming.field_names())}"
+        )
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def resolve_timing(
+    recording: Recording | None,
+    *,
+    flags: dict[str, Any] | None = None,
+    timing_file: str | Path | None = None,
+    fallback: ScanTiming | None = None,
+    fallback_label: str = "the model card",
+) -> tuple[ScanTiming, str, list[str]]:
+    """The scan timing for a stream, where each field came from, and warnings.
+
+    Args:
+        recording: the recording being replayed (None for a live stream).
+        flags: ScanTiming field -> value from the command line; None means the flag was
+            not given (so pass ``bidirectional=None``, not False, when ``--bidirectional``
+            is absent, or it would override the recording's metadata).
+        timing_file: a JSON file with some or all ScanTiming fields (``--timing FILE``).
+        fallback: timing to assume for fields nothing else gives (e.g. the model card's).
+        fallback_label: what ``fallback`` is, for the warning.
+
+    Returns:
+        (timing, source description, warnings). The description names the source of
+        every field; the warnings are one line each and must be shown to the user.
+
+    Raises:
+        DleStreamError: a field is unknown and there is no fallback (the message names the
+            flag that supplies it), or the combined timing is inconsistent.
+    """
+    flags = dict(flags or {})
+    unknown = [k for k in flags if k not in FLAG_FOR_FIELD]
+    if unknown:
+        raise DleStreamError(f"unknown scan timing flag field(s) {', '.join(unknown)}; allowed: {', '.join(FLAG_FOR_FIELD)}")
+    layers: list[tuple[str, dict[str, Any]]] = [("command-line flags", {k: v for k, v in flags.items() if v is not None})]
+    if timing_file is not None:
+        layers.append((f"timing file {timing_file}", read_timing_file(Path(timing_file))))
+    if recording is not None:
+        name = recording.path.name
+        layers.append((f"{name} metadata ({recording.timing_source or 'none'})", dict(recording.timing_fields)))
+        layers.append((f"{name} frame size", {"width_px": recording.width, "height_px": recording.height}))
+
+    chosen: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for label, values in layers:
+        for key, value in values.items():
+            if key not in chosen:
+                chosen[key], origin[key] = value, label
+
+    warnings: list[str] = []
+    missing = [n for n in ScanTiming.field_names() if n not in chosen]
+    if missing and fallback is not None:
+        assumed = {n: getattr(fallback, n) for n in missing}
+        for n, v in assumed.items():
+            chosen[n], origin[n] = v, fallback_label
+        flags_hint = ", ".join(f for f in (FLAG_FOR_FIELD[n] for n in missing) if f) or "--timing FILE"
+        warnings.append(
+            "WARNING: scan timing "
+            + ", ".join(f"{n}={v:g}" if isinstance(v, float) else f"{n}={v}" for n, v in assumed.items())
+            + f" ASSUMED from {fallback_label}: not given by flags, a timing file or the recording; "
+            f"D estimates are wrong unless the microscope used this timing; pass {flags_hint} or --timing FILE"
+        )
+        missing = []
+    if "bidirectional" in missing:
+        chosen["bidirectional"], origin["bidirectional"] = False, "default (unidirectional)"
+        warnings.append("WARNING: scan direction unknown, assumed unidirectional; pass --bidirectional if odd lines run backwards")
+        missing.remove("bidirectional")
+    if missing:
+        where = "command-line flags, a timing file" + (f" or {recording.path.name}'s metadata" if recording is not None else "")
+        hints = [FLAG_FOR_FIELD[n] for n in missing if FLAG_FOR_FIELD[n]]
+        raise DleStreamError(
+            f"scan timing: {', '.join(missing)} unknown (not in the {where}); pass "
+            + (", ".join(hints) + " or " if hints else "")
+            + "a timing file with --timing FILE"
+        )
+    timing = ScanTiming.from_dict(chosen, source="scan timing (" + _describe(origin) + ")")
+    if recording is not None and (timing.width_px < recording.width or timing.height_px < recording.height):
+        raise DleStreamError(
+            f"scan timing: the frame is {timing.width_px}×{timing.height_px} px ({origin['width_px']}) but "
+            f"{recording.path.name} has {recording.width}×{recording.height} px frames; fix the timing file"
+        )
+    return timing, _describe(origin), warnings
+
+
+def _describe(origin: dict[str, str]) -> str:
+    """'a, b from X; c from Y' in ScanTiming field order."""
+    groups: dict[str, list[str]] = {}
+    for name in ScanTiming.field_names():
+        if name in origin:
+            groups.setdefault(origin[name], []).append(name)
+    return "; ".join(f"{', '.join(names)} from {label}" for label, names in groups.items())

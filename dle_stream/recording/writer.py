@@ -1,0 +1,286 @@
+"""Writing movies with their scan timing: :func:`write_recording`.
+
+Every file written here carries dle-stream's metadata document (the full
+:class:`~dle_stream.timing.ScanTiming`, the software version, the caller's extra
+metadata, per-frame timestamps; see :mod:`.metadata`) *and* the standard metadata other
+tools read:
+
+- ``imagej`` (``.tif``): an ImageJ hyperstack (axes TYX) that opens in Fiji with the
+  pixel size (resolution tags, ``unit=um``) and the frame interval (``finterval``, s);
+- ``ome-tiff`` (``.ome.tif``): OME-XML with ``PhysicalSizeX/Y`` (µm), ``TimeIncrement``
+  (s) and, with timestamps, each plane's ``DeltaT`` (s);
+- ``tiff``: a plain tifffile TIFF (resolution tags in µm via centimetres);
+- ``zarr`` (``.zarr``): an OME-Zarr v0.5 group: array ``"0"`` [t, y, x] with
+  ``dimension_names``, multiscales axes with units and a scale of
+  [frame period s, pixel µm, pixel µm]; our document in the group attribute
+  ``"dle_stream"``; timestamps in the array ``"frame_timestamps_s"``.
+
+In TIFF files our document is the private ASCII tag
+:data:`~dle_stream.recording.metadata.DLE_TIFF_TAG` on the first page: it survives
+tifffile round trips for every flavour and is ignored by other readers.
+
+``movie`` may be an array [T, H, W] or any iterable of 2-D frames: frames are written
+as they come (TIFF through ``TiffWriter.write`` with an iterator, Zarr one block of
+frames at a time), so a recording larger than RAM can be streamed to disk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import zarr
+
+from dle_stream.errors import DleStreamError
+from dle_stream.recording import metadata as md
+from dle_stream.recording.formats import WRITE_FORMATS, write_format_from_suffix
+from dle_stream.recording.zarr_store import TIMESTAMPS_ARRAY
+from dle_stream.timing import ScanTiming
+
+#: Data types an ImageJ hyperstack can hold.
+IMAGEJ_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
+#: Target size of one Zarr chunk of frames, bytes.
+ZARR_CHUNK_BYTES = 4 * 2**20
+#: Above this many bytes of pixels, (OME-/plain) TIFFs are written as BigTIFF.
+BIGTIFF_BYTES = 2**32 - 2**25
+
+
+class _Frames:
+    """The movie as a checked stream of 2-D frames of one shape and dtype."""
+
+    def __init__(self, movie: Any, n_frames: int | None, path: Path) -> None:
+        self.path = path
+        if isinstance(movie, np.ndarray) or (hasattr(movie, "shape") and hasattr(movie, "dtype") and hasattr(movie, "ndim")):
+            if movie.ndim != 3:
+                raise DleStreamError(f"{path}: the movie must be [T, H, W], got an array of shape {tuple(movie.shape)}")
+            self._iter: Iterator[Any] = (np.asarray(movie[k]) for k in range(int(movie.shape[0])))
+            self.n_frames: int | None = int(movie.shape[0])
+            self.height, self.width = int(movie.shape[1]), int(movie.shape[2])
+            self.dtype = np.dtype(movie.dtype)
+            self._first: np.ndarray | None = None
+        else:
+            if not isinstance(movie, Iterable):
+                raise DleStreamError(f"{path}: the movie must be an array [T, H, W] or an iterable of 2-D frames")
+            self.n_frames = len(movie) if hasattr(movie, "__len__") else n_frames  # type: ignore[arg-type]
+            self._iter = iter(movie)
+            try:
+                first = np.asarray(next(self._iter))
+            except StopIteration:
+                raise DleStreamError(f"{path}: the movie has no frames; nothing to write") from None
+            self._first = self._check(first, 0, first_frame=True)
+            self.height, self.width = first.shape
+            self.dtype = first.dtype
+        if n_frames is not None and self.n_frames is not None and n_frames != self.n_frames:
+            raise DleStreamError(f"{path}: n_frames={n_frames} but the movie has {self.n_frames} frames")
+        if self.n_frames == 0:
+            raise DleStreamError(f"{path}: the movie has no frames; nothing to write")
+        self.written = 0
+
+    def _check(self, frame: np.ndarray, k: int, first_frame: bool = False) -> np.ndarray:
+        if frame.ndim != 2:
+            raise DleStreamError(f"{self.path}: frame {k} is not 2-D (shape {frame.shape}); pass frames [H, W]")
+        if not first_frame and (frame.shape != (self.height, self.width) or frame.dtype != self.dtype):
+            raise DleStreamError(
+                f"{self.path}: frame {k} is {frame.shape} {frame.dtype}, but the first frame was "
+                f"{(self.height, self.width)} {self.dtype}; every frame must match"
+            )
+        return frame
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            self.written = 1
+            yield first
+        for frame in self._iter:
+            if self.n_frames is not None and self.written >= self.n_frames:
+                raise DleStreamError(f"{self.path}: the movie yields more than the {self.n_frames} frames announced")
+            yield self._check(np.asarray(frame), self.written)
+            self.written += 1
+        if self.n_frames is not None and self.written != self.n_frames:
+            raise DleStreamError(f"{self.path}: the movie yielded {self.written} frames, {self.n_frames} were announced")
+
+    def blocks(self, size: int) -> Iterator[np.ndarray]:
+        """Consecutive blocks of up to ``size`` frames, [n, H, W]."""
+        block: list[np.ndarray] = []
+        for frame in self:
+            block.append(frame)
+            if len(block) == size:
+                yield np.stack(block)
+                block = []
+        if block:
+            yield np.stack(block)
+
+
+def write_recording(
+    path: str | Path,
+    movie: np.ndarray | Iterable[np.ndarray],
+    timing: ScanTiming,
+    *,
+    format: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    frame_timestamps_s: np.ndarray | list[float] | None = None,
+    n_frames: int | None = None,
+) -> Path:
+    """Write a movie and its scan timing to ``path``; return the path.
+
+    Args:
+        path: output file (``.tif`` ImageJ, ``.ome.tif`` OME-TIFF) or store (``.zarr``).
+        movie: array [T, H, W], or an iterable of 2-D frames (streamed to disk).
+        timing: the scan timing (µm, µs) to record with it.
+        format: ``"imagej"``, ``"ome-tiff"``, ``"tiff"`` or ``"zarr"``; default from the suffix.
+        metadata: extra JSON-able metadata (e.g. the simulator's ground truth), read back
+            as ``Recording.metadata["dle_stream"]["extra"]``.
+        frame_timestamps_s: acquisition time of each frame, s.
+        n_frames: number of frames of an iterable without ``len()``; TIFF formats need it
+            (or ``frame_timestamps_s``) up front, Zarr does not.
+    """
+    path = Path(path).expanduser()
+    fmt = write_format_from_suffix(path) if format is None else format
+    if fmt not in WRITE_FORMATS:
+        raise DleStreamError(f"{path}: unknown recording format {fmt!r}; use one of {', '.join(WRITE_FORMATS)}")
+    if not isinstance(timing, ScanTiming):
+        raise DleStreamError(f"{path}: timing must be a ScanTiming, got {type(timing).__name__}")
+    stamps = None if frame_timestamps_s is None else np.asarray(frame_timestamps_s, dtype=np.float64)
+    if stamps is not None and stamps.ndim != 1:
+        raise DleStreamError(f"{path}: frame_timestamps_s must be a 1-D sequence of seconds")
+    frames = _Frames(movie, n_frames, path)
+    if frames.n_frames is None and stamps is not None:
+        frames.n_frames = len(stamps)
+    if stamps is not None and frames.n_frames is not None and len(stamps) != frames.n_frames:
+        raise DleStreamError(f"{path}: {len(stamps)} frame timestamps for {frames.n_frames} frames; pass one per frame")
+    if not path.parent.exists():
+        raise DleStreamError(f"{path}: the folder {path.parent} does not exist; create it first")
+    try:
+        if fmt == "zarr":
+            _write_zarr(path, frames, timing, metadata, stamps)
+        else:
+            _write_tiff(path, fmt, frames, timing, metadata, stamps)
+    except BaseException:
+        _remove(path, fmt)
+        raise
+    return path
+
+
+def _write_tiff(
+    path: Path, fmt: str, frames: _Frames, timing: ScanTiming, extra: dict[str, Any] | None, stamps: np.ndarray | None
+) -> None:
+    if frames.n_frames is None:
+        raise DleStreamError(
+            f"{path}: a TIFF needs the frame count up front; pass n_frames= (or frame_timestamps_s) "
+            f"with a generator, or write .zarr"
+        )
+    if fmt == "imagej" and frames.dtype not in IMAGEJ_DTYPES:
+        raise DleStreamError(
+            f"{path}: an ImageJ TIFF holds uint8, uint16 or float32 pixels, not {frames.dtype}; "
+            f"convert the movie or write .ome.tif or .zarr"
+        )
+    shape = (frames.n_frames, frames.height, frames.width)
+    doc = json.dumps(md.make_document(timing, extra, stamps), separators=(",", ":"))
+    extratags = [(md.DLE_TIFF_TAG, "s", 0, doc, True)]
+    pixel_um, frame_s = timing.pixel_size_um, timing.frame_period_us / 1e6
+    big = frames.n_frames * frames.height * frames.width * frames.dtype.itemsize > BIGTIFF_BYTES
+    kwargs: dict[str, Any] = dict(shape=shape, dtype=frames.dtype, extratags=extratags, photometric="minisblack")
+    if fmt == "imagej":
+        writer = tifffile.TiffWriter(path, imagej=True)
+        kwargs.update(
+            resolution=(1.0 / pixel_um, 1.0 / pixel_um),
+            metadata={"axes": "TYX", "finterval": frame_s, "unit": "um"},
+        )
+    elif fmt == "ome-tiff":
+        writer = tifffile.TiffWriter(path, ome=True, bigtiff=big)
+        ome: dict[str, Any] = {
+            "axes": "TYX",
+            "PhysicalSizeX": pixel_um, "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": pixel_um, "PhysicalSizeYUnit": "µm",
+            "TimeIncrement": frame_s, "TimeIncrementUnit": "s",
+        }
+        if stamps is not None:
+            ome["Plane"] = {"DeltaT": [float(t) for t in stamps], "DeltaTUnit": ["s"] * len(stamps)}
+        kwargs.update(resolution=(1e4 / pixel_um, 1e4 / pixel_um), resolutionunit="CENTIMETER", metadata=ome)
+    else:
+        writer = tifffile.TiffWriter(path, bigtiff=big)
+        kwargs.update(resolution=(1e4 / pixel_um, 1e4 / pixel_um), resolutionunit="CENTIMETER", metadata={"axes": "TYX"})
+    try:
+        with writer:
+            writer.write(iter(frames), **kwargs)
+    except DleStreamError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:
+        raise DleStreamError(f"{path}: cannot write the TIFF ({type(exc).__name__}: {exc}); check the path and the movie") from None
+
+
+def _write_zarr(
+    path: Path, frames: _Frames, timing: ScanTiming, extra: dict[str, Any] | None, stamps: np.ndarray | None
+) -> None:
+    frame_bytes = frames.height * frames.width * frames.dtype.itemsize
+    chunk = max(1, min(ZARR_CHUNK_BYTES // max(frame_bytes, 1), frames.n_frames or 1 << 30))
+    try:
+        group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+        group.attrs.update(
+            {
+                "ome": {
+                    "version": "0.5",
+                    "multiscales": [
+                        {
+                            "name": path.stem,
+                            "axes": [
+                                {"name": "t", "type": "time", "unit": "second"},
+                                {"name": "y", "type": "space", "unit": "micrometer"},
+                                {"name": "x", "type": "space", "unit": "micrometer"},
+                            ],
+                            "datasets": [
+                                {
+                                    "path": "0",
+                                    "coordinateTransformations": [
+                                        {
+                                            "type": "scale",
+                                            "scale": [timing.frame_period_us / 1e6, timing.pixel_size_um, timing.pixel_size_um],
+                                        }
+                                    ],
+                                }
+                            ],
+                        }
+                    ],
+                },
+                md.DLE_ZARR_KEY: md.make_document(timing, extra, None),
+            }
+        )
+        array = group.create_array(
+            "0",
+            shape=(frames.n_frames or 0, frames.height, frames.width),
+            chunks=(chunk, frames.height, frames.width),
+            dtype=frames.dtype,
+            dimension_names=("t", "y", "x"),
+            fill_value=0,
+        )
+        t = 0
+        for block in frames.blocks(chunk):
+            if t + len(block) > array.shape[0]:
+                array.resize((t + len(block), frames.height, frames.width))
+            array[t : t + len(block)] = block
+            t += len(block)
+        if stamps is not None:
+            if len(stamps) != t:
+                raise DleStreamError(f"{path}: {len(stamps)} frame timestamps for {t} frames; pass one per frame")
+            group.create_array(TIMESTAMPS_ARRAY, data=stamps, dimension_names=("t",))
+    except DleStreamError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zarr's errors become one line naming the store
+        raise DleStreamError(f"{path}: cannot write the Zarr store ({type(exc).__name__}: {exc}); check the path") from None
+
+
+def _remove(path: Path, fmt: str) -> None:
+    """Delete a partly written file or Zarr store so that no half recording is left behind."""
+    import shutil
+
+    try:
+        if fmt == "zarr" and (path / "zarr.json").is_file():
+            shutil.rmtree(path)
+        elif fmt != "zarr" and path.is_file():
+            path.unlink()
+    except OSError:
+        pass
