@@ -1,10 +1,21 @@
-"""The `dle-stream` command line: a thin typer shell over library functions."""
+"""The `dle-stream` command line: a thin typer shell over library functions.
+
+Every command turns a :class:`~dle_stream.errors.DleStreamError` into one line on stderr
+and exit status 2; no traceback reaches the user for a problem with their input.
+"""
 
 from __future__ import annotations
 
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.console import Console
 
 from dle_stream import __version__
+from dle_stream.errors import DleStreamError
 
 app = typer.Typer(
     name="dle-stream",
@@ -13,6 +24,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Report DleStreamError as one line on stderr, exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DleStreamError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -26,3 +57,173 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     """Live diffusion-coefficient estimation (µm²/s) for laser-scanning microscopes."""
+
+
+# ----------------------------------------------------------------- timing flags
+PIXEL = typer.Option(None, "--pixel-size-um", help="Pixel size, µm.")
+DWELL = typer.Option(None, "--dwell-us", help="Pixel dwell time, µs.")
+LINE = typer.Option(None, "--line-period-us", help="Line period (full line + retrace), µs.")
+FRAME = typer.Option(None, "--frame-period-us", help="Frame period (all lines + flyback), µs.")
+BIDI = typer.Option(None, "--bidirectional/--unidirectional", help="Scan direction of odd lines.")
+TIMING_FILE = typer.Option(None, "--timing", help="JSON file with scan-timing fields (see README).")
+
+
+def _timing_flags(pixel, dwell, line, frame, bidi) -> dict:
+    return {"pixel_size_um": pixel, "dwell_us": dwell, "line_period_us": line, "frame_period_us": frame,
+            "bidirectional": bidi}
+
+
+def _timing_for_frame(base, height: int, width: int, flags: dict, timing_file: Optional[Path]):
+    """Scan timing of a height×width frame: the flags and timing file win; what they leave
+    open keeps the base scan's dwell, line retrace and frame flyback."""
+    from dle_stream.recording import resolve_timing
+    from dle_stream.timing import ScanTiming
+
+    fallback = base.with_frame_size(height, width) if (height, width) != (base.height_px, base.width_px) else base
+    if all(v is None for v in flags.values()) and timing_file is None:
+        return fallback
+    # derive unknown line/frame periods from a given dwell with the base retrace/flyback
+    if flags.get("dwell_us") is not None and flags.get("line_period_us") is None and timing_file is None:
+        flags = dict(flags, line_period_us=width * flags["dwell_us"] + base.line_retrace_us)
+    if flags.get("line_period_us") is not None and flags.get("frame_period_us") is None and timing_file is None:
+        flags = dict(flags, frame_period_us=height * flags["line_period_us"] + base.frame_flyback_us)
+    flags = dict(flags, width_px=width, height_px=height)
+    timing, _, _ = resolve_timing(None, flags=flags, timing_file=timing_file, fallback=fallback,
+                                  fallback_label="the preset")
+    return ScanTiming(**{**timing.to_dict(), "width_px": width, "height_px": height})
+
+
+# ------------------------------------------------------------------- simulate
+@app.command()
+@user_errors
+def simulate(
+    out: Path = typer.Argument(..., help="Output recording: .tif (ImageJ), .ome.tif, or .zarr."),
+    preset: str = typer.Option("low", "--preset", help="Simulation preset: low (D 0–1.5) or high (D 0–50 µm²/s)."),
+    d: Optional[str] = typer.Option(None, "--d", help="D in µm²/s: one value, bands left→right '0.3,1.2', or a .npy/.tif map. Default: drawn per tile from the preset."),
+    frames: int = typer.Option(400, "--frames", help="Number of frames."),
+    size: str = typer.Option("20x20", "--size", help="Full frame HxW in pixels, e.g. 128x128 (tiled internally)."),
+    tile: int = typer.Option(20, "--tile", help="Simulation tile size, px."),
+    density: Optional[str] = typer.Option(None, "--density", help="cloud (reference: spreading clouds per tile) or box (stationary density)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed → same recording)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="tiff, ome-tiff, imagej or zarr (default: from the suffix)."),
+    pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
+    line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
+    bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
+) -> None:
+    """Simulate a two-photon recording of diffusing particles, with its scan timing and ground truth."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from training.priors import get_preset
+    from training.recording_sim import parse_size, simulate_recording
+
+    p = get_preset(preset)
+    height, width = parse_size(size)
+    if tile < 1:
+        raise DleStreamError(f"--tile must be ≥ 1 px, got {tile}")
+    if density not in (None, "cloud", "box"):
+        raise DleStreamError(f"--density {density!r}: use cloud or box")
+    if fmt == "tiff" and out.suffix.lower() in (".tif", ".tiff") and not out.name.lower().endswith((".ome.tif", ".ome.tiff")):
+        fmt = "imagej"  # opens in Fiji with its frame interval and pixel size
+    tm = _timing_for_frame(p.timing, height, width,
+                           _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
+    with Progress(TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+                  TimeRemainingColumn(), console=err_console, transient=True, disable=frames * height * width < 2e6) as prog:
+        task = prog.add_task("sim", total=frames)
+        rec = simulate_recording(out, p, frames=frames, height=height, width=width, timing=tm, d_spec=d, seed=seed,
+                                 tile=tile, fmt=fmt, density=density, on_frames=lambda n: prog.advance(task, n))
+    ds = [t["d_um2_s"] for t in rec.tiles]
+    console.print(f"wrote [bold]{rec.path}[/] ({frames} frames of {height}×{width} px, {len(rec.tiles)} tiles)")
+    console.print(f"scan: pixel {tm.pixel_size_um:g} µm, dwell {tm.dwell_us:g} µs, line {tm.line_period_us:g} µs, "
+                  f"frame {tm.frame_period_us:g} µs ({tm.frame_rate_hz:.2f} frames/s), "
+                  f"{'bi' if tm.bidirectional else 'uni'}directional")
+    console.print(f"true D per tile: {min(ds):.3g}–{max(ds):.3g} µm²/s (mean {sum(ds) / len(ds):.3g}); "
+                  f"visible transitions per tile: {sum(t['visible_transitions'] for t in rec.tiles) / len(rec.tiles):.0f}")
+    console.print(f"ground truth: {rec.truth_path}")
+
+
+# ---------------------------------------------------------------------- train
+@app.command()
+@user_errors
+def train(
+    out: Path = typer.Option(..., "--out", help="Model package folder to write, e.g. models/my-scope."),
+    preset: str = typer.Option("low", "--preset", help="Priors and timing to start from: low or high."),
+    like: Optional[Path] = typer.Option(None, "--like", help="Take scan timing and pixel size from this recording's metadata."),
+    d_max: Optional[float] = typer.Option(None, "--d-max", help="Upper end of the D prior, µm²/s."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Budget: predictor training steps (reproducible with --seed)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Budget: wall-clock minutes for the whole training."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the training checkpointed in --out."),
+    encoder_from: Optional[Path] = typer.Option(None, "--encoder-from", help="Reuse (frozen) the encoder of this model package; skips pretraining."),
+    ae_steps: int = typer.Option(1500, "--ae-steps", help="Autoencoder pretraining steps."),
+    cache_movies: int = typer.Option(4096, "--cache-movies", help="Simulated movies kept as latents for the predictor."),
+    val_movies: int = typer.Option(512, "--val-movies", help="Held-out movies for the final validation."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the folder name)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
+    line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
+    bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
+) -> None:
+    """Train a model for a scan timing and D range (simulated data) and write a model package."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from training.trainer import TrainConfig, resolve_device, train as run_training
+    from training.training_setup import config_for
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg: TrainConfig = config_for(
+        out=out, preset=preset, like=like, d_max=d_max, steps=steps, minutes=minutes,
+        device=resolve_device(device), seed=seed, resume=resume, encoder_from=encoder_from, ae_steps=ae_steps,
+        cache_movies=cache_movies, val_movies=val_movies, name=name,
+        flags=_timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional),
+        timing_file=timing,
+    )
+    console.print(f"training [bold]{cfg.name}[/]: D {cfg.priors.d_min_um2_s:g}–{cfg.priors.d_max_um2_s:g} µm²/s, "
+                  f"dwell {cfg.timing.dwell_us:g} µs, line {cfg.timing.line_period_us:g} µs, "
+                  f"frame {cfg.timing.frame_period_us:g} µs, device {cfg.device}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:>6.0f}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console, transient=False, refresh_per_second=2) as progress:
+        try:
+            folder = run_training(cfg, progress=progress, log=progress.console.print)
+        except KeyboardInterrupt:
+            progress.console.print(f"stopped; checkpoint and model package in {cfg.out} (continue with --resume)")
+            raise typer.Exit(130) from None
+    import json
+
+    card = json.loads((folder / "card.json").read_text())
+    v = card["validation"]["dle"]
+    console.print(f"wrote {folder}: validation L1 {v['l1']:.4g} µm²/s (best half {v['best_half_l1']:.4g}), "
+                  f"|err|<σ {v['within_1_sigma']:.0%}, <2σ {v['within_2_sigma']:.0%} on {card['validation']['n_movies']} held-out movies")
+
+
+# --------------------------------------------------------------------- models
+@app.command()
+@user_errors
+def models() -> None:
+    """List the available model packages and their key card fields."""
+    from rich.table import Table
+
+    from dle_stream.model_package import list_models
+
+    table = Table(title="dle-stream models")
+    for col in ("name", "D range µm²/s", "tile", "window", "dwell / line / frame µs", "pixel µm", "val L1", "path"):
+        table.add_column(col)
+    found = list_models()
+    for path, card in found:
+        t = card.scan_timing
+        val = card.validation.get("dle", {}) if isinstance(card.validation, dict) else {}
+        l1 = f"{val['l1']:.3g}" if isinstance(val.get("l1"), (int, float)) else "—"
+        table.add_row(card.name, f"{card.d_min_um2_s:g}–{card.d_max_um2_s:g}", f"{card.tile_height}×{card.tile_width}",
+                      str(card.window_frames), f"{t['dwell_us']:g} / {t['line_period_us']:g} / {t['frame_period_us']:g}",
+                      f"{card.pixel_size_um:g}", l1, str(path))
+    if not found:
+        console.print("no model packages found (set DLE_STREAM_MODELS or train one with `dle-stream train`)")
+        return
+    console.print(table)
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m dle_stream`
+    sys.exit(app())

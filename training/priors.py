@@ -110,6 +110,15 @@ class SimulatorPriors:
         lo, hi = self.d_min_um2_s, self.d_max_um2_s
         return (hi - lo) / math.log(hi / lo)
 
+    @property
+    def d_std_um2_s(self) -> float:
+        """Standard deviation of the D prior, µm²/s."""
+        lo, hi = self.d_min_um2_s, self.d_max_um2_s
+        if self.d_prior == "uniform":
+            return (hi - lo) / math.sqrt(12)
+        second = (hi**2 - lo**2) / (2 * math.log(hi / lo))
+        return math.sqrt(max(second - self.d_mean_um2_s**2, 0.0))
+
     def with_(self, **changes) -> "SimulatorPriors":
         return replace(self, **changes)
 
