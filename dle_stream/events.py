@@ -1,0 +1,70 @@
+"""The plain records that flow through a stream: frames in, window estimates out.
+
+Every source (Micro-Manager, the demo camera, a replayed file) yields
+:class:`FrameEvent`; the runner turns windows of frames into :class:`WindowEstimate`
+records that the Zarr log, the dashboard and the per-ROI combination consume.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrameEvent:
+    """One full frame from a source.
+
+    Attributes:
+        frame: [H, W] pixel values of the full frame.
+        index: position of the frame in the stream, 0-based, counting every frame the
+            source delivered (a dropped frame leaves a gap only in ``image_number``).
+        timestamp_s: acquisition time from the source's clock, seconds (None if unknown).
+        image_number: the camera's own frame counter when it has one (Micro-Manager's
+            ``ImageNumber``); a jump means frames were lost before they reached us.
+        metadata: anything else the source knows about the frame (JSON-able).
+    """
+
+    frame: np.ndarray
+    index: int
+    timestamp_s: float | None = None
+    image_number: int | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+class EstimateFlag(enum.IntFlag):
+    """Why an estimate deserves a second look (a bit mask, stored as uint8)."""
+
+    NONE = 0
+    LITTLE_INFORMATION = 1   # σ̂ large relative to the prior, or the window looks empty
+    AT_PRIOR_EDGE = 2        # D̂ near the edge of the model's D range
+    TIMING_ASSUMED = 4       # scan timing taken from the model card, not read or given
+    SPANS_GAP = 8            # the window spans dropped frames
+    NO_ESTIMATE = 16         # the estimator returned nothing usable (NaN)
+
+
+@dataclass(frozen=True)
+class WindowEstimate:
+    """Estimates of one window position for every tile.
+
+    Attributes:
+        window: running number of the window (0-based).
+        frame_start, frame_stop: frames [start, stop) the window covers.
+        t_start_s, t_stop_s: the window's span in acquisition time, s (from the scan timing).
+        wall_time: Unix time when the estimate was made, s.
+        d_um2_s: [n_tiles] D̂, µm²/s (NaN for tiles not estimated in this window).
+        sigma_um2_s: [n_tiles] σ̂, µm²/s.
+        flags: [n_tiles] uint8 :class:`EstimateFlag` bits.
+    """
+
+    window: int
+    frame_start: int
+    frame_stop: int
+    t_start_s: float
+    t_stop_s: float
+    wall_time: float
+    d_um2_s: np.ndarray
+    sigma_um2_s: np.ndarray
+    flags: np.ndarray

@@ -1,0 +1,604 @@
+"""The run log: every window estimate and every frame's timestamps, in one Zarr v3 group.
+
+Layout of a log (``<path>/``, a Zarr v3 group; open it with plain ``zarr`` or with
+``xarray.open_zarr(path, consolidated=False)`` thanks to the dimension names)::
+
+    attrs   dle_stream          {"kind": "run_log", "format_version": 1}
+            committed_windows   rows of the window arrays that hold complete data
+            committed_frames    rows of the frame arrays that hold complete data
+            committed_gaps      rows of ``gaps`` that hold complete data
+            rois                [{"name", "bbox": [row, col, h, w], "tiles": [...]}, ...]
+            segments            one entry per run that wrote to the log (create, then
+                                each --append): offsets, first rows, start time, its attrs
+            ...                 whatever the caller passed as ``attrs`` when the log was
+                                created (software version, model card, scan timing, ...)
+    window      int64   [window]         running window number
+    d           float32 [window, tile]   D̂, µm²/s (NaN: no estimate)
+    sigma       float32 [window, tile]   σ̂, µm²/s
+    flags       uint8   [window, tile]   EstimateFlag bits
+    frame_start int64   [window]         first frame of the window
+    frame_stop  int64   [window]         frame after the last one (half-open)
+    t_start_s   float64 [window]         window span in acquisition time, s
+    t_stop_s    float64 [window]
+    wall_time   float64 [window]         Unix time the estimate was made, s
+    tile_bbox   int32   [tile, bbox]     row, col, height, width of each tile, px
+    frame_index int64   [frame]          position of the frame in the stream
+    timestamp_s float64 [frame]          source timestamp, s (NaN if unknown)
+    image_number int64  [frame]          camera frame counter (-1 if unknown)
+    gaps        int64   [gap, gap_field] frame_index, n_lost, kind (index into
+                                         ``gaps.attrs["kinds"]``)
+
+The first axis of every record array grows. Records are buffered in memory and
+appended in batches (:meth:`ZarrLog.flush`, about once a second); the committed counts
+are written *after* the data, and only the rows below them are meaningful: an array may
+be longer for a moment while a flush is under way, or after a run was killed in one.
+Zarr's local store writes every file atomically (temporary file, then rename), so a run
+killed at any instant leaves a store that opens and holds every committed row.
+Metadata is never consolidated (a live reader would see stale shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from dle_stream.errors import DleStreamError
+from dle_stream.events import WindowEstimate
+
+__all__ = ["LogView", "ZarrLog", "open_log", "LOG_FORMAT_VERSION"]
+
+LOG_FORMAT_VERSION = 1
+_MARKER = {"kind": "run_log", "format_version": LOG_FORMAT_VERSION}
+_RESERVED_ATTRS = ("dle_stream", "committed_windows", "committed_frames", "committed_gaps",
+                   "rois", "segments")
+
+WINDOW_CHUNK = 256     # windows per chunk (all tiles in one chunk)
+FRAME_CHUNK = 4096     # frames per chunk
+GAP_CHUNK = 1024
+UNITS_D = "µm²/s"
+BBOX_FIELDS = ["row", "col", "height", "width"]
+GAP_FIELDS = ["frame_index", "n_lost", "kind"]
+
+# name: (dtype, fill value, units or None, description)
+_WINDOW_SCALARS: dict[str, tuple[str, Any, str | None, str]] = {
+    "window": ("int64", -1, None, "running window number"),
+    "frame_start": ("int64", -1, None, "first frame the window covers"),
+    "frame_stop": ("int64", -1, None, "frame after the last one the window covers (half-open)"),
+    "t_start_s": ("float64", math.nan, "s", "start of the window in acquisition time"),
+    "t_stop_s": ("float64", math.nan, "s", "end of the window in acquisition time"),
+    "wall_time": ("float64", math.nan, "s", "Unix time when the estimate was made"),
+}
+_WINDOW_TILES: dict[str, tuple[str, Any, str | None, str]] = {
+    "d": ("float32", math.nan, UNITS_D, "diffusion coefficient estimate D̂ (NaN: no estimate)"),
+    "sigma": ("float32", math.nan, UNITS_D, "standard deviation σ̂ of the estimate"),
+    "flags": ("uint8", 0, None, "dle_stream.events.EstimateFlag bits"),
+}
+_FRAME_ARRAYS: dict[str, tuple[str, Any, str | None, str]] = {
+    "frame_index": ("int64", -1, None, "position of the frame in the stream"),
+    "timestamp_s": ("float64", math.nan, "s", "acquisition timestamp from the source (NaN: unknown)"),
+    "image_number": ("int64", -1, None, "camera frame counter, e.g. Micro-Manager ImageNumber (-1: unknown)"),
+}
+_ALL_ARRAYS = (*_WINDOW_SCALARS, *_WINDOW_TILES, *_FRAME_ARRAYS, "gaps", "tile_bbox")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (numpy scalars/arrays, paths, dataclasses, dates)."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        if isinstance(o, (_dt.datetime, _dt.date)):
+            return o.isoformat()
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
+        if hasattr(o, "to_dict"):
+            return o.to_dict()
+        raise TypeError(f"log attribute of type {type(o).__name__} is not JSON-able: {o!r}")
+
+    return json.loads(json.dumps(value, default=default, allow_nan=True))
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _normalize_rois(rois: list[dict] | None, n_tiles: int) -> list[dict]:
+    out = []
+    for i, roi in enumerate(rois or []):
+        try:
+            name = str(roi["name"])
+            bbox = [int(v) for v in roi["bbox"]]
+            tiles = [int(t) for t in roi["tiles"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"ROI {i} needs 'name', 'bbox' [row, col, h, w] and 'tiles': {roi!r}") from exc
+        if len(bbox) != 4:
+            raise ValueError(f"ROI {name!r}: bbox must be [row, col, height, width], got {bbox}")
+        bad = [t for t in tiles if not 0 <= t < n_tiles]
+        if bad:
+            raise ValueError(f"ROI {name!r}: tile indices {bad} outside 0..{n_tiles - 1}")
+        extra = {k: v for k, v in roi.items() if k not in ("name", "bbox", "tiles")}
+        out.append({"name": name, "bbox": bbox, "tiles": tiles, **_jsonable(extra)})
+    return out
+
+
+def _is_log(group: zarr.Group) -> bool:
+    marker = group.attrs.get("dle_stream")
+    return isinstance(marker, dict) and marker.get("kind") == "run_log"
+
+
+def _open_group(path: Path, mode: str) -> zarr.Group | None:
+    """The Zarr group at ``path``, or None if there is none (or it is no group)."""
+    try:
+        node = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
+    except PermissionError:
+        raise
+    except Exception:  # noqa: BLE001 - zarr raises many kinds of errors for a broken store
+        return None
+    return node
+
+
+# ----------------------------------------------------------------------------- writer
+class ZarrLog:
+    """Writes the run log of one run (see the module docstring for the layout).
+
+    Create with :meth:`ZarrLog.create`. Add records with :meth:`add_frame`,
+    :meth:`add_estimate` and :meth:`add_gap`; they are buffered in memory and written by
+    :meth:`flush`, which runs by itself at the next add once ``flush_interval_s`` has
+    passed since the last flush, and on :meth:`close` (also via ``with``).
+
+    When a log is reopened with ``append=True`` the records of the new run are numbered
+    after the ones already committed: every window number added is stored plus
+    :attr:`window_offset` and every frame index (``add_frame``'s index, an estimate's
+    ``frame_start``/``frame_stop``, a gap's frame index) plus :attr:`frame_offset`, so
+    the resumed run counts from 0 as usual. Both offsets are 0 for a new log.
+    Acquisition times (``t_start_s``, ``timestamp_s``) are stored as given.
+    """
+
+    def __init__(self, group: zarr.Group, path: Path, *, flush_interval_s: float = 1.0,
+                 window_offset: int = 0, frame_offset: int = 0):
+        """Use :meth:`ZarrLog.create`; this wraps an already prepared group."""
+        self.path = Path(path)
+        self.flush_interval_s = float(flush_interval_s)
+        self.window_offset = int(window_offset)
+        self.frame_offset = int(frame_offset)
+        self._group = group
+        self._arrays: dict[str, zarr.Array] = {name: group[name] for name in _ALL_ARRAYS}
+        self.tile_bbox = np.asarray(self._arrays["tile_bbox"][:], dtype=np.int32)
+        self.n_tiles = int(self.tile_bbox.shape[0])
+        self._committed = {
+            "windows": int(group.attrs["committed_windows"]),
+            "frames": int(group.attrs["committed_frames"]),
+            "gaps": int(group.attrs["committed_gaps"]),
+        }
+        self._gap_kinds: list[str] = list(self._arrays["gaps"].attrs.get("kinds", []))
+        self._gap_kinds_written = len(self._gap_kinds)
+        self._estimates: list[WindowEstimate] = []
+        self._frames: list[tuple[int, float, int]] = []
+        self._gaps: list[tuple[int, int, int]] = []
+        self._last_flush = time.monotonic()
+        self._closed = False
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        tile_bboxes: np.ndarray,
+        rois: list[dict] | None = None,
+        attrs: dict | None = None,
+        overwrite: bool = False,
+        append: bool = False,
+        flush_interval_s: float = 1.0,
+    ) -> "ZarrLog":
+        """Start the log of a run at ``path`` (a folder; ``.zarr`` suffix customary).
+
+        Args:
+            path: where the Zarr group goes.
+            tile_bboxes: [n_tiles, 4] row, col, height, width of each tile, px.
+            rois: user ROIs, each ``{"name": str, "bbox": [row, col, h, w],
+                "tiles": [tile indices]}``.
+            attrs: run metadata (software version, model card, scan timing, source,
+                tile geometry, window length and hop, start time, estimator; JSON-able).
+            overwrite: replace an existing log at ``path``.
+            append: continue an existing log (e.g. of a killed run) after its committed
+                records; its tile geometry must match. A missing ``path`` is created.
+            flush_interval_s: flush buffered records at the next add once this long has
+                passed since the last flush (0: at every add).
+
+        Raises:
+            DleStreamError: the path exists and neither flag is given, it is not a log,
+                the geometry does not match (append), or it cannot be written.
+        """
+        path = Path(path)
+        if overwrite and append:
+            raise DleStreamError("--overwrite and --append exclude each other; give only one")
+        bboxes = np.asarray(tile_bboxes)
+        if bboxes.ndim != 2 or bboxes.shape[1] != 4 or bboxes.shape[0] < 1:
+            raise ValueError(f"tile_bboxes must be [n_tiles >= 1, 4] (row, col, h, w), got shape {bboxes.shape}")
+        bboxes = bboxes.astype(np.int32)
+        rois_n = _normalize_rois(rois, bboxes.shape[0])
+        user_attrs = _jsonable(dict(attrs or {}))
+        clash = [k for k in user_attrs if k in _RESERVED_ATTRS]
+        if clash:
+            raise ValueError(f"log attrs {clash} are reserved for the log itself")
+
+        exists = path.exists() and not (path.is_dir() and not any(path.iterdir()))
+        if exists:
+            if path.is_file():
+                raise DleStreamError(
+                    f"run log path {path} is a file, not a run log; choose another --log path")
+            group = _open_group(path, "r+")
+            is_log = group is not None and _is_log(group)
+            if not (overwrite or append):
+                raise DleStreamError(
+                    f"run log {path} already exists; use --overwrite or --append, or choose another --log path")
+            if not is_log:
+                raise DleStreamError(
+                    f"{path} exists and is not a dle-stream run log; refusing to "
+                    f"{'overwrite' if overwrite else 'append to'} it; choose another --log path")
+            if append:
+                return cls._reopen(group, path, bboxes, rois_n, user_attrs, flush_interval_s)
+        try:
+            group = cls._new_store(path, bboxes, rois_n, user_attrs, overwrite=exists)
+        except DleStreamError:
+            raise
+        except OSError as exc:
+            raise DleStreamError(
+                f"cannot write the run log at {path} ({exc.strerror or exc}); "
+                f"choose a writable location with --log") from exc
+        return cls(group, path, flush_interval_s=flush_interval_s)
+
+    @staticmethod
+    def _new_store(path: Path, bboxes: np.ndarray, rois: list[dict], user_attrs: dict,
+                   *, overwrite: bool) -> zarr.Group:
+        # The marker and committed counts go in last: a store whose creation was cut
+        # short is not taken for a log.
+        group = zarr.open_group(store=str(path), mode="w" if overwrite else "w-",
+                                zarr_format=3, attributes=user_attrs)
+        n_tiles = bboxes.shape[0]
+
+        def make(name: str, spec: tuple, shape: tuple, chunks: tuple, dims: tuple) -> None:
+            dtype, fill, units, description = spec
+            attributes = {"description": description}
+            if units:
+                attributes["units"] = units
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                               dimension_names=dims, attributes=attributes)
+
+        for name, spec in _WINDOW_SCALARS.items():
+            make(name, spec, (0,), (WINDOW_CHUNK,), ("window",))
+        for name, spec in _WINDOW_TILES.items():
+            make(name, spec, (0, n_tiles), (WINDOW_CHUNK, n_tiles), ("window", "tile"))
+        for name, spec in _FRAME_ARRAYS.items():
+            make(name, spec, (0,), (FRAME_CHUNK,), ("frame",))
+        group.create_array(
+            "gaps", shape=(0, 3), chunks=(GAP_CHUNK, 3), dtype="int64", fill_value=-1,
+            dimension_names=("gap", "gap_field"),
+            attributes={"description": "detected gaps in the stream", "fields": GAP_FIELDS, "kinds": []})
+        tb = group.create_array(
+            "tile_bbox", shape=bboxes.shape, chunks=bboxes.shape, dtype="int32", fill_value=0,
+            dimension_names=("tile", "bbox"),
+            attributes={"description": "tile bounding boxes in the frame, px", "fields": BBOX_FIELDS})
+        tb[...] = bboxes
+        group.update_attributes({
+            "rois": rois,
+            "segments": [{"opened": _now_iso(), "first_window_row": 0, "first_frame_row": 0,
+                          "window_offset": 0, "frame_offset": 0}],
+            "committed_windows": 0, "committed_frames": 0, "committed_gaps": 0,
+            "dle_stream": dict(_MARKER),
+        })
+        return group
+
+    @classmethod
+    def _reopen(cls, group: zarr.Group, path: Path, bboxes: np.ndarray, rois: list[dict],
+                user_attrs: dict, flush_interval_s: float) -> "ZarrLog":
+        try:
+            missing = [n for n in _ALL_ARRAYS if n not in group]
+            if missing or any(k not in group.attrs for k in ("committed_windows", "committed_frames")):
+                raise DleStreamError(
+                    f"run log {path} is incomplete (missing {missing or 'committed counts'}); "
+                    f"use --overwrite or choose another --log path")
+            old = np.asarray(group["tile_bbox"][:])
+            if old.shape != bboxes.shape or not np.array_equal(old, bboxes):
+                raise DleStreamError(
+                    f"run log {path} has a different tile geometry ({old.shape[0]} tiles) than this run "
+                    f"({bboxes.shape[0]} tiles, or other positions); --append needs the same tiles: "
+                    f"use --overwrite or choose another --log path")
+            cw = int(group.attrs["committed_windows"])
+            cf = int(group.attrs["committed_frames"])
+            cg = int(group.attrs.get("committed_gaps", 0))
+            # Drop anything a killed flush wrote past the committed rows.
+            for name in (*_WINDOW_SCALARS, *_WINDOW_TILES):
+                arr = group[name]
+                if arr.shape[0] != cw:
+                    arr.resize((cw, *arr.shape[1:]))
+            for name in _FRAME_ARRAYS:
+                if group[name].shape[0] != cf:
+                    group[name].resize((cf,))
+            if group["gaps"].shape[0] != cg:
+                group["gaps"].resize((cg, 3))
+            window_offset = int(group["window"][cw - 1]) + 1 if cw else 0
+            frame_offset = 0
+            if cf:
+                frame_offset = int(group["frame_index"][cf - 1]) + 1
+            if cw:
+                frame_offset = max(frame_offset, int(np.max(group["frame_stop"][:cw])))
+            segments = list(group.attrs.get("segments", []))
+            segments.append({"opened": _now_iso(), "first_window_row": cw, "first_frame_row": cf,
+                             "window_offset": window_offset, "frame_offset": frame_offset,
+                             "attrs": user_attrs})
+            update: dict[str, Any] = {"segments": segments, "committed_gaps": cg}
+            if rois and rois != group.attrs.get("rois"):
+                update["rois"] = rois
+            group.update_attributes(update)
+        except OSError as exc:
+            raise DleStreamError(
+                f"cannot write the run log at {path} ({exc.strerror or exc}); "
+                f"choose a writable location with --log") from exc
+        return cls(group, path, flush_interval_s=flush_interval_s,
+                   window_offset=window_offset, frame_offset=frame_offset)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def committed_windows(self) -> int:
+        """Window rows on disk below the committed count."""
+        return self._committed["windows"]
+
+    @property
+    def committed_frames(self) -> int:
+        """Frame rows on disk below the committed count."""
+        return self._committed["frames"]
+
+    @property
+    def committed_gaps(self) -> int:
+        return self._committed["gaps"]
+
+    @property
+    def pending(self) -> int:
+        """Records buffered and not yet flushed (windows + frames + gaps)."""
+        return len(self._estimates) + len(self._frames) + len(self._gaps)
+
+    # ------------------------------------------------------------------ adding
+    def add_frame(self, index: int, timestamp_s: float | None = None, image_number: int | None = None) -> None:
+        """Buffer one frame's index, source timestamp (s) and camera frame counter."""
+        self._check_open()
+        self._frames.append((
+            int(index) + self.frame_offset,
+            math.nan if timestamp_s is None else float(timestamp_s),
+            -1 if image_number is None else int(image_number),
+        ))
+        self._maybe_flush()
+
+    def add_estimate(self, est: WindowEstimate) -> None:
+        """Buffer the estimates of one window position for every tile."""
+        self._check_open()
+        for name in ("d_um2_s", "sigma_um2_s", "flags"):
+            shape = np.shape(getattr(est, name))
+            if shape != (self.n_tiles,):
+                raise ValueError(f"WindowEstimate.{name} has shape {shape}, the log has {self.n_tiles} tiles")
+        self._estimates.append(est)
+        self._maybe_flush()
+
+    def add_gap(self, frame_index: int, n_lost: int, kind: str = "dropped_frames") -> None:
+        """Buffer a gap seen at ``frame_index`` (``n_lost`` frames lost, -1 if unknown).
+
+        ``kind`` is free text (e.g. "dropped_frames", "timestamp_jump",
+        "skipped_windows"); it is stored as an index into ``gaps.attrs["kinds"]``.
+        """
+        self._check_open()
+        kind = str(kind)
+        if kind not in self._gap_kinds:
+            self._gap_kinds.append(kind)
+        self._gaps.append((int(frame_index) + self.frame_offset, int(n_lost), self._gap_kinds.index(kind)))
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"run log {self.path} is closed")
+
+    # ------------------------------------------------------------------ writing
+    def flush(self) -> None:
+        """Write the buffered records, then the committed counts.
+
+        Rows are written at the committed counts (not at the arrays' current length), so
+        a flush that failed halfway can simply be retried: the buffers are kept until
+        the counts are written.
+        """
+        self._last_flush = time.monotonic()
+        if not self.pending:
+            return
+        try:
+            self._write_data()
+            self._write_commit()
+        except OSError as exc:
+            raise DleStreamError(
+                f"cannot write the run log at {self.path} ({exc.strerror or exc}); "
+                f"check the disk and the --log location") from exc
+        self._estimates.clear()
+        self._frames.clear()
+        self._gaps.clear()
+        self._last_flush = time.monotonic()
+
+    def _write_rows(self, name: str, start: int, block: np.ndarray) -> None:
+        arr = self._arrays[name]
+        stop = start + block.shape[0]
+        if arr.shape[0] != stop:
+            arr.resize((stop, *arr.shape[1:]))
+        arr[start:stop] = block
+
+    def _write_data(self) -> None:
+        if self._estimates:
+            ests = self._estimates
+            cw = self._committed["windows"]
+            cols = {
+                "window": np.array([e.window + self.window_offset for e in ests], dtype=np.int64),
+                "frame_start": np.array([e.frame_start + self.frame_offset for e in ests], dtype=np.int64),
+                "frame_stop": np.array([e.frame_stop + self.frame_offset for e in ests], dtype=np.int64),
+                "t_start_s": np.array([e.t_start_s for e in ests], dtype=np.float64),
+                "t_stop_s": np.array([e.t_stop_s for e in ests], dtype=np.float64),
+                "wall_time": np.array([e.wall_time for e in ests], dtype=np.float64),
+                "d": np.stack([np.asarray(e.d_um2_s, dtype=np.float32) for e in ests]),
+                "sigma": np.stack([np.asarray(e.sigma_um2_s, dtype=np.float32) for e in ests]),
+                "flags": np.stack([np.asarray(e.flags).astype(np.uint8) for e in ests]),
+            }
+            for name, block in cols.items():
+                self._write_rows(name, cw, block)
+        if self._frames:
+            cf = self._committed["frames"]
+            idx, ts, num = zip(*self._frames)
+            self._write_rows("frame_index", cf, np.array(idx, dtype=np.int64))
+            self._write_rows("timestamp_s", cf, np.array(ts, dtype=np.float64))
+            self._write_rows("image_number", cf, np.array(num, dtype=np.int64))
+        if self._gaps:
+            if len(self._gap_kinds) != self._gap_kinds_written:
+                gaps = self._arrays["gaps"]
+                gaps.update_attributes({"kinds": list(self._gap_kinds)})
+                self._gap_kinds_written = len(self._gap_kinds)
+            self._write_rows("gaps", self._committed["gaps"], np.array(self._gaps, dtype=np.int64))
+
+    def _write_commit(self) -> None:
+        """Write the committed counts (one metadata write, after all the data)."""
+        counts = {
+            "windows": self._committed["windows"] + len(self._estimates),
+            "frames": self._committed["frames"] + len(self._frames),
+            "gaps": self._committed["gaps"] + len(self._gaps),
+        }
+        self._group.update_attributes({
+            "committed_windows": counts["windows"],
+            "committed_frames": counts["frames"],
+            "committed_gaps": counts["gaps"],
+        })
+        self._committed = counts
+
+    def close(self) -> None:
+        """Flush what is buffered; the log cannot be added to afterwards."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+
+    def __enter__(self) -> "ZarrLog":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"ZarrLog({str(self.path)!r}, tiles={self.n_tiles}, committed_windows="
+                f"{self.committed_windows}, committed_frames={self.committed_frames}, pending={self.pending})")
+
+
+# ----------------------------------------------------------------------------- reader
+class LogView:
+    """Read-only view of the committed part of a run log (see :func:`open_log`).
+
+    Window arrays (``window``, ``d``, ``sigma``, ``flags``, ``frame_start``,
+    ``frame_stop``, ``t_start_s``, ``t_stop_s``, ``wall_time``) hold ``n_windows``
+    rows, frame arrays (``frame_index``, ``timestamp_s``, ``image_number``)
+    ``n_frames`` rows, ``gaps`` ``n_gaps`` rows; each is read on first access. The
+    counts are those committed when the log was opened.
+    """
+
+    def __init__(self, group: zarr.Group, path: Path):
+        self.path = Path(path)
+        self._group = group
+        self.attrs: dict = _jsonable(group.attrs.asdict())
+        self.n_windows = int(self.attrs["committed_windows"])
+        self.n_frames = int(self.attrs["committed_frames"])
+        self.n_gaps = int(self.attrs.get("committed_gaps", 0))
+        self.rois: list[dict] = list(self.attrs.get("rois", []))
+        self.tile_bbox = np.asarray(group["tile_bbox"][:])
+        self.n_tiles = int(self.tile_bbox.shape[0])
+        self.gap_kinds: list[str] = list(group["gaps"].attrs.get("kinds", []))
+        self._cache: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Committed rows [start, stop) of the array ``name`` (all committed by default)."""
+        if name in _WINDOW_SCALARS or name in _WINDOW_TILES:
+            n = self.n_windows
+        elif name in _FRAME_ARRAYS:
+            n = self.n_frames
+        elif name == "gaps":
+            n = self.n_gaps
+        elif name == "tile_bbox":
+            return self.tile_bbox
+        else:
+            raise KeyError(f"the run log has no array {name!r}")
+        stop = n if stop is None else min(int(stop), n)
+        start = max(0, min(int(start), stop))
+        full = start == 0 and stop == n
+        if full and name in self._cache:
+            return self._cache[name]
+        arr = self._group[name]
+        data = np.asarray(arr[start:stop]) if stop > start else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        if full:
+            self._cache[name] = data
+        return data
+
+    window = property(lambda self: self.array("window"), doc="[window] running window number")
+    d = property(lambda self: self.array("d"), doc="[window, tile] D̂, µm²/s")
+    sigma = property(lambda self: self.array("sigma"), doc="[window, tile] σ̂, µm²/s")
+    flags = property(lambda self: self.array("flags"), doc="[window, tile] EstimateFlag bits")
+    frame_start = property(lambda self: self.array("frame_start"))
+    frame_stop = property(lambda self: self.array("frame_stop"))
+    t_start_s = property(lambda self: self.array("t_start_s"))
+    t_stop_s = property(lambda self: self.array("t_stop_s"))
+    wall_time = property(lambda self: self.array("wall_time"))
+    frame_index = property(lambda self: self.array("frame_index"))
+    timestamp_s = property(lambda self: self.array("timestamp_s"))
+    image_number = property(lambda self: self.array("image_number"))
+    gaps = property(lambda self: self.array("gaps"), doc="[gap, 3] frame_index, n_lost, kind index")
+
+    def gap_records(self) -> list[dict]:
+        """The committed gaps as ``{"frame_index", "n_lost", "kind"}`` dicts."""
+        return [
+            {"frame_index": int(f), "n_lost": int(n),
+             "kind": self.gap_kinds[k] if 0 <= k < len(self.gap_kinds) else str(k)}
+            for f, n, k in self.gaps
+        ]
+
+    def __repr__(self) -> str:
+        return (f"LogView({str(self.path)!r}, windows={self.n_windows}, tiles={self.n_tiles}, "
+                f"frames={self.n_frames}, gaps={self.n_gaps})")
+
+
+def open_log(path: str | os.PathLike) -> LogView:
+    """Open the run log at ``path`` read-only; only committed records are visible.
+
+    Raises:
+        DleStreamError: ``path`` is missing, unreadable or not a dle-stream run log.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DleStreamError(f"run log {path} does not exist; check the path (a folder written by --log)")
+    try:
+        group = _open_group(path, "r")
+    except PermissionError as exc:
+        raise DleStreamError(f"cannot read the run log {path} (permission denied)") from exc
+    if group is None or not _is_log(group):
+        raise DleStreamError(
+            f"{path} is not a dle-stream run log (no Zarr v3 group with dle_stream attributes); "
+            f"check the path (a folder written by --log)")
+    try:
+        return LogView(group, path)
+    except (KeyError, ValueError, OSError) as exc:
+        raise DleStreamError(f"run log {path} is damaged or incomplete ({exc}); it cannot be read") from exc
