@@ -74,12 +74,18 @@ def _timing_flags(pixel, dwell, line, frame, bidi) -> dict:
 
 
 def _timing_for_frame(base, height: int, width: int, flags: dict, timing_file: Optional[Path]):
-    """Scan timing of a height×width frame: the flags and timing file win; what they leave
-    open keeps the base scan's dwell, line retrace and frame flyback."""
+    """Scan timing of a height×width frame: the flags and timing file win. Otherwise, when
+    the frame fits in the base scan's line and frame period, the base timing is kept (a
+    model trained for it then applies); if not, the base dwell, line retrace and frame
+    flyback are kept and the periods grow with the frame."""
     from dle_stream.recording import resolve_timing
     from dle_stream.timing import ScanTiming
 
-    fallback = base.with_frame_size(height, width) if (height, width) != (base.height_px, base.width_px) else base
+    fits = width * base.dwell_us <= base.line_period_us and height * base.line_period_us <= base.frame_period_us
+    if fits:
+        fallback = ScanTiming(**{**base.to_dict(), "width_px": width, "height_px": height})
+    else:
+        fallback = base.with_frame_size(height, width)
     if all(v is None for v in flags.values()) and timing_file is None:
         return fallback
     # derive unknown line/frame periods from a given dwell with the base retrace/flyback
@@ -197,6 +203,85 @@ def train(
     v = card["validation"]["dle"]
     console.print(f"wrote {folder}: validation L1 {v['l1']:.4g} µm²/s (best half {v['best_half_l1']:.4g}), "
                   f"|err|<σ {v['within_1_sigma']:.0%}, <2σ {v['within_2_sigma']:.0%} on {card['validation']['n_movies']} held-out movies")
+
+
+# ------------------------------------------------------------------ streaming
+MODEL = typer.Option("brain-qd-low", "--model", help="Model package name or folder (see `dle-stream models`).")
+ESTIMATOR = typer.Option("dle", "--estimator", help="dle (deep-learning estimator) or classic (trackpy + CVE).")
+TILES = typer.Option("grid", "--tiles", help="grid: cover the frame with model-sized tiles.")
+ROI = typer.Option(None, "--roi", help="Region x,y,w,h in pixels (repeatable); covered by model tiles.")
+ROIS = typer.Option(None, "--rois", help="JSON or CSV file of ROIs (name,x,y,w,h).")
+WINDOW = typer.Option(None, "--window", help="Frames per window (default: the model's, 400).")
+HOP = typer.Option(50, "--hop", help="Frames between consecutive windows.")
+LOG = typer.Option(None, "--log", help="Write every estimate to this Zarr store (e.g. run.zarr).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --log store.")
+APPEND = typer.Option(False, "--append", help="Continue an existing --log store (e.g. of a killed run).")
+DASH = typer.Option(True, "--dashboard/--no-dashboard", help="Live terminal dashboard (plain lines when off or not a terminal).")
+QUIET = typer.Option(False, "--quiet", help="No progress output, only the final summary.")
+
+
+def _dashboard_mode(dashboard: bool, quiet: bool) -> str:
+    if quiet:
+        return "quiet"
+    return "live" if dashboard and console.is_terminal else "plain"
+
+
+def _stream_options(model, estimator, tiles, roi, rois, window, hop, log, overwrite, append, dashboard, quiet,
+                    flags, timing, device="cpu"):
+    from dle_stream.session import StreamOptions
+
+    return StreamOptions(model=model, estimator=estimator, tiles=tiles, roi=list(roi or []), rois_file=rois,
+                         window=window, hop=hop, log=log, overwrite=overwrite, append=append, timing_flags=flags,
+                         timing_file=timing, device=device, dashboard=_dashboard_mode(dashboard, quiet))
+
+
+@app.command()
+@user_errors
+def replay(
+    recording: Path = typer.Argument(..., help="Recording to replay: TIFF, OME-TIFF, ImageJ, ScanImage TIFF or Zarr."),
+    model: str = MODEL, estimator: str = ESTIMATOR, tiles: str = TILES, roi: Optional[list[str]] = ROI,
+    rois: Optional[Path] = ROIS, window: Optional[int] = WINDOW, hop: int = HOP, log: Optional[Path] = LOG,
+    overwrite: bool = OVERWRITE, append: bool = APPEND,
+    realtime: bool = typer.Option(False, "--realtime", help="Pace frames by the recorded timing (default: as fast as possible)."),
+    channel: Optional[int] = typer.Option(None, "--channel", help="Channel to use in a multi-channel recording."),
+    dashboard: bool = DASH, quiet: bool = QUIET,
+    pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
+    line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
+    bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
+) -> None:
+    """Replay a recording: D ± σ per tile and ROI in rolling windows, logged to Zarr."""
+    from dle_stream.session import describe_result, replay as run_replay
+
+    opts = _stream_options(model, estimator, tiles, roi, rois, window, hop, log, overwrite, append, dashboard, quiet,
+                           _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
+    result = run_replay(recording, opts, realtime=realtime, channel=channel, console=console)
+    describe_result(result, console)
+
+
+log_app = typer.Typer(help="Inspect a run's Zarr log.", no_args_is_help=True)
+app.add_typer(log_app, name="log")
+
+
+@log_app.command("show")
+@user_errors
+def log_show(path: Path = typer.Argument(..., help="A Zarr log written with --log.")) -> None:
+    """Summary per ROI and tile: last and combined D ± σ, flagged share."""
+    from dle_stream.log_summary import render_summary
+
+    console.print(render_summary(path))
+
+
+@log_app.command("export")
+@user_errors
+def log_export(
+    path: Path = typer.Argument(..., help="A Zarr log written with --log."),
+    csv_path: Path = typer.Option(..., "--csv", help="CSV file to write (one row per window and tile)."),
+) -> None:
+    """Export every estimate of a log to CSV."""
+    from dle_stream.log_summary import export_csv
+
+    n = export_csv(path, csv_path)
+    console.print(f"wrote {n} rows to {csv_path}")
 
 
 # --------------------------------------------------------------------- models

@@ -30,10 +30,9 @@ def test_simulate_writes_a_recording_with_timing_and_truth(tmp_path):
     assert result.exit_code == 0, result.output
     with open_recording(out) as rec:
         assert (rec.n_frames, rec.height, rec.width) == (30, 40, 60)
-        # the preset's dwell, retrace and flyback, for a 60-px line and 40 lines
-        expected = ScanTiming.reference().with_frame_size(40, 60)
-        assert rec.timing == expected
-        assert rec.timing.line_period_us == pytest.approx(60 * 8 + 1348)
+        # 40 lines of 60 px fit in the preset's line and frame period: its timing is kept
+        ref = ScanTiming.reference()
+        assert rec.timing == ScanTiming(**{**ref.to_dict(), "width_px": 60, "height_px": 40})
         frames = rec.read(0, 30)
     truth = json.loads((tmp_path / "rec.tif.truth.json").read_text())
     assert len(truth["tiles"]) == 6
@@ -45,6 +44,16 @@ def test_simulate_writes_a_recording_with_timing_and_truth(tmp_path):
     runner.invoke(app, ["simulate", str(out2), "--size", "40x60", "--frames", "30", "--d", "0.3,1.2", "--seed", "3"])
     with open_recording(out2) as rec2:
         assert np.array_equal(rec2.read(0, 30), frames)
+
+
+def test_simulate_frame_too_large_for_the_preset_periods_keeps_dwell_and_retrace(tmp_path):
+    out = tmp_path / "big.ome.tif"
+    result = runner.invoke(app, ["simulate", str(out), "--size", "64x64", "--frames", "3"])
+    assert result.exit_code == 0, result.output
+    with open_recording(out) as rec:
+        assert rec.timing == ScanTiming.reference().with_frame_size(64, 64)
+        assert rec.timing.line_period_us == pytest.approx(64 * 8 + 1348)
+        assert rec.timing.frame_period_us == pytest.approx(64 * rec.timing.line_period_us + 61652 - 20 * 1508)
 
 
 def test_simulate_long_recording_in_chunks_to_zarr(tmp_path):
