@@ -141,7 +141,10 @@ def test_mda_realtime_paces_frames_at_the_frame_period(make_core):
     assert len(frames) == 12 and source.error is None
     assert elapsed >= 12 * TIMING.frame_period_us * 1e-6 * 0.95
     stamps = np.array([f.timestamp_s for f in frames])
-    assert np.median(np.diff(stamps)) == pytest.approx(TIMING.frame_period_us * 1e-6, rel=0.3)
+    # frame n is not handed out before (n+1)·F: the stamps span at least 11 frame periods
+    # (a loaded machine may deliver late frames in bursts, so single steps can be short)
+    assert stamps[-1] - stamps[0] >= 11 * TIMING.frame_period_us * 1e-6 * 0.9
+    assert np.all(np.diff(stamps) >= 0)
 
 
 def test_mda_stop_cancels_the_acquisition(make_core):
