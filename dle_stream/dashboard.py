@@ -1,0 +1,191 @@
+"""The live terminal dashboard (rich) and its plain-text fallback.
+
+The dashboard shows: a header (source, model, frames in, acquisition and processing
+frames/s, windows done and skipped, gaps, latency); a map of the frame's tiles coloured
+by their running D; a table per ROI with D ± σ and a trend sparkline; recent warnings.
+When the output is not a terminal (or with ``--no-dashboard``) it prints one plain line
+per window estimate instead; ``quiet`` prints nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import numpy as np
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values, lo: float | None = None, hi: float | None = None) -> str:
+    """A text sparkline of finite values (NaN shown as a space)."""
+    vals = np.asarray(list(values), dtype=float)
+    finite = vals[np.isfinite(vals)]
+    if finite.size == 0:
+        return ""
+    lo = finite.min() if lo is None else lo
+    hi = finite.max() if hi is None else hi
+    span = hi - lo if hi > lo else 1.0
+    out = []
+    for v in vals:
+        if not math.isfinite(v):
+            out.append(" ")
+        else:
+            out.append(SPARK[int(np.clip((v - lo) / span * (len(SPARK) - 1), 0, len(SPARK) - 1) + 0.5)])
+    return "".join(out)
+
+
+def _colour(fraction: float) -> str:
+    """A perceptually ordered colour (dark blue → green → yellow) for 0…1."""
+    if not math.isfinite(fraction):
+        return "grey30"
+    f = float(np.clip(fraction, 0, 1))
+    stops = [(0.0, (68, 1, 84)), (0.33, (49, 104, 142)), (0.66, (53, 183, 121)), (1.0, (253, 231, 37))]
+    for (f0, c0), (f1, c1) in zip(stops[:-1], stops[1:]):
+        if f <= f1:
+            t = (f - f0) / (f1 - f0)
+            r, g, b = (int(a + (b_ - a) * t) for a, b_ in zip(c0, c1))
+            return f"rgb({r},{g},{b})"
+    return "rgb(253,231,37)"
+
+
+def _fmt(d: float, s: float) -> str:
+    if not math.isfinite(d):
+        return "—"
+    digits = max(2, 1 - int(math.floor(math.log10(abs(s))))) if math.isfinite(s) and s > 0 else 3
+    digits = min(digits, 4)
+    return f"{d:.{digits}f} ± {s:.{digits}f}"
+
+
+class Dashboard:
+    """Shows a :class:`~dle_stream.runner.StreamRunner`'s progress.
+
+    Args:
+        runner: the runner to watch.
+        source: a one-line description of the source.
+        model: a one-line description of the estimator/model.
+        mode: "live" (rich live display), "plain" (a line per window) or "quiet".
+        console: where to draw (default: stdout).
+        truth: optional {roi name: true D µm²/s} shown next to the estimates (demo, replay of simulations).
+    """
+
+    def __init__(self, runner, *, source: str, model: str, mode: str = "live", console: Console | None = None,
+                 refresh_s: float = 0.5, truth: dict | None = None):
+        self.runner = runner
+        self.source = source
+        self.model = model
+        self.mode = mode
+        self.console = console or Console()
+        self.refresh_s = refresh_s
+        self.truth = truth or {}
+        self.history = [deque(maxlen=40) for _ in runner.layout.regions]
+        self._live = None
+        self._last = 0.0
+        runner.events.estimated.connect(self._on_estimate)
+        runner.events.warning.connect(self._on_warning)
+
+    # ------------------------------------------------------------ callbacks
+    def _on_estimate(self, est) -> None:
+        comb = self.runner.combination
+        for i, h in enumerate(self.history):
+            h.append(comb.region_d[i])
+        if self.mode == "plain":
+            parts = []
+            for i, region in enumerate(self.runner.layout.regions[:6]):
+                parts.append(f"{region.name} {_fmt(comb.region_d[i], comb.region_sigma[i])}")
+            more = "" if len(self.runner.layout.regions) <= 6 else f" (+{len(self.runner.layout.regions) - 6} ROIs)"
+            self.console.print(f"window {est.window} frames {est.frame_start}–{est.frame_stop}: "
+                               + " | ".join(parts) + f" µm²/s{more}", highlight=False)
+        self.refresh(force=True)
+
+    def _on_warning(self, message: str) -> None:
+        if self.mode == "plain":
+            self.console.print(f"warning: {message}", highlight=False)
+        self.refresh(force=True)
+
+    # -------------------------------------------------------------- drawing
+    def header(self) -> Panel:
+        st = self.runner.stats
+        lat = f"{st.last_latency_s * 1e3:.0f} ms" if math.isfinite(st.last_latency_s) else "—"
+        acq = f"{st.acquisition_fps:.1f}" if math.isfinite(st.acquisition_fps) else "—"
+        text = Text.assemble(
+            ("source ", "dim"), self.source, ("   model ", "dim"), self.model, "\n",
+            ("frames ", "dim"), f"{st.frames_in}", ("   acquisition ", "dim"), f"{acq} fr/s",
+            ("   processing ", "dim"), f"{st.processing_fps:.1f} fr/s", ("   windows ", "dim"),
+            f"{st.windows_done}", ("   skipped ", "dim"), (f"{st.windows_skipped}", "bold red" if st.windows_skipped else ""),
+            ("   gaps ", "dim"), (f"{st.gaps}", "bold red" if st.gaps else ""), ("   latency ", "dim"), lat,
+        )
+        return Panel(text, title="dle-stream", border_style="blue")
+
+    def tile_map(self) -> Panel:
+        layout = self.runner.layout
+        comb = self.runner.combination
+        lo, hi = self.runner.est.d_range
+        rows = sorted({t.row for t in layout.tiles})
+        cols = sorted({t.col for t in layout.tiles})
+        cell = {(t.row, t.col): i for i, t in enumerate(layout.tiles)}
+        text = Text()
+        for r in rows[:40]:
+            for c in cols[:60]:
+                i = cell.get((r, c))
+                if i is None:
+                    text.append("  ")
+                else:
+                    text.append("██", style=_colour((comb.tile_d[i] - lo) / (hi - lo)))
+            text.append("\n")
+        text.append(f"{lo:g} ", style="dim")
+        for f in np.linspace(0, 1, 12):
+            text.append("█", style=_colour(f))
+        text.append(f" {hi:g} µm²/s", style="dim")
+        return Panel(text, title="D per tile (running)", border_style="blue", expand=False)
+
+    def roi_table(self) -> Table:
+        comb = self.runner.combination
+        table = Table(title="regions", expand=False)
+        table.add_column("ROI")
+        table.add_column("tiles", justify="right")
+        table.add_column("D ± σ (µm²/s)", justify="right")
+        if self.truth:
+            table.add_column("true D", justify="right")
+        table.add_column("trend")
+        for i, region in enumerate(self.runner.layout.regions[:20]):
+            row = [region.name, str(len(region.tiles)), _fmt(comb.region_d[i], comb.region_sigma[i])]
+            if self.truth:
+                t = self.truth.get(region.name)
+                row.append("—" if t is None else f"{t:.3g}")
+            row.append(sparkline(self.history[i]))
+            table.add_row(*row)
+        return table
+
+    def warnings(self) -> Text:
+        recent = self.runner.stats.warnings[-4:]
+        return Text("\n".join(f"⚠ {w}" for w in recent), style="yellow") if recent else Text("no warnings", style="dim")
+
+    def renderable(self) -> Group:
+        return Group(self.header(), self.tile_map(), self.roi_table(), self.warnings())
+
+    # ------------------------------------------------------------- lifecycle
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._live is not None and (force or now - self._last >= self.refresh_s):
+            self._live.update(self.renderable(), refresh=True)
+            self._last = now
+
+    def __enter__(self) -> "Dashboard":
+        if self.mode == "live":
+            from rich.live import Live
+
+            self._live = Live(self.renderable(), console=self.console, auto_refresh=False, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.update(self.renderable(), refresh=True)
+            self._live.__exit__(*exc)
+            self._live = None

@@ -1,0 +1,369 @@
+"""The deep-learning estimator (DLE) network: frame encoder, temporal ResNet, MLP head.
+
+Architecture (the paper's §2.4, DESIGN §5), with widths chosen by measurement:
+
+- ``encoder``: five conv layers with GELU mapping one normalised tile-frame [H, W] to a
+  latent vector (128). The fifth layer covers the whole remaining feature map (a dense
+  layer), so the latent keeps *where* in the tile things are, which is what motion is
+  read from. Frames are normalised first (:func:`normalize_frames`), which makes every
+  estimate invariant to detector gain and offset.
+- ``decoder``: latent → frame, only for the autoencoder pretraining (:meth:`DLEModel.autoencode`).
+- ``temporal``: a 1-D ResNet along time on [B, latent, T]: an input conv (kernel 7),
+  seven residual blocks of two convs (kernel 7, BatchNorm, GELU); some blocks stride 2
+  in time to save compute once frame-to-frame differences have been formed.
+- adaptive average pooling over time (any window ≥ :attr:`ModelConfig.min_frames` works),
+  then an MLP giving D̂ and σ̂, both made positive with ``1 + ELU`` (σ̂ plus a tiny ε).
+
+Outputs are in units of the prior's upper bound d_max (the trainer's targets are
+D / d_max); :class:`dle_stream.estimator.DiffusionEstimator` multiplies by d_max (µm²/s).
+
+Speed, measured with ``benchmarks/model_speed.py --threads 1 --cpu-time --sweep`` (AMD
+EPYC Zen 4, float32, ``inference_mode``, through :class:`~dle_stream.estimator.DiffusionEstimator`:
+chunks of 1024 frames, channels-last encoder; random 20×20 Poisson frames). Single-thread
+*CPU time*, because two training runs were using both cores at the time, which makes
+2-thread wall clocks meaningless (medians 3–10× off). Encoder includes normalisation;
+batch 64 = 64 tiles × 400 frames; head = temporal ResNet + pooling + MLP:
+
+================================  =================  ===================
+config (changes to the default)   encoder frames/s   head ms/window b=64
+================================  =================  ===================
+default                           22,800             1.20
+enc 16-32-32-64 strides 2,2,1,1   30,400             0.96
+enc 16-32-64-64 strides 2,2,2,1   50,100             0.93
+enc 32-32-64-64 strides 2,1,2,1   16,000             0.92
+temporal, no time stride          23,000             1.60
+temporal strides 1,2,1,2,1,2,1    23,000             0.80
+temporal 16 channels              22,900             0.42
+temporal 48 channels              23,100             1.75
+temporal 64 channels              22,900             2.98
+================================  =================  ===================
+
+On 2 threads the work does not grow (process CPU time equal at 1 and 2 threads), so the
+default should give ≈ 40,000–45,000 tile-frames/s and ≈ 0.6–0.7 ms per window on an idle
+2-core machine (targets: ≥ 30,000/s, ≤ 2.5 ms). Conv layers take 80% of the encoder's
+time (≈ 67 GFLOP/s on one core), GELU 17%; ``torch.median`` would have cost a further
+≈ 25% (numpy selection is used instead); channels-last makes the speed independent of the
+chunk size; TorchScript freezing did not help. One batch of 25,600 frames without
+chunking runs 1.5× slower (out of cache).
+
+Default: encoder 16-32-32-64 with strides 2,1,2,1 (20×20 → 10×10 → 5×5, then dense
+5×5×64 → 128): full 10×10 resolution for two layers keeps the sub-pixel position and the
+line-to-line blur that D is read from (the faster 2,2,x,x variants keep it for one layer). Temporal
+ResNet of 32 channels (the cost grows with width², 64 would cost 2.5×), stride 2 in blocks
+3 and 5 (400 → 200 → 100 steps): blocks 1–2 see single-frame steps (the low-D signal) at
+full rate and the head stays near 1 ms/window; its input conv (128 → 32, kernel 7) is
+about a third of the head's cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dle_stream.errors import DleStreamError
+
+#: 1.4826 · MAD is the standard deviation of Gaussian noise.
+MAD_TO_STD = 1.4826
+#: A noise scale below this fraction of the frame's magnitude counts as zero.
+RELATIVE_SCALE_EPS = 1e-6
+
+
+def normalize_frames(frames: Tensor) -> Tensor:
+    """Normalise each frame (last two axes) to zero median and unit robust noise scale.
+
+    ``(frame − median) / s`` with ``s = 1.4826 · MAD`` (the Gaussian noise std for a
+    mostly-background frame); when MAD is zero (e.g. more than half the pixels equal),
+    ``s`` falls back to the frame's std, and to 1 for a constant frame. "Zero" is
+    relative: below ``RELATIVE_SCALE_EPS`` × the frame's largest absolute value.
+
+    Any positive gain ``a`` and offset ``b`` give the same result for ``frames·a + b``
+    (up to float rounding), so the estimates do not depend on detector gain or offset.
+    Each frame is normalised alone, because a stream encodes each tile-frame once.
+
+    Args:
+        frames: [..., H, W] intensities (any unit, any offset).
+
+    Returns:
+        float tensor of the same shape, in units of the frame's noise scale.
+    """
+    if frames.dim() < 2:
+        raise DleStreamError(f"normalize_frames: expected [..., H, W] frames, got shape {tuple(frames.shape)}")
+    if not frames.is_floating_point():
+        frames = frames.float()
+    shape = frames.shape
+    flat = frames.reshape(-1, shape[-2] * shape[-1])
+    median = _lower_median(flat)
+    centred = flat - median
+    mad = _lower_median(centred.abs())
+    scale = MAD_TO_STD * mad
+    tiny = RELATIVE_SCALE_EPS * flat.abs().amax(dim=-1, keepdim=True)
+    if bool((scale <= tiny).any()):
+        std = flat.std(dim=-1, keepdim=True, unbiased=False)
+        scale = torch.where(scale > tiny, scale, std)
+        scale = torch.where(scale > tiny, scale, torch.ones_like(scale))
+    return (centred / scale).reshape(shape)
+
+
+def _lower_median(x: Tensor) -> Tensor:
+    """Lower median along the last axis, [N, P] → [N, 1] (as :func:`torch.median`).
+
+    On the CPU this selects with :func:`numpy.partition` (≈ 4× faster than
+    ``torch.median`` here); the selected element, hence the result, is the same.
+    """
+    if x.device.type == "cpu" and not x.requires_grad and x.dtype in (torch.float32, torch.float64):
+        k = (x.shape[-1] - 1) // 2
+        values = np.partition(x.detach().numpy(), k, axis=-1)[..., k : k + 1]
+        return torch.from_numpy(np.ascontiguousarray(values))
+    return x.median(dim=-1, keepdim=True).values
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a :class:`DLEModel`; stored in a model card as ``architecture``.
+
+    Attributes:
+        tile_height, tile_width: tile size in pixels (frames are [tile_height, tile_width]).
+        latent: size of the per-frame latent vector.
+        encoder_channels: output channels of the four 3×3 conv layers of the encoder
+            (the fifth layer is dense, to ``latent``).
+        encoder_strides: spatial stride of each of those four layers.
+        temporal_channels: width of the temporal ResNet (its cost grows with width²).
+        temporal_kernel: kernel size (time steps) of every temporal conv.
+        temporal_strides: time stride of each residual block (its length is the
+            number of blocks; 2 halves the time resolution).
+        head_hidden: hidden width of the MLP head.
+        decoder_channels: channels of the decoder's feature maps (pretraining only).
+        sigma_eps: added to σ̂ (units of d_max) so the likelihood never divides by zero.
+    """
+
+    tile_height: int = 20
+    tile_width: int = 20
+    latent: int = 128
+    encoder_channels: tuple[int, ...] = (16, 32, 32, 64)
+    encoder_strides: tuple[int, ...] = (2, 1, 2, 1)
+    temporal_channels: int = 32
+    temporal_kernel: int = 7
+    temporal_strides: tuple[int, ...] = (1, 1, 2, 1, 2, 1, 1)
+    head_hidden: int = 64
+    decoder_channels: int = 32
+    sigma_eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
+        self.encoder_strides = tuple(int(s) for s in self.encoder_strides)
+        self.temporal_strides = tuple(int(s) for s in self.temporal_strides)
+        problems = []
+        if len(self.encoder_channels) != 4 or len(self.encoder_strides) != 4:
+            problems.append("encoder_channels and encoder_strides need 4 entries each (the 5th layer is dense)")
+        for name in ("tile_height", "tile_width", "latent", "temporal_channels", "head_hidden", "decoder_channels"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be ≥ 1")
+        if self.temporal_kernel < 1 or self.temporal_kernel % 2 == 0:
+            problems.append("temporal_kernel must be odd and ≥ 1")
+        if any(s not in (1, 2) for s in self.temporal_strides) or not self.temporal_strides:
+            problems.append("temporal_strides must be a non-empty list of 1s and 2s")
+        if any(s not in (1, 2) for s in self.encoder_strides) or any(c < 1 for c in self.encoder_channels):
+            problems.append("encoder strides must be 1 or 2 and channels ≥ 1")
+        if not self.sigma_eps > 0:
+            problems.append("sigma_eps must be > 0")
+        if problems:
+            raise DleStreamError(f"model architecture: {'; '.join(problems)}")
+
+    @property
+    def encoder_grid(self) -> tuple[int, int]:
+        """(height, width) of the encoder's last conv feature map."""
+        h, w = self.tile_height, self.tile_width
+        for s in self.encoder_strides:
+            h, w = (h - 1) // s + 1, (w - 1) // s + 1
+        return h, w
+
+    @property
+    def time_reduction(self) -> int:
+        """Factor by which the temporal ResNet reduces the number of time steps."""
+        return math.prod(self.temporal_strides)
+
+    @property
+    def min_frames(self) -> int:
+        """Shortest window (frames) the network is meant for: its time reduction × 4."""
+        return 4 * self.time_reduction
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "architecture") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise DleStreamError(f"{source}: the architecture must be a JSON object of ModelConfig fields")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DleStreamError(
+                f"{source}: unknown architecture field(s) {', '.join(unknown)}; "
+                f"this model needs a newer dle-stream (known: {', '.join(sorted(names))})"
+            )
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise DleStreamError(f"{source}: invalid architecture ({exc})") from None
+
+
+class FrameEncoder(nn.Module):
+    """Normalised tile-frames [N, 1, H, W] → latents [N, latent] (five conv layers, GELU)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out, stride in zip(config.encoder_channels, config.encoder_strides):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GELU()]
+            c_in = c_out
+        gh, gw = config.encoder_grid
+        # Fifth layer: a conv whose kernel covers the whole remaining map (dense).
+        layers += [nn.Conv2d(c_in, config.latent, (gh, gw)), nn.Flatten(1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class FrameDecoder(nn.Module):
+    """Latents [N, latent] → frames [N, H, W] (for autoencoder pretraining only)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.height, self.width = config.tile_height, config.tile_width
+        self.gh, self.gw = math.ceil(self.height / 4), math.ceil(self.width / 4)
+        c = config.decoder_channels
+        self.c = c
+        self.dense = nn.Linear(config.latent, c * self.gh * self.gw)
+        self.up = nn.Sequential(
+            nn.GELU(),
+            nn.ConvTranspose2d(c, c, 4, stride=2, padding=1), nn.GELU(),
+            nn.ConvTranspose2d(c, c, 4, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c, 1, 3, padding=1),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.dense(z).reshape(-1, self.c, self.gh, self.gw)
+        return self.up(x)[:, 0, : self.height, : self.width]
+
+
+class ResidualBlock1d(nn.Module):
+    """Two temporal convs (kernel k, BatchNorm, GELU) with a skip; optional time stride 2."""
+
+    def __init__(self, channels: int, kernel: int, stride: int):
+        super().__init__()
+        pad = kernel // 2
+        self.conv1 = nn.Conv1d(channels, channels, kernel, stride=stride, padding=pad, bias=False)
+        self.bn1 = nn.BatchNorm1d(channels)
+        self.conv2 = nn.Conv1d(channels, channels, kernel, padding=pad, bias=False)
+        self.bn2 = nn.BatchNorm1d(channels)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.gelu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        if self.stride > 1:
+            # Average pairs of time steps (ceil mode matches the conv's output length).
+            x = F.avg_pool1d(x, self.stride, self.stride, ceil_mode=True)
+        return F.gelu(x + y)
+
+
+class TemporalResNet(nn.Module):
+    """Latent sequences [B, latent, T] → features [B, C, T'] (1-D ResNet along time)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, k = config.temporal_channels, config.temporal_kernel
+        self.stem = nn.Conv1d(config.latent, c, k, padding=k // 2, bias=False)
+        self.stem_bn = nn.BatchNorm1d(c)
+        self.blocks = nn.Sequential(*(ResidualBlock1d(c, k, s) for s in config.temporal_strides))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(F.gelu(self.stem_bn(self.stem(x))))
+
+
+class DLEModel(nn.Module):
+    """The diffusion-coefficient estimator; outputs in units of the prior's d_max.
+
+    - :meth:`encode`: frames [N, H, W] → latents [N, latent] (normalisation inside).
+    - :meth:`head`: latents [B, T, latent] → (d_norm [B], sigma_norm [B]).
+    - :meth:`forward`: movies [B, T, H, W] → (d_norm [B], sigma_norm [B]).
+    - :meth:`autoencode`: frames → (reconstruction, normalised target), for pretraining.
+    """
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config or ModelConfig()
+        cfg = self.config
+        self.encoder = FrameEncoder(cfg)
+        self.decoder = FrameDecoder(cfg)
+        self.temporal = TemporalResNet(cfg)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.temporal_channels, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, 2)
+        )
+        self._channels_last = False
+
+    def optimize_for_cpu_inference(self) -> "DLEModel":
+        """Eval mode with a channels-last encoder (same outputs; faster on CPU). Returns self."""
+        self.eval()
+        self.encoder.to(memory_format=torch.channels_last)
+        self._channels_last = True
+        return self
+
+    # ---------------------------------------------------------------- encoder
+    def _check_frames(self, frames: Tensor) -> None:
+        cfg = self.config
+        if frames.dim() < 2 or tuple(frames.shape[-2:]) != (cfg.tile_height, cfg.tile_width):
+            raise DleStreamError(
+                f"frames of shape {tuple(frames.shape)} do not match the model's "
+                f"{cfg.tile_height}×{cfg.tile_width} px tiles; cut tiles of that size"
+            )
+
+    def encode(self, frames: Tensor) -> Tensor:
+        """Tile-frames [N, H, W] (raw intensities) → latents [N, latent]."""
+        self._check_frames(frames)
+        x = normalize_frames(frames.reshape(-1, *frames.shape[-2:])).unsqueeze(1)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.encoder(x)
+
+    def autoencode(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """Frames [N, H, W] → (reconstruction [N, H, W], normalised frames [N, H, W])."""
+        self._check_frames(frames)
+        target = normalize_frames(frames.reshape(-1, *frames.shape[-2:]))
+        return self.decoder(self.encoder(target.unsqueeze(1))), target
+
+    # ------------------------------------------------------------------- head
+    def head(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent sequences [B, T, latent] → (d_norm [B], sigma_norm [B]), units of d_max."""
+        if latents.dim() != 3 or latents.shape[-1] != self.config.latent:
+            raise DleStreamError(
+                f"latents of shape {tuple(latents.shape)} are not [windows, frames, {self.config.latent}]"
+            )
+        features = self.temporal(latents.transpose(1, 2))
+        pooled = features.mean(dim=-1)  # adaptive average pooling over time
+        out = self.mlp(pooled)
+        d_norm = 1.0 + F.elu(out[:, 0])
+        sigma_norm = 1.0 + F.elu(out[:, 1]) + self.config.sigma_eps
+        return d_norm, sigma_norm
+
+    def forward(self, movies: Tensor) -> tuple[Tensor, Tensor]:
+        """Movies [B, T, H, W] → (d_norm [B], sigma_norm [B]), units of d_max."""
+        if movies.dim() != 4:
+            raise DleStreamError(f"movies must be [B, T, H, W], got shape {tuple(movies.shape)}")
+        b, t = movies.shape[:2]
+        latents = self.encode(movies.reshape(b * t, *movies.shape[2:]))
+        return self.head(latents.reshape(b, t, -1))
+
+
+def gaussian_nll(d_hat: Tensor, sigma_hat: Tensor, d_true: Tensor) -> Tensor:
+    """The paper's Eq. 2: mean over the batch of (D̂ − D)² / (2σ̂²) + log σ̂ (any one unit)."""
+    return ((d_hat - d_true) ** 2 / (2 * sigma_hat**2) + torch.log(sigma_hat)).mean()

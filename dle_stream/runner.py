@@ -1,0 +1,253 @@
+"""The streaming runner: frames in, D ± σ per tile and window out.
+
+For every frame the runner cuts the tiles, turns each tile-frame into a feature once
+(batched: the DLE encodes a whole batch of tile-frames in one call), and pushes the
+features into the per-tile rolling windows. Every hop frames, once the windows are full,
+it estimates all tiles in one batch, flags the estimates, updates the running per-tile
+and per-ROI combinations, writes them to the log and emits them (psygnal signal
+``events.estimated``) for the dashboard.
+
+Gaps (a jump in the camera's image number, or in the timestamps beyond 1.5 frame
+periods) restart the windows, so no window mixes frames across a gap; the gap is
+counted, logged and announced (``events.warning``). In live mode, when estimation
+falls behind (more than a hop of frames waiting), a due window is skipped and counted;
+frames are still encoded and logged, so the record keeps every frame.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from psygnal import Signal
+
+from dle_stream.combine import RunningCombination
+from dle_stream.errors import DleStreamError
+from dle_stream.events import EstimateFlag, FrameEvent, WindowEstimate
+from dle_stream.tiling import TileLayout
+from dle_stream.timing import ScanTiming
+from dle_stream.windows import RollingWindows
+
+#: σ̂ at or above this fraction of the prior's std marks an estimate as "little information".
+LITTLE_INFORMATION_FRACTION = 0.8
+#: D̂ above this fraction of the prior range marks an estimate as "at the edge of the prior".
+PRIOR_EDGE_FRACTION = 0.95
+#: A timestamp step beyond this many frame periods counts as a gap.
+GAP_FRAME_PERIODS = 1.5
+
+
+class RunnerEvents:
+    estimated = Signal(object)  # WindowEstimate
+    warning = Signal(str)
+
+
+@dataclass
+class RunStats:
+    """What the dashboard shows about the run so far."""
+
+    frames_in: int = 0
+    windows_done: int = 0
+    windows_skipped: int = 0
+    gaps: int = 0
+    images_lost: int = 0
+    started: float = field(default_factory=time.monotonic)
+    first_timestamp_s: float | None = None
+    last_timestamp_s: float | None = None
+    last_latency_s: float = math.nan
+    max_latency_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def processing_fps(self) -> float:
+        dt = time.monotonic() - self.started
+        return self.frames_in / dt if dt > 0 else math.nan
+
+    @property
+    def acquisition_fps(self) -> float:
+        if self.first_timestamp_s is None or self.last_timestamp_s is None or self.frames_in < 2:
+            return math.nan
+        dt = self.last_timestamp_s - self.first_timestamp_s
+        return (self.frames_in - 1) / dt if dt > 0 else math.nan
+
+
+class StreamRunner:
+    """Rolling-window estimation of D per tile over a stream of frames.
+
+    Args:
+        estimator: a stream estimator (:mod:`dle_stream.stream_estimators`).
+        layout: tiles and ROIs (:mod:`dle_stream.tiling`).
+        timing: the stream's scan timing (window times are derived from it).
+        window: frames per window (default: the model's).
+        hop: frames between windows.
+        log: a :class:`dle_stream.zarr_log.ZarrLog` (or None).
+        live: live mode (skip windows when behind; flush the log at every estimate).
+        timing_assumed: the timing came from the model card, not the data: flag estimates.
+        combine_windows: non-overlapping windows combined in the running per-tile estimate.
+        encode_every: tile-frames are encoded in batches of this many frames.
+    """
+
+    def __init__(self, estimator, layout: TileLayout, timing: ScanTiming, *, window: int | None = None, hop: int = 50,
+                 log=None, live: bool = False, timing_assumed: bool = False, combine_windows: int = 4,
+                 encode_every: int = 10):
+        self.est = estimator
+        self.layout = layout
+        self.timing = timing
+        self.window = int(window or estimator.window_frames)
+        self.hop = int(hop)
+        if self.hop < 1:
+            raise DleStreamError(f"--hop {hop}: must be at least 1 frame")
+        if self.window < estimator.min_frames:
+            raise DleStreamError(f"--window {self.window}: the {estimator.name} estimator needs at least "
+                                 f"{estimator.min_frames} frames per window")
+        for t in layout.tiles:
+            if (t.height, t.width) != tuple(estimator.tile_shape):
+                raise DleStreamError(f"tile {t.bbox} is not the model's {estimator.tile_shape} px tile size")
+        if not layout.tiles:
+            raise DleStreamError("no tiles to estimate; check --tiles/--roi/--rois")
+        self.log = log
+        self.live = live
+        self.timing_assumed = timing_assumed
+        self.encode_every = max(1, int(encode_every))
+        n = len(layout.tiles)
+        self.windows = RollingWindows(n, self.window, self.hop)
+        self.combination = RunningCombination(n, [r.tiles for r in layout.regions],
+                                              windows_apart=math.ceil(self.window / self.hop), keep=combine_windows)
+        self.events = RunnerEvents()
+        self.stats = RunStats()
+        self._pending: list[np.ndarray] = []
+        self._pending_index: list[int] = []
+        self._arrival: dict[int, float] = {}
+        self._last_image_number: int | None = None
+        self._last_ts: float | None = None
+        self._window_number = 0
+        self.latest: WindowEstimate | None = None
+        d_lo, d_hi = estimator.d_range
+        self._prior_std = (d_hi - d_lo) / math.sqrt(12)
+        self._edge = d_lo + PRIOR_EDGE_FRACTION * (d_hi - d_lo)
+
+    # ------------------------------------------------------------------ frames
+    def process(self, event: FrameEvent, backlog: int = 0) -> list[WindowEstimate]:
+        """Take one frame; return the window estimates it completed (0 or 1)."""
+        frame = np.asarray(event.frame)
+        if frame.shape != (self.layout.frame_height, self.layout.frame_width):
+            raise DleStreamError(f"frame {event.index} is {frame.shape}, the stream's frames "
+                                 f"{(self.layout.frame_height, self.layout.frame_width)}; the source changed its image size")
+        tiles = self.layout.cut_all(frame)
+        if not np.isfinite(tiles).all():
+            raise DleStreamError(f"frame {event.index} has NaN or infinite pixels inside the tiles; "
+                                 f"check the recording (or choose ROIs that avoid the bad pixels)")
+        self._detect_gap(event)
+        st = self.stats
+        st.frames_in += 1
+        if event.timestamp_s is not None:
+            st.first_timestamp_s = event.timestamp_s if st.first_timestamp_s is None else st.first_timestamp_s
+            st.last_timestamp_s = event.timestamp_s
+        if self.log is not None:
+            self.log.add_frame(event.index, event.timestamp_s, event.image_number)
+        self._pending.append(tiles)
+        self._pending_index.append(event.index)
+        self._arrival[event.index] = time.monotonic()
+        filled = self.windows.filled + len(self._pending)
+        due = filled >= self.window and (filled - self.window) % self.hop == 0
+        if due or len(self._pending) >= self.encode_every:
+            self._encode_pending()
+        if not due:
+            return []
+        if self.live and backlog > self.hop:
+            st.windows_skipped += 1
+            self._window_number += 1
+            return []
+        return [self._estimate()]
+
+    def _encode_pending(self) -> None:
+        if not self._pending:
+            return
+        stack = np.stack(self._pending)  # [k, n_tiles, h, w]
+        k, n = stack.shape[:2]
+        feats = self.est.features(stack.reshape(k * n, *stack.shape[2:]))
+        feats = feats.reshape(k, n, *feats.shape[1:])
+        for i in range(k):
+            self.windows.push(feats[i], self._pending_index[i])
+        self._pending.clear()
+        self._pending_index.clear()
+
+    def _detect_gap(self, event: FrameEvent) -> None:
+        lost = 0
+        reason = ""
+        if event.image_number is not None and self._last_image_number is not None:
+            jump = event.image_number - self._last_image_number - 1
+            if jump > 0:
+                lost, reason = jump, f"{jump} image(s) lost before frame {event.index} (image number jumped)"
+        if not reason and event.timestamp_s is not None and self._last_ts is not None:
+            step = event.timestamp_s - self._last_ts
+            period = self.timing.frame_period_us * 1e-6
+            if step > GAP_FRAME_PERIODS * period:
+                lost = max(1, round(step / period) - 1)
+                reason = f"{step * 1e3:.0f} ms between frames {event.index - 1} and {event.index} (≈{lost} missing)"
+        if event.image_number is not None:
+            self._last_image_number = event.image_number
+        if event.timestamp_s is not None:
+            self._last_ts = event.timestamp_s
+        if reason:
+            self.stats.gaps += 1
+            self.stats.images_lost += lost
+            self._pending.clear()
+            self._pending_index.clear()
+            self.windows.restart()
+            if self.log is not None and hasattr(self.log, "add_gap"):
+                self.log.add_gap(event.index, lost, "gap")
+            self._warn(f"gap: {reason}; windows restart")
+
+    # --------------------------------------------------------------- estimates
+    def _estimate(self) -> WindowEstimate:
+        windows = self.windows.current()
+        d, sigma = self.est.estimate(windows)
+        flags = np.zeros(d.shape, dtype=np.uint8)
+        flags[~np.isfinite(d)] |= np.uint8(EstimateFlag.NO_ESTIMATE)
+        with np.errstate(invalid="ignore"):
+            flags[sigma >= LITTLE_INFORMATION_FRACTION * self._prior_std] |= np.uint8(EstimateFlag.LITTLE_INFORMATION)
+            flags[d >= self._edge] |= np.uint8(EstimateFlag.AT_PRIOR_EDGE)
+        if self.timing_assumed:
+            flags |= np.uint8(EstimateFlag.TIMING_ASSUMED)
+        stop = self.windows.last_frame + 1
+        start = stop - self.window
+        period_s = self.timing.frame_period_us * 1e-6
+        est = WindowEstimate(
+            window=self._window_number, frame_start=start, frame_stop=stop, t_start_s=start * period_s,
+            t_stop_s=stop * period_s, wall_time=time.time(), d_um2_s=d.astype(np.float32),
+            sigma_um2_s=sigma.astype(np.float32), flags=flags,
+        )
+        self._window_number += 1
+        self.combination.add(d, sigma)
+        if self.log is not None:
+            self.log.add_estimate(est)
+            if self.live:
+                self.log.flush()
+        arrival = self._arrival.get(stop - 1)
+        if arrival is not None:
+            self.stats.last_latency_s = time.monotonic() - arrival
+            self.stats.max_latency_s = max(self.stats.max_latency_s, self.stats.last_latency_s)
+        self._arrival = {k: v for k, v in self._arrival.items() if k >= stop - 1}
+        self.stats.windows_done += 1
+        self.latest = est
+        self.events.estimated.emit(est)
+        return est
+
+    def _warn(self, message: str) -> None:
+        self.stats.warnings.append(message)
+        del self.stats.warnings[:-20]
+        self.events.warning.emit(message)
+
+    def warn(self, message: str) -> None:
+        """Record and announce a warning from outside (a stalled camera, a source note)."""
+        self._warn(message)
+
+    def run(self, events, backlog=lambda: 0) -> RunStats:
+        """Process every frame of ``events`` (an iterable of FrameEvent)."""
+        for event in events:
+            self.process(event, backlog())
+        if self.log is not None:
+            self.log.flush()
+        return self.stats

@@ -1,0 +1,207 @@
+"""Set up and run a stream: a replayed recording or a live microscope.
+
+These functions hold everything the CLI's `replay` and `run` do, so tests call them
+directly: resolve the scan timing (flags > timing file > recording metadata > model
+card, loudly), load the estimator and check the timing against the model, lay out the
+tiles and ROIs, open the Zarr log, and drive a :class:`~dle_stream.runner.StreamRunner`
+with a dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from dle_stream import __version__
+from dle_stream.dashboard import Dashboard
+from dle_stream.errors import DleStreamError
+from dle_stream.runner import RunStats, StreamRunner
+from dle_stream.stream_estimators import make_stream_estimator
+from dle_stream.tiling import TileLayout, grid_layout, parse_roi, read_rois, roi_layout
+from dle_stream.timing import ScanTiming
+
+DEFAULT_MODEL = "brain-qd-low"
+
+
+@dataclass
+class StreamOptions:
+    """What the user chose for a stream (CLI flags)."""
+
+    model: str = DEFAULT_MODEL
+    estimator: str = "dle"
+    tiles: str = "grid"
+    roi: list[str] = field(default_factory=list)
+    rois_file: Path | None = None
+    window: int | None = None
+    hop: int = 50
+    log: Path | None = None
+    overwrite: bool = False
+    append: bool = False
+    timing_flags: dict = field(default_factory=dict)
+    timing_file: Path | None = None
+    device: str = "cpu"
+    dashboard: str = "plain"  # live | plain | quiet
+    combine_windows: int = 4
+
+
+@dataclass
+class StreamResult:
+    stats: RunStats
+    layout: TileLayout
+    timing: ScanTiming
+    region_d: np.ndarray
+    region_sigma: np.ndarray
+    tile_d: np.ndarray
+    tile_sigma: np.ndarray
+    log_path: Path | None
+    warnings: list[str]
+    truth: dict
+
+
+def make_layout(height: int, width: int, tile_shape: tuple[int, int], opts: StreamOptions) -> TileLayout:
+    if opts.tiles != "grid":
+        raise DleStreamError(f"--tiles {opts.tiles!r}: only 'grid' is supported (or give --roi/--rois)")
+    regions = [parse_roi(r) for r in opts.roi]
+    if opts.rois_file is not None:
+        regions += read_rois(opts.rois_file)
+    if regions:
+        return roi_layout(height, width, *tile_shape, regions)
+    return grid_layout(height, width, *tile_shape)
+
+
+def model_timing_for(model: str, height: int, width: int) -> ScanTiming:
+    """The model card's timing, as the fallback for a frame of this size."""
+    from dle_stream.model_package import load_card, resolve_model
+
+    card = load_card(resolve_model(model))
+    t = card.scan_timing
+    return ScanTiming(t["pixel_size_um"], t["dwell_us"], t["line_period_us"], t["frame_period_us"],
+                      max(width, t["width_px"]), max(height, t["height_px"]), t.get("bidirectional", False))
+
+
+def truth_for(recording_path: Path, layout: TileLayout) -> dict:
+    """True D per ROI from a simulated recording's ``.truth.json`` (mean over its tiles' area)."""
+    path = recording_path.with_name(recording_path.name + ".truth.json")
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        d_map = np.full((layout.frame_height, layout.frame_width), np.nan)
+        for t in doc["tiles"]:
+            r, c, h, w = t["bbox"]
+            d_map[r:r + h, c:c + w] = t["d_um2_s"]
+    except (KeyError, ValueError, TypeError, IndexError):
+        return {}
+    out = {}
+    for region in layout.regions:
+        area = np.zeros_like(d_map, dtype=bool)
+        for i in region.tiles:
+            r, c, h, w = layout.tiles[i].bbox
+            area[r:r + h, c:c + w] = True
+        out[region.name] = float(np.nanmean(d_map[area]))
+    return out
+
+
+def _open_log(opts: StreamOptions, layout: TileLayout, attrs: dict):
+    if opts.log is None:
+        return None
+    from dle_stream.zarr_log import ZarrLog
+
+    return ZarrLog.create(opts.log, tile_bboxes=layout.bboxes, rois=[r.to_dict() for r in layout.regions],
+                          attrs=attrs, overwrite=opts.overwrite, append=opts.append)
+
+
+def _run(runner: StreamRunner, events, dashboard: Dashboard, backlog=lambda: 0) -> None:
+    with dashboard:
+        for event in events:
+            runner.process(event, backlog())
+            dashboard.refresh()
+    if runner.log is not None:
+        runner.log.flush()
+
+
+def _attrs(kind: str, source: str, est, timing: ScanTiming, timing_source: str, layout: TileLayout,
+           runner_window: int, hop: int, warnings: list[str]) -> dict:
+    card = getattr(getattr(est, "estimator", None), "card", None)
+    from dataclasses import asdict, is_dataclass
+
+    return {
+        "software": f"dle-stream {__version__}", "mode": kind, "source": source, "estimator": est.name,
+        "model_card": asdict(card) if is_dataclass(card) else None,
+        "scan_timing": timing.to_dict(), "timing_source": timing_source, "timing_warnings": warnings,
+        "tile_geometry": {"frame_height_px": layout.frame_height, "frame_width_px": layout.frame_width,
+                          "tile_height_px": est.tile_shape[0], "tile_width_px": est.tile_shape[1],
+                          "n_tiles": len(layout.tiles), "uncovered_px": layout.uncovered_px},
+        "window_frames": runner_window, "hop_frames": hop,
+        "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, channel: int | None = None,
+           console: Console | None = None) -> StreamResult:
+    """Replay a recording (TIFF family or Zarr) through the estimator."""
+    from dle_stream.recording import open_recording, resolve_timing
+    from dle_stream.sources.file_source import FileSource
+
+    recording = Path(recording)
+    console = console or Console()
+    rec = open_recording(recording, channel=channel)
+    try:
+        fallback = model_timing_for(opts.model, rec.height, rec.width)
+        timing, timing_source, warnings = resolve_timing(
+            rec, flags=opts.timing_flags, timing_file=opts.timing_file, fallback=fallback,
+            fallback_label=f"the model card of {opts.model}",
+        )
+        if rec.truncated:
+            warnings.append(f"{recording.name} is truncated: {rec.truncation_note}; replaying the complete frames")
+        est, comparison = make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
+        layout = make_layout(rec.height, rec.width, est.tile_shape, opts)
+        window = opts.window or est.window_frames
+        if rec.n_frames < window:
+            warnings.append(f"{recording.name} has {rec.n_frames} frames, fewer than one {window}-frame window: "
+                            f"no estimate; use a shorter --window")
+        attrs = _attrs("replay", str(recording), est, timing, timing_source, layout, window, opts.hop, warnings)
+        attrs["timing_comparison"] = comparison.explain()
+        log = _open_log(opts, layout, attrs)
+        runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, log=log, live=False,
+                              timing_assumed=any("ASSUMED" in w for w in warnings),
+                              combine_windows=opts.combine_windows)
+        for w in warnings:
+            runner.warn(w)
+        truth = truth_for(recording, layout)
+        dashboard = Dashboard(runner, source=f"replay {recording.name}", model=f"{est.name} · {opts.model}",
+                              mode=opts.dashboard, console=console, truth=truth)
+        if opts.dashboard == "plain":
+            for w in warnings:
+                console.print(f"warning: {w}", highlight=False)
+        try:
+            _run(runner, FileSource(rec, realtime=realtime, frame_period_s=timing.frame_period_us * 1e-6), dashboard)
+        finally:
+            if log is not None:
+                log.close()
+    finally:
+        rec.close()
+    c = runner.combination
+    return StreamResult(runner.stats, layout, timing, c.region_d.copy(), c.region_sigma.copy(), c.tile_d.copy(),
+                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth)
+
+
+def describe_result(result: StreamResult, console: Console) -> None:
+    """Print the final per-ROI estimates (next to the truth where known)."""
+    st = result.stats
+    console.print(f"{st.frames_in} frames, {st.windows_done} windows"
+                  + (f", {st.windows_skipped} skipped" if st.windows_skipped else "")
+                  + (f", {st.gaps} gaps" if st.gaps else "")
+                  + (f"; log: {result.log_path}" if result.log_path else ""), highlight=False)
+    for i, region in enumerate(result.layout.regions[:30]):
+        d, s = result.region_d[i], result.region_sigma[i]
+        line = f"  {region.name}: D = " + ("—" if not math.isfinite(d) else f"{d:.3g} ± {s:.2g} µm²/s")
+        if region.name in result.truth:
+            line += f"   (true {result.truth[region.name]:.3g})"
+        console.print(line, highlight=False)

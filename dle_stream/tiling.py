@@ -1,0 +1,159 @@
+"""Tiles and regions of interest: where in the frame D is estimated.
+
+A model reads tiles of a fixed size (20×20 px by default). ``grid`` covers the frame
+with non-overlapping tiles (leftover pixels at the right and bottom edges are not
+covered, and reported). A user's ROI of any size is covered by model tiles: as many as
+needed in each direction, spread evenly over the ROI (they overlap when the ROI is not a
+multiple of the tile size; an ROI smaller than a tile gets one tile centred on it), and
+kept inside the frame. Tiles shared by several ROIs are estimated once.
+
+Geometry is in pixels of the full frame: ``(row, col, height, width)``; ROIs given as
+``x,y,w,h`` on the command line use x = column, y = row, as image viewers do.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dle_stream.errors import DleStreamError
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A model-sized tile of the full frame, px: top-left (row, col) and size."""
+
+    row: int
+    col: int
+    height: int
+    width: int
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        return (self.row, self.col, self.height, self.width)
+
+    def cut(self, frame: np.ndarray) -> np.ndarray:
+        return frame[..., self.row:self.row + self.height, self.col:self.col + self.width]
+
+
+@dataclass
+class Region:
+    """A named region of interest and the indices of the tiles covering it."""
+
+    name: str
+    bbox: tuple[int, int, int, int]  # row, col, height, width (px)
+    tiles: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "bbox": list(self.bbox), "tiles": list(self.tiles)}
+
+
+@dataclass
+class TileLayout:
+    """All tiles of a stream, the ROIs they serve, and what the grid leaves uncovered."""
+
+    frame_height: int
+    frame_width: int
+    tiles: list[Tile]
+    regions: list[Region]
+    uncovered_px: int = 0
+
+    @property
+    def bboxes(self) -> np.ndarray:
+        return np.array([t.bbox for t in self.tiles], dtype=np.int32).reshape(-1, 4)
+
+    def cut_all(self, frame: np.ndarray) -> np.ndarray:
+        """[n_tiles, h, w] tiles of a frame [H, W] (all tiles have the model's size)."""
+        return np.stack([t.cut(frame) for t in self.tiles])
+
+
+def _positions(start: int, length: int, tile: int, limit: int) -> list[int]:
+    """Tile starts covering [start, start+length) evenly, kept inside [0, limit)."""
+    n = max(1, -(-length // tile))
+    if n == 1:
+        starts = [start + (length - tile) // 2]
+    else:
+        starts = np.linspace(start, start + length - tile, n).round().astype(int).tolist()
+    return [int(min(max(s, 0), limit - tile)) for s in starts]
+
+
+def grid_layout(height: int, width: int, tile_h: int, tile_w: int) -> TileLayout:
+    """Cover the frame with non-overlapping tiles; one region per tile plus "frame"."""
+    _check_frame(height, width, tile_h, tile_w)
+    tiles = [Tile(r, c, tile_h, tile_w) for r in range(0, height - tile_h + 1, tile_h)
+             for c in range(0, width - tile_w + 1, tile_w)]
+    covered = (height // tile_h) * tile_h * (width // tile_w) * tile_w
+    regions = [Region("frame", (0, 0, height, width), list(range(len(tiles))))]
+    return TileLayout(height, width, tiles, regions, uncovered_px=height * width - covered)
+
+
+def roi_layout(height: int, width: int, tile_h: int, tile_w: int, rois: list[Region]) -> TileLayout:
+    """Cover each ROI with tiles (deduplicated across ROIs)."""
+    _check_frame(height, width, tile_h, tile_w)
+    tiles: list[Tile] = []
+    index: dict[Tile, int] = {}
+    out = []
+    for roi in rois:
+        r, c, h, w = roi.bbox
+        if h < 1 or w < 1 or r < 0 or c < 0 or r + h > height or c + w > width:
+            raise DleStreamError(
+                f"ROI {roi.name!r} (x={c}, y={r}, w={w}, h={h}) lies outside the {width}×{height} px frame; "
+                f"fix --roi/--rois (x,y,w,h in pixels, inside the frame)"
+            )
+        ids = []
+        for tr in _positions(r, h, tile_h, height):
+            for tc in _positions(c, w, tile_w, width):
+                t = Tile(tr, tc, tile_h, tile_w)
+                if t not in index:
+                    index[t] = len(tiles)
+                    tiles.append(t)
+                ids.append(index[t])
+        out.append(Region(roi.name, roi.bbox, sorted(set(ids))))
+    return TileLayout(height, width, tiles, out)
+
+
+def _check_frame(height: int, width: int, tile_h: int, tile_w: int) -> None:
+    if height < tile_h or width < tile_w:
+        raise DleStreamError(
+            f"frames of {height}×{width} px are smaller than the model's {tile_h}×{tile_w} px tile; "
+            f"use a recording with larger frames or a model trained for smaller tiles"
+        )
+
+
+def parse_roi(text: str, name: str | None = None) -> Region:
+    """'x,y,w,h' (px) → Region; x = column, y = row."""
+    try:
+        x, y, w, h = (int(round(float(v))) for v in text.split(","))
+    except ValueError:
+        raise DleStreamError(f"--roi {text!r}: use x,y,w,h in pixels, e.g. --roi 0,0,40,40") from None
+    return Region(name or f"roi{x}_{y}", (y, x, h, w))
+
+
+def read_rois(path: Path) -> list[Region]:
+    """ROIs from a JSON list of {name?, x, y, w, h} or a CSV with columns name,x,y,w,h."""
+    path = Path(path)
+    if not path.is_file():
+        raise DleStreamError(f"--rois {path}: no such file; give a JSON or CSV file of x,y,w,h ROIs")
+    rows: list[dict]
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            rows = data["rois"] if isinstance(data, dict) and "rois" in data else data
+        else:
+            with path.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        regions = []
+        for i, row in enumerate(rows):
+            x, y, w, h = (int(round(float(row[k]))) for k in ("x", "y", "w", "h"))
+            regions.append(Region(str(row.get("name") or f"roi{i}"), (y, x, h, w)))
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError, UnicodeDecodeError):
+        raise DleStreamError(
+            f"--rois {path}: need a JSON list of {{name, x, y, w, h}} or a CSV with columns name,x,y,w,h (pixels)"
+        ) from None
+    if not regions:
+        raise DleStreamError(f"--rois {path}: holds no ROI")
+    return regions

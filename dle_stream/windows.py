@@ -1,0 +1,53 @@
+"""Rolling windows over a stream: per-tile ring buffers of per-frame features.
+
+Each tile-frame is turned into a feature once (the DLE's encoder latent, or the raw
+tile for estimators that need pixels) and kept in a ring buffer of the window length T.
+Every hop H frames, the last T features of every tile form that tile's window. After a
+gap in the stream the buffer restarts, so no window mixes frames across a gap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class RollingWindows:
+    """Ring buffer [n_tiles, T, *feature_shape] shared by all tiles of a stream.
+
+    Args:
+        n_tiles: tiles per frame.
+        window: frames per window (T).
+        hop: frames between consecutive windows (H).
+    """
+
+    def __init__(self, n_tiles: int, window: int, hop: int):
+        self.n_tiles, self.window, self.hop = int(n_tiles), int(window), int(hop)
+        self.buffer: np.ndarray | None = None
+        self.filled = 0      # frames pushed since the last (re)start
+        self._pos = 0        # next write slot
+        self.last_frame = -1  # stream index of the newest frame pushed
+
+    def restart(self) -> None:
+        """Forget the frames so far (after a gap): the next window starts afresh."""
+        self.filled = 0
+        self._pos = 0
+
+    def push(self, features: np.ndarray, frame_index: int) -> None:
+        """Add one frame's features [n_tiles, *feature_shape]."""
+        if self.buffer is None:
+            self.buffer = np.zeros((self.n_tiles, self.window, *features.shape[1:]), dtype=features.dtype)
+        self.buffer[:, self._pos] = features
+        self._pos = (self._pos + 1) % self.window
+        self.filled += 1
+        self.last_frame = frame_index
+
+    @property
+    def due(self) -> bool:
+        """Is a window complete at the newest frame (full, and on the hop grid)?"""
+        return self.filled >= self.window and (self.filled - self.window) % self.hop == 0
+
+    def current(self) -> np.ndarray:
+        """The last T features of every tile in time order, [n_tiles, T, *feature_shape]."""
+        assert self.buffer is not None and self.filled >= self.window
+        order = (np.arange(self.window) + self._pos) % self.window
+        return self.buffer[:, order]

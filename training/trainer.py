@@ -1,0 +1,409 @@
+"""Train a DLE model for one scan timing and D prior: `dle-stream train`.
+
+Stages (the paper's §2.4, adapted to a CPU budget by measurement):
+
+1. **autoencoder**: the frame encoder and a decoder learn to reconstruct normalised
+   simulated tile-frames (L2 loss, Adam 5e-4, as the paper).
+2. **latent cache**: the encoder is frozen; simulated movies (raster-time reversal as
+   the only geometric augmentation) are encoded once and kept as latents
+   (:mod:`training.latent_cache`).
+3. **predictor**: the temporal ResNet and MLP head learn D̂ and σ̂ from cached latent
+   windows with the Gaussian NLL (paper Eq. 2); part of the cache is replaced by new
+   movies every few steps, so the head rarely sees a movie twice.
+4. **validation** on held-out movies (their own fixed seed, never used in training):
+   the metrics go into the card.
+
+A budget is ``steps`` (head steps; reproducible with ``seed``) or ``minutes`` (wall time,
+split between stages). Every ``checkpoint_minutes`` and on Ctrl-C the trainer writes
+a checkpoint and a usable model package to ``out``; ``resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dle_stream import __version__
+from dle_stream.errors import DleStreamError
+from dle_stream.metrics import prior_baseline, summarize
+from dle_stream.model import DLEModel, ModelConfig, gaussian_nll
+from dle_stream.timing import ScanTiming
+from training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
+from training.latent_cache import LatentCache, simulate_latents
+from training.priors import SimulatorPriors
+from training.simulator import Simulator
+
+#: Seed of the held-out validation movies; training draws from its own seeded stream.
+VALIDATION_SEED = 20_240_917
+#: Movies of the small validation set used for the learning curve at each checkpoint.
+CURVE_VALIDATION_MOVIES = 128
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Units: D µm²/s, times µs, minutes of wall time."""
+
+    name: str
+    priors: SimulatorPriors
+    timing: ScanTiming
+    out: Path
+    preset: str = "custom"
+    description: str = ""
+    tile_height: int = 20
+    tile_width: int = 20
+    frames: int = 400
+    architecture: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0
+    device: str = "cpu"
+    steps: int | None = None
+    minutes: float | None = None
+    ae_steps: int = 1500
+    ae_batch: int = 256
+    ae_lr: float = 5e-4
+    cache_movies: int = 4096
+    refresh_every: int = 2
+    refresh_movies: int = 4
+    batch: int = 64
+    lr: float = 2e-3
+    val_movies: int = 512
+    checkpoint_minutes: float = 3.0
+    sim_batch: int = 32
+    resume: bool = False
+    encoder_from: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.minutes is None:
+            raise DleStreamError("train: give a budget, --steps N or --minutes M")
+        if self.steps is not None and self.steps < 1:
+            raise DleStreamError(f"train: --steps must be ≥ 1, got {self.steps}")
+        if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
+            raise DleStreamError(f"train: --minutes must be positive, got {self.minutes}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise DleStreamError(f"train: unknown --device {self.device!r}; use auto, cpu or cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise DleStreamError("train: --device cuda but no CUDA GPU is visible; use --device cpu or auto")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Trainer:
+    """Runs the stages of :mod:`training.trainer` with a live progress display."""
+
+    def __init__(self, config: TrainConfig, progress=None, log=print):
+        self.cfg = config
+        self.log = log
+        self.progress = progress
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.cpu_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.model = DLEModel(config.architecture).to(self.device)
+        self.sim = Simulator(config.priors, config.timing, config.tile_height, config.tile_width,
+                             config.frames, self.device)
+        self.d_max = config.priors.d_max_um2_s
+        self.state: dict = {"stage": "autoencoder", "ae_step": 0, "head_step": 0, "elapsed_s": 0.0,
+                            "movies_simulated": 0, "curve": [], "runs": 0}
+        self.opt_ae = torch.optim.Adam(list(self.model.encoder.parameters()) + list(self.model.decoder.parameters()),
+                                       lr=config.ae_lr)
+        self.opt_head = torch.optim.Adam(list(self.model.temporal.parameters()) + list(self.model.mlp.parameters()),
+                                         lr=config.lr)
+        self.checkpoint_dir = config.out / "checkpoint"
+        self._t0 = time.monotonic()
+        self._elapsed_before = 0.0
+        self._last_ckpt = time.monotonic()
+
+    # ------------------------------------------------------------------ time
+    def elapsed(self) -> float:
+        return self._elapsed_before + time.monotonic() - self._t0
+
+    def run_elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def budget_fraction(self, fraction: float) -> bool:
+        """True while this run has used less than ``fraction`` of its minutes budget."""
+        if self.cfg.minutes is None:
+            return True
+        return self.run_elapsed() < fraction * self.cfg.minutes * 60
+
+    # --------------------------------------------------------------- resume
+    def load(self) -> None:
+        cfg = self.cfg
+        if cfg.resume:
+            tensors, state = load_checkpoint(self.checkpoint_dir)
+            self.model.load_state_dict(tensors)
+            self.state.update({k: v for k, v in state.items() if k in self.state})
+            self.state["runs"] += 1
+            self._elapsed_before = float(state.get("elapsed_s", 0.0))
+            for name, opt in (("ae", self.opt_ae), ("head", self.opt_head)):
+                tensors = optimizer_state(self.checkpoint_dir, name)
+                if tensors and name in state.get("optimizers", {}):
+                    load_optimizer(opt, tensors, state["optimizers"][name])
+            # a resumed run draws new movies: its own stream
+            self.gen.manual_seed(cfg.seed + 7919 * self.state["runs"])
+            self.log(f"resumed {self.checkpoint_dir}: stage {self.state['stage']}, "
+                     f"head step {self.state['head_step']}, {self._elapsed_before / 60:.1f} min trained before")
+        elif cfg.encoder_from is not None:
+            from dle_stream.model_package import load_model_package
+
+            donor, card = load_model_package(cfg.encoder_from)
+            if donor.config.to_dict() != self.model.config.to_dict():
+                raise DleStreamError(f"{cfg.encoder_from}: its architecture differs; cannot reuse its encoder")
+            self.model.encoder.load_state_dict(donor.encoder.state_dict())
+            self.model.decoder.load_state_dict(donor.decoder.state_dict())
+            self.state["stage"] = "predictor"
+            self.state["encoder_from"] = card.name
+            self.log(f"encoder taken from {cfg.encoder_from} (frozen); skipping the autoencoder stage")
+
+    def checkpoint(self, write_package: bool = True) -> None:
+        self.state["elapsed_s"] = self.elapsed()
+        save_checkpoint(self.checkpoint_dir, self.model, {"ae": self.opt_ae, "head": self.opt_head},
+                        {**self.state, "config": _config_json(self.cfg)})
+        if write_package and self.state["head_step"] > 0:
+            self.write_package(validation=self.state.get("validation"))
+        self._last_ckpt = time.monotonic()
+
+    def maybe_checkpoint(self) -> None:
+        if time.monotonic() - self._last_ckpt > self.cfg.checkpoint_minutes * 60:
+            self.checkpoint()
+
+    # --------------------------------------------------------------- stages
+    def train_autoencoder(self) -> None:
+        cfg = self.cfg
+        self.model.train()
+        frames_pool = None
+        uses = 0
+        task = self._task("autoencoder", cfg.ae_steps, self.state["ae_step"])
+        while self.state["ae_step"] < cfg.ae_steps and self.budget_fraction(0.2):
+            if frames_pool is None or uses >= 8:
+                with torch.no_grad():
+                    batch = self.sim.simulate(max(4, cfg.ae_batch // 32), generator=self.gen)
+                self.state["movies_simulated"] += len(batch)
+                frames_pool = batch.movies.reshape(-1, cfg.tile_height, cfg.tile_width)
+                uses = 0
+            idx = torch.randint(0, frames_pool.shape[0], (cfg.ae_batch,), generator=self.gen, device=self.device)
+            recon, target = self.model.autoencode(frames_pool[idx])
+            loss = torch.mean((recon - target) ** 2)
+            self.opt_ae.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_ae.step()
+            uses += 1
+            self.state["ae_step"] += 1
+            if self.state["ae_step"] % 25 == 0:
+                self._curve("autoencoder", self.state["ae_step"], loss.item(), math.nan, math.nan)
+            self._advance(task, f"AE loss {loss.item():.3f}")
+            self.maybe_checkpoint()
+        self.state["stage"] = "predictor"
+
+    def fill_cache(self, cache: LatentCache, n_movies: int, fraction: float, label: str) -> None:
+        task = self._task(label, n_movies, 0)
+        while cache.size < n_movies and (cache.size < 2 * self.cfg.batch or self.budget_fraction(fraction)):
+            n = min(self.cfg.sim_batch, n_movies - cache.size)
+            lat, d, vis = simulate_latents(self.sim, self.model, n, self.gen, augment=not self.cfg.timing.bidirectional)
+            self.state["movies_simulated"] += n
+            cache.add(lat, d, vis)
+            self._advance(task, f"{cache.size} movies", n)
+
+    def validation_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED)
+        lat, d = [], []
+        self.model.eval()
+        for i in range(0, n, self.cfg.sim_batch):
+            m = min(self.cfg.sim_batch, n - i)
+            latents, dd, _ = simulate_latents(self.sim, self.model, m, g, augment=False)
+            lat.append(latents)
+            d.append(dd)
+        return torch.cat(lat), torch.cat(d)
+
+    @torch.inference_mode()
+    def evaluate(self, latents: torch.Tensor, d_true: torch.Tensor) -> dict:
+        self.model.eval()
+        d_hat, sig = [], []
+        for i in range(0, latents.shape[0], 64):
+            a, b = self.model.head(latents[i:i + 64].to(self.device).float())
+            d_hat.append(a.cpu() * self.d_max)
+            sig.append(b.cpu() * self.d_max)
+        return summarize(d_true.numpy(), torch.cat(d_hat).numpy(), torch.cat(sig).numpy())
+
+    def train_predictor(self, cache: LatentCache, val: tuple[torch.Tensor, torch.Tensor], reserve_s: float) -> None:
+        cfg = self.cfg
+        self.model.encoder.requires_grad_(False)
+        start_step = self.state["head_step"]
+        total = cfg.steps
+        peak_lr = cfg.lr if start_step < 100 else cfg.lr / 3  # a warm restart when resuming a trained head
+        run_budget_s = None if cfg.minutes is None else cfg.minutes * 60 - reserve_s
+        task = self._task("predictor", total if total else None, 0)
+        recent_loss, recent_l1 = [], []
+        while True:
+            done = self.state["head_step"] - start_step
+            if total is not None and done >= total:
+                break
+            if run_budget_s is not None and self.run_elapsed() >= run_budget_s:
+                break
+            progress = done / total if total else self.run_elapsed() / max(run_budget_s, 1.0)
+            lr = peak_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+            for group in self.opt_head.param_groups:
+                group["lr"] = lr
+            self.model.temporal.train()
+            self.model.mlp.train()
+            lat, d = cache.sample(cfg.batch, self.cpu_gen)
+            d_hat, sigma = self.model.head(lat.to(self.device))
+            target = (d / self.d_max).to(self.device)
+            loss = gaussian_nll(d_hat, sigma, target)
+            self.opt_head.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.temporal.parameters(), 5.0)
+            self.opt_head.step()
+            self.state["head_step"] += 1
+            recent_loss.append(loss.item())
+            recent_l1.append(float((d_hat.detach() - target).abs().mean()) * self.d_max)
+            if self.state["head_step"] % cfg.refresh_every == 0 and cfg.refresh_movies:
+                lat_new, d_new, vis_new = simulate_latents(self.sim, self.model, cfg.refresh_movies, self.gen,
+                                                           augment=not cfg.timing.bidirectional)
+                self.state["movies_simulated"] += cfg.refresh_movies
+                cache.add(lat_new, d_new, vis_new)
+            if self.state["head_step"] % 50 == 0:
+                self._curve("predictor", self.state["head_step"], np.mean(recent_loss), np.mean(recent_l1), math.nan, lr)
+                recent_loss, recent_l1 = [], []
+            self._advance(task, f"step {self.state['head_step']} loss {np.mean(recent_loss or [float(loss)]):.3f} "
+                                f"L1 {np.mean(recent_l1 or [0]):.3g} µm²/s")
+            if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
+                metrics = self.evaluate(*val)
+                self._curve("validation", self.state["head_step"], metrics["nll"], metrics["l1"], metrics["best_half_l1"], lr)
+                self.log(f"step {self.state['head_step']}: validation L1 {metrics['l1']:.4g} µm²/s "
+                         f"(best half {metrics['best_half_l1']:.4g}), NLL {metrics['nll']:.3f}")
+                self.checkpoint()
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Path:
+        cfg = self.cfg
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        self.load()
+        try:
+            if self.state["stage"] == "autoencoder":
+                self.train_autoencoder()
+                self.checkpoint(write_package=False)
+            self.model.eval()
+            val_curve = self.validation_latents(CURVE_VALIDATION_MOVIES)
+            cache = LatentCache(cfg.cache_movies, cfg.frames, cfg.architecture.latent)
+            self.fill_cache(cache, cfg.cache_movies, 0.45, "latent cache")
+            self._last_ckpt = time.monotonic()  # the first predictor checkpoint comes a full interval later
+            # reserve time for the final validation: measured movies/s of the cache fill
+            per_movie = self.run_elapsed() / max(self.state["movies_simulated"], 1)
+            reserve = per_movie * cfg.val_movies * 1.3 + 10
+            self.train_predictor(cache, val_curve, reserve)
+        except KeyboardInterrupt:
+            self.log("interrupted: writing a checkpoint and a usable model package")
+            self.checkpoint()
+            raise
+        self.model.eval()
+        val = self.validation_latents(cfg.val_movies)
+        metrics = self.evaluate(*val)
+        baseline = prior_baseline(val[1].numpy(), cfg.priors.d_mean_um2_s, cfg.priors.d_std_um2_s)
+        metrics = _finite_or_none({"n_movies": cfg.val_movies, "seed": VALIDATION_SEED, "dle": metrics,
+                                   "prior_baseline": baseline})
+        self.state["validation"] = metrics
+        self._curve("validation", self.state["head_step"], metrics["dle"]["nll"], metrics["dle"]["l1"],
+                    metrics["dle"]["best_half_l1"])
+        self.checkpoint()
+        return cfg.out
+
+    # ---------------------------------------------------------------- output
+    def write_package(self, validation: dict | None) -> Path:
+        from dle_stream.model_package import ModelCard, save_model_package
+
+        cfg, p = self.cfg, self.cfg.priors
+        card = ModelCard(
+            schema_version=1, name=cfg.name, description=cfg.description or f"DLE for preset {cfg.preset}",
+            tile_height=cfg.tile_height, tile_width=cfg.tile_width, window_frames=cfg.frames,
+            d_min_um2_s=p.d_min_um2_s, d_max_um2_s=p.d_max_um2_s, scan_timing=cfg.timing.to_dict(),
+            pixel_size_um=cfg.timing.pixel_size_um,
+            psf_priors={"sigma_xy_um": list(p.psf_sigma_xy_um), "sigma_z_um": list(p.psf_sigma_z_um)},
+            brightness_priors={"brightness_photons": list(p.brightness_photons),
+                               "background_photons": list(p.background_photons),
+                               "read_noise_photons": list(p.read_noise_photons), "gain": list(p.gain)},
+            simulator={"preset": cfg.preset, "priors": p.to_dict(), "seed": cfg.seed,
+                       "validation_seed": VALIDATION_SEED},
+            architecture=cfg.architecture.to_dict(),
+            training={
+                "autoencoder_steps": self.state["ae_step"], "predictor_steps": self.state["head_step"],
+                "batch": cfg.batch, "autoencoder_batch": cfg.ae_batch, "lr": cfg.lr,
+                "movies_simulated": self.state["movies_simulated"], "time_s": round(self.elapsed(), 1),
+                "device": _device_name(self.device), "threads": torch.get_num_threads(),
+                "runs": self.state["runs"] + 1, "encoder_frozen_after_pretraining": True,
+                "cache_movies": cfg.cache_movies, "curve": "training_curve.csv",
+                "encoder_from": self.state.get("encoder_from"),
+            },
+            validation=validation or {"note": "not yet validated (checkpoint during training)"},
+            weights_sha256="", software_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        return save_model_package(cfg.out, self.model, card)
+
+    def _curve(self, stage, step, loss, l1, best_half_l1, lr=math.nan) -> None:
+        row = {"stage": stage, "step": step, "elapsed_s": round(self.elapsed(), 1), "loss": _r(loss),
+               "l1_um2_s": _r(l1), "best_half_l1_um2_s": _r(best_half_l1), "lr": _r(lr)}
+        self.state["curve"].append(row)
+        path = self.cfg.out / "training_curve.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def _task(self, label: str, total, completed: int):
+        if self.progress is None:
+            return None
+        return self.progress.add_task(label, total=total, completed=completed, info="")
+
+    def _advance(self, task, info: str, n: int = 1) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.update(task, advance=n, info=info)
+
+
+def _finite_or_none(obj):
+    """NaN → None, recursively (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _r(x) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else round(x, 6)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _config_json(cfg: TrainConfig) -> dict:
+    data = asdict(cfg)
+    data["priors"] = cfg.priors.to_dict()
+    data["timing"] = cfg.timing.to_dict()
+    data["architecture"] = cfg.architecture.to_dict()
+    data["out"] = str(cfg.out)
+    data["encoder_from"] = str(cfg.encoder_from) if cfg.encoder_from else None
+    return data
+
+
+def train(config: TrainConfig, progress=None, log=print) -> Path:
+    """Run a training and return the model package folder."""
+    return Trainer(config, progress, log).run()

@@ -1,0 +1,67 @@
+"""Turn `dle-stream train` flags into a :class:`~training.trainer.TrainConfig`.
+
+Scan timing, in order of precedence: timing flags, a timing file, the metadata of the
+recording given with ``--like``, the preset's reference timing. On ``--resume`` the
+checkpoint's own settings are used and only the budget is new.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dle_stream.errors import DleStreamError
+from dle_stream.model import ModelConfig
+from dle_stream.timing import ScanTiming
+from training.priors import SimulatorPriors, get_preset
+from training.trainer import TrainConfig
+
+
+def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None, steps: int | None,
+               minutes: float | None, device: str, seed: int, resume: bool, encoder_from: Path | None,
+               ae_steps: int, cache_movies: int, val_movies: int, name: str | None, flags: dict,
+               timing_file: Path | None) -> TrainConfig:
+    out = Path(out)
+    if resume:
+        state_path = out / "checkpoint" / "state.json"
+        if not state_path.is_file():
+            raise DleStreamError(f"--resume: {out} holds no checkpoint (checkpoint/state.json); train without --resume first")
+        saved = json.loads(state_path.read_text())["config"]
+        return TrainConfig(
+            name=saved["name"], priors=SimulatorPriors.from_dict(saved["priors"]),
+            timing=ScanTiming.from_dict(saved["timing"]), out=out, preset=saved.get("preset", "custom"),
+            description=saved.get("description", ""), tile_height=saved["tile_height"], tile_width=saved["tile_width"],
+            frames=saved["frames"], architecture=ModelConfig.from_dict(saved["architecture"]), seed=seed,
+            device=device, steps=steps, minutes=minutes, ae_steps=saved["ae_steps"], cache_movies=cache_movies,
+            val_movies=val_movies, resume=True,
+        )
+    p = get_preset(preset)
+    priors = p.priors
+    if d_max is not None:
+        if not d_max > priors.d_min_um2_s:
+            raise DleStreamError(f"--d-max {d_max}: must exceed the prior's lower end {priors.d_min_um2_s} µm²/s")
+        priors = priors.with_(d_max_um2_s=float(d_max))
+    timing = p.timing
+    source = f"preset {p.name}"
+    given = {k: v for k, v in flags.items() if v is not None}
+    if like is not None or given or timing_file is not None:
+        from dle_stream.recording import open_recording, resolve_timing
+
+        rec = open_recording(like) if like is not None else None
+        try:
+            fallback = None if rec is not None else p.timing
+            timing, source, warnings = resolve_timing(rec, flags=dict(flags), timing_file=timing_file,
+                                                      fallback=fallback, fallback_label=f"preset {p.name}")
+        finally:
+            if rec is not None:
+                rec.close()
+    if timing.height_px < p.tile_height or timing.width_px < p.tile_width:
+        raise DleStreamError(f"the scan's frame ({timing.height_px}×{timing.width_px} px) is smaller than a "
+                             f"{p.tile_height}×{p.tile_width} px tile; check the timing source ({source})")
+    folder_name = out.name or "model"
+    return TrainConfig(
+        name=name or folder_name, priors=priors, timing=timing, out=out, preset=p.name,
+        description=f"{p.description}; timing from {source}", tile_height=p.tile_height, tile_width=p.tile_width,
+        frames=p.frames, seed=seed, device=device, steps=steps, minutes=minutes, ae_steps=ae_steps,
+        cache_movies=cache_movies, val_movies=val_movies, encoder_from=encoder_from,
+    )
