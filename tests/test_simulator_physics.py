@@ -222,3 +222,22 @@ def test_particles_leave_and_enter_the_tile():
     vis = ((box.positions_um[..., 0] >= 0) & (box.positions_um[..., 0] < 3.0)
            & (box.positions_um[..., 1] >= 0) & (box.positions_um[..., 1] < 3.0)).float()
     assert vis[:, :100].mean().item() == pytest.approx(vis[:, -100:].mean().item(), rel=0.3)
+
+
+def test_continued_chunks_are_one_brownian_recording():
+    """A long recording simulated in chunks: same particles, steps of 2DF across the seam."""
+    d = 1.2
+    priors = quiet_priors(particles="fixed", particles_max=200)
+    sim = Simulator(priors, REF, frames=50)
+    g = torch.Generator().manual_seed(4)
+    first = sim.simulate(4, generator=g, d_um2_s=d)
+    second = sim.simulate(4, generator=g, continue_from=first.state)
+    assert second.first_frame == 50
+    np.testing.assert_allclose(second.mid_times_us[:, 0] - first.mid_times_us[:, -1], REF.frame_period_us)
+    assert torch.equal(second.particle_movie, first.particle_movie)
+    for key in first.params:
+        assert torch.equal(first.params[key], second.params[key])
+    step = (second.positions_um[:, 0] - first.positions_um[:, -1]).double()
+    ratio = (step**2).mean(0) / (2 * d * REF.frame_period_us * 1e-6)
+    n = step.shape[0]
+    assert torch.all((ratio - 1).abs() < 4 * math.sqrt(2 / n)), ratio

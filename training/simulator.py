@@ -77,6 +77,8 @@ class SimulatedBatch:
     timing: ScanTiming
     priors: SimulatorPriors
     pixel_paths: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: "SimulatorState | None" = None
+    first_frame: int = 0
 
     def __len__(self) -> int:
         return self.movies.shape[0]
@@ -84,6 +86,22 @@ class SimulatedBatch:
     def positions_of(self, movie: int) -> torch.Tensor:
         """[N, T, 3] mid-time positions (µm) of the particles of one movie."""
         return self.positions_um[self.particle_movie == movie]
+
+
+@dataclass
+class SimulatorState:
+    """What a batch needs to be continued: the same movies' next frames."""
+
+    d_um2_s: torch.Tensor
+    n_particles: torch.Tensor
+    params: dict[str, torch.Tensor]
+    offsets: torch.Tensor
+    particle_movie: torch.Tensor
+    end_positions_um: torch.Tensor  # [P, 3] float64, unwrapped
+    end_times_us: torch.Tensor  # [B]
+    next_frame: int
+    frames_per_chunk: int
+    timing: ScanTiming
 
 
 class Simulator:
@@ -137,7 +155,7 @@ class Simulator:
         return torch.where(coin, exp_part, uni_part).long()
 
     # ---------------------------------------------------------------- timing
-    def _row_grid(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_grid(self, offsets: torch.Tensor, first_frame: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-start times [B, T·H + 1] (µs, one closing point) and pixel offsets [B, H, W] (µs).
 
         The pixel offsets are relative to the row start, i.e. to the earliest pixel of
@@ -157,7 +175,7 @@ class Simulator:
             col_time = col_time.expand(-1, H, -1)
         first = col_time.min(dim=2).values  # [B, H]
         pixel_offsets = col_time - first[:, :, None]
-        k = torch.arange(T, device=self.device, dtype=torch.float64)
+        k = torch.arange(first_frame, first_frame + T, device=self.device, dtype=torch.float64)
         starts = k[None, :, None] * tm.frame_period_us + (rows * tm.line_period_us + first)[:, None, :]
         starts = starts.reshape(starts.shape[0], T * H)
         closing = starts[:, -1:] + W * tm.dwell_us
@@ -167,6 +185,7 @@ class Simulator:
     def simulate(
         self, n_movies: int, seed: int | None = None, *, d_um2_s=None, offsets=None,
         generator: torch.Generator | None = None, keep_pixel_paths: bool = False,
+        continue_from: "SimulatorState | None" = None,
     ) -> SimulatedBatch:
         """Simulate ``n_movies`` movies.
 
@@ -179,6 +198,9 @@ class Simulator:
             keep_pixel_paths: also return the pixel-time positions of every lit row
                 (``pixel_paths``: movie, particle, frame, row, times_us [Q, W] and xyz_um
                 [Q, W, 3]); for tests of the motion itself.
+            continue_from: the ``state`` of a previous batch: simulate its next frames,
+                with the same particles, D and detector (for recordings longer than
+                memory); ``d_um2_s`` and ``offsets`` are then taken from the state.
         """
         if n_movies < 1:
             raise DleStreamError(f"simulator: need at least one movie, got {n_movies}")
@@ -193,6 +215,8 @@ class Simulator:
         dx = tm.pixel_size_um
 
         # per-movie parameters
+        if continue_from is not None:
+            return self._continue(continue_from, g, keep_pixel_paths)
         if d_um2_s is None:
             d = self.draw_d(B, g)
         else:
@@ -216,9 +240,42 @@ class Simulator:
             for (r0, c0) in offs.tolist():
                 tm.check_tile(r0, c0, H, W)
 
-        times, pix_off = self._row_grid(offs)  # [B, T·H + 1], [B, H, W]
+        params = {
+            "psf_sigma_xy_um": sxy, "psf_sigma_z_um": sz, "background_photons": bg,
+            "brightness_photons": bright, "gain": gain, "offset": offset,
+        }
         pm = torch.repeat_interleave(torch.arange(B, device=dev), counts)  # [P]
         P = pm.numel()
+        centre = torch.tensor([W * dx / 2, H * dx / 2, 0.0], dtype=torch.float64, device=dev)
+        if p.density == "cloud":
+            start = torch.randn(P, 3, generator=g, device=dev, dtype=torch.float64)
+            scale = torch.stack([lat_std_um, lat_std_um, torch.full_like(lat_std_um, p.cloud_axial_std_um)], 1)
+            start = centre + start * scale[pm]
+        else:
+            start = (torch.rand(P, 3, generator=g, device=dev, dtype=torch.float64) - 0.5) * self._box_size(dx) + centre
+        return self._run(g, d, counts, params, offs, pm, start, anchor_frame, 0, None, keep_pixel_paths)
+
+    def _continue(self, state: "SimulatorState", g: torch.Generator, keep: bool) -> SimulatedBatch:
+        if state.frames_per_chunk != self.frames or state.timing != self.timing:
+            raise DleStreamError("simulator: can only continue a batch made with the same timing and frame count")
+        anchor = torch.zeros(state.d_um2_s.numel(), dtype=torch.long, device=self.device)
+        return self._run(g, state.d_um2_s, state.n_particles, state.params, state.offsets, state.particle_movie,
+                         state.end_positions_um, anchor, state.next_frame, state.end_times_us, keep)
+
+    def _run(self, g, d, counts, params, offs, pm, start, anchor_frame, first_frame, start_times_us, keep_pixel_paths):
+        """Motion, light and detector for drawn parameters; ``start`` [P, 3] µm holds at the
+        start of ``anchor_frame`` (or at ``start_times_us`` [B] when continuing)."""
+        p, tm, dev = self.priors, self.timing, self.device
+        B, T, H, W = d.numel(), self.frames, self.height, self.width
+        dx = tm.pixel_size_um
+        P = pm.numel()
+        sxy, sz, bright = params["psf_sigma_xy_um"], params["psf_sigma_z_um"], params["brightness_photons"]
+        bg, gain, offset = params["background_photons"], params["gain"], params["offset"]
+        times, pix_off = self._row_grid(offs, first_frame)  # [B, T·H + 1], [B, H, W]
+        if start_times_us is not None:  # continuing: free motion since the previous chunk's end
+            gap = (times[:, 0] - start_times_us).clamp_min(0)
+            start = start + torch.randn(P, 3, generator=g, device=dev, dtype=torch.float64) * torch.sqrt(
+                2 * d * gap * 1e-6)[pm][:, None]
 
         # --- level 1: Brownian motion at each frame's first and middle row start
         # (float64 accumulation, stored float32); the path passes through its
@@ -228,19 +285,18 @@ class Simulator:
         ctimes = times[:, coarse]  # [B, G]
         step_std = torch.sqrt(2.0 * d[:, None] * torch.diff(ctimes, dim=1) * 1e-6)  # [B, G-1] µm
         anchor_idx = anchor_frame * (coarse.numel() - 1) // T  # grid point of the anchor frame's start
-        centre = torch.tensor([W * dx / 2, H * dx / 2, 0.0], dtype=torch.float64, device=dev)
-        if p.density == "cloud":
-            start = torch.randn(P, 3, generator=g, device=dev, dtype=torch.float64)
-            scale = torch.stack([lat_std_um, lat_std_um, torch.full_like(lat_std_um, p.cloud_axial_std_um)], 1)
-            start = centre + start * scale[pm]
-        else:
-            start = (torch.rand(P, 3, generator=g, device=dev, dtype=torch.float64) - 0.5) * self._box_size(dx) + centre
         steps = torch.randn(P, coarse.numel() - 1, 3, generator=g, device=dev, dtype=torch.float64)
         steps.mul_(step_std[pm][:, :, None])
         path = torch.zeros(P, coarse.numel(), 3, device=dev, dtype=torch.float64)
         torch.cumsum(steps, dim=1, out=path[:, 1:])
         path -= path[torch.arange(P, device=dev), anchor_idx[pm]][:, None, :]
-        path = (path + start[:, None, :]).to(torch.float32)
+        path += start[:, None, :]
+        state = SimulatorState(
+            d_um2_s=d, n_particles=counts, params=params, offsets=offs, particle_movie=pm,
+            end_positions_um=path[:, -1].clone(), end_times_us=times[:, -1].clone(),
+            next_frame=first_frame + T, frames_per_chunk=T, timing=tm,
+        )
+        path = path.to(torch.float32)
 
         # --- ground truth at frame mid-times (start of row H // 2)
         mid_times = times[:, torch.arange(T, device=dev) * H + H // 2]
@@ -273,11 +329,8 @@ class Simulator:
         return SimulatedBatch(
             movies=movies, d_um2_s=d, n_particles=counts, visible_transitions=visible,
             positions_um=positions, particle_movie=pm, mid_times_us=mid_times,
-            params={
-                "psf_sigma_xy_um": sxy, "psf_sigma_z_um": sz, "background_photons": bg,
-                "brightness_photons": bright, "gain": gain, "offset": offset,
-            },
-            read_noise_photons=read_std, offsets=offs, timing=tm, priors=p, pixel_paths=pixel_paths,
+            params=params, read_noise_photons=read_std, offsets=offs, timing=tm, priors=p,
+            pixel_paths=pixel_paths, state=state, first_frame=first_frame,
         )
 
     # ---------------------------------------------------------------- helpers
