@@ -258,6 +258,38 @@ def replay(
     describe_result(result, console)
 
 
+@app.command()
+@user_errors
+def run(
+    demo: bool = typer.Option(False, "--demo", help="Use the built-in simulated two-photon camera (no microscope needed)."),
+    mm_config: Optional[Path] = typer.Option(None, "--mm-config", help="Micro-Manager configuration file of the rig."),
+    scan_properties: Optional[Path] = typer.Option(None, "--scan-properties", help="JSON mapping device properties to scan timing (see README)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Stop after this many frames (default: until Ctrl-C)."),
+    size: str = typer.Option("40x120", "--size", help="Demo camera frame HxW in pixels."),
+    d: str = typer.Option("0.3,1.2", "--d", help="Demo camera D map in µm²/s (bands left→right, as `simulate --d`)."),
+    seed: int = typer.Option(0, "--seed", help="Demo camera seed."),
+    fast: bool = typer.Option(False, "--fast", help="Demo camera as fast as possible instead of in real time."),
+    model: str = MODEL, estimator: str = ESTIMATOR, tiles: str = TILES, roi: Optional[list[str]] = ROI,
+    rois: Optional[Path] = ROIS, window: Optional[int] = WINDOW, hop: int = HOP, log: Optional[Path] = LOG,
+    overwrite: bool = OVERWRITE, append: bool = APPEND, dashboard: bool = DASH, quiet: bool = QUIET,
+    pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
+    line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
+    bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
+) -> None:
+    """Estimate live from a microscope (Micro-Manager) or the built-in demo camera."""
+    from dle_stream.session import describe_result, run_live
+    from training.recording_sim import parse_size
+
+    if frames is not None and frames < 1:
+        raise DleStreamError(f"--frames {frames}: must be at least 1")
+    height, width = parse_size(size)
+    opts = _stream_options(model, estimator, tiles, roi, rois, window, hop, log, overwrite, append, dashboard, quiet,
+                           _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
+    result = run_live(opts, demo=demo, mm_config=mm_config, scan_properties=scan_properties, frames=frames,
+                      height=height, width=width, d_spec=d, seed=seed, realtime=not fast, console=console)
+    describe_result(result, console)
+
+
 log_app = typer.Typer(help="Inspect a run's Zarr log.", no_args_is_help=True)
 app.add_typer(log_app, name="log")
 

@@ -7,8 +7,8 @@ it estimates all tiles in one batch, flags the estimates, updates the running pe
 and per-ROI combinations, writes them to the log and emits them (psygnal signal
 ``events.estimated``) for the dashboard.
 
-Gaps (a jump in the camera's image number, or in the timestamps beyond 1.5 frame
-periods) restart the windows, so no window mixes frames across a gap; the gap is
+Gaps (a jump in the camera's image number; without image numbers, a step in the
+timestamps beyond 1.5 frame periods) restart the windows, so no window mixes frames across a gap; the gap is
 counted, logged and announced (``events.warning``). In live mode, when estimation
 falls behind (more than a hop of frames waiting), a due window is skipped and counted;
 frames are still encoded and logged, so the record keeps every frame.
@@ -180,7 +180,10 @@ class StreamRunner:
             jump = event.image_number - self._last_image_number - 1
             if jump > 0:
                 lost, reason = jump, f"{jump} image(s) lost before frame {event.index} (image number jumped)"
-        if not reason and event.timestamp_s is not None and self._last_ts is not None:
+        counted = event.image_number is not None and self._last_image_number is not None
+        # without image numbers, a step in the timestamps beyond 1.5 frame periods is a gap;
+        # with them, consecutive numbers mean nothing was lost (software stamps can bunch)
+        if not counted and event.timestamp_s is not None and self._last_ts is not None:
             step = event.timestamp_s - self._last_ts
             period = self.timing.frame_period_us * 1e-6
             if step > GAP_FRAME_PERIODS * period:

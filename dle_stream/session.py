@@ -205,3 +205,115 @@ def describe_result(result: StreamResult, console: Console) -> None:
         if region.name in result.truth:
             line += f"   (true {result.truth[region.name]:.3g})"
         console.print(line, highlight=False)
+
+
+def _fits(timing: ScanTiming, height: int, width: int) -> bool:
+    return width * timing.dwell_us <= timing.line_period_us and height * timing.line_period_us <= timing.frame_period_us
+
+
+def demo_timing(model: str, height: int, width: int) -> ScanTiming:
+    """The demo camera's scan: the model's timing when the frame fits in its line and
+    frame period (so the model applies), else the model's dwell, retrace and flyback."""
+    base = model_timing_for(model, 1, 1)
+    base = ScanTiming(**{**base.to_dict(), "width_px": base.width_px, "height_px": base.height_px})
+    if _fits(base, height, width):
+        return ScanTiming(**{**base.to_dict(), "width_px": width, "height_px": height})
+    return base.with_frame_size(height, width)
+
+
+def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None = None,
+             scan_properties: Path | None = None, frames: int | None = None, height: int = 40, width: int = 120,
+             d_spec: str = "0.3,1.2", seed: int = 0, realtime: bool = True, stall_timeout_s: float = 5.0,
+             console: Console | None = None, core=None) -> StreamResult:
+    """Estimate live from a Micro-Manager acquisition (a real rig's configuration, or the
+    built-in simulated two-photon camera with ``demo``)."""
+    from dle_stream.sources import MicroManagerSource, SourceStalled
+    from dle_stream.sources.scan_properties import DEMO_CAMERA_MAPPING, load_mapping, read_scan_properties
+
+    console = console or Console()
+    if core is None:
+        if demo == (mm_config is not None):
+            raise DleStreamError("dle-stream run: give either --demo or --mm-config FILE")
+        if demo:
+            from dle_stream.sources.demo_camera import create_demo_core
+
+            core = create_demo_core(height=height, width=width, timing=demo_timing(opts.model, height, width),
+                                    d_spec=d_spec, seed=seed, realtime=realtime)
+        else:
+            core = _load_mm_config(Path(mm_config))
+    mapping = load_mapping(scan_properties) if scan_properties else (DEMO_CAMERA_MAPPING if demo else None)
+    partial, notes = {}, []
+    if mapping is not None:
+        partial, _, notes = read_scan_properties(core, mapping)
+    h, w = int(core.getImageHeight()), int(core.getImageWidth())
+    from dle_stream.recording import read_timing_file, resolve_timing
+
+    # precedence: command-line flags > timing file > device properties > model card
+    layers = [{"width_px": w, "height_px": h}, partial,
+              read_timing_file(opts.timing_file) if opts.timing_file else {},
+              {k: v for k, v in opts.timing_flags.items() if v is not None}]
+    merged = {k: v for layer in layers for k, v in layer.items()}
+    timing, timing_source, warnings = resolve_timing(
+        None, flags=merged, fallback=model_timing_for(opts.model, h, w),
+        fallback_label=f"the model card of {opts.model}")
+    warnings = notes + warnings
+    est, comparison = make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
+    layout = make_layout(h, w, est.tile_shape, opts)
+    window = opts.window or est.window_frames
+    source_desc = "demo camera (simulated)" if demo else f"Micro-Manager {mm_config or core.getCameraDevice()}"
+    attrs = _attrs("live", source_desc, est, timing, timing_source, layout, window, opts.hop, warnings)
+    attrs["timing_comparison"] = comparison.explain()
+    log = _open_log(opts, layout, attrs)
+    runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, log=log, live=True,
+                          timing_assumed=any("ASSUMED" in x for x in warnings), combine_windows=opts.combine_windows)
+    for x in warnings:
+        runner.warn(x)
+    truth = {}
+    if demo:
+        from dle_stream.sources.demo_camera import get_demo_camera
+
+        d_map = get_demo_camera(core).d_map
+        for region in layout.regions:
+            area = np.zeros((h, w), bool)
+            for i in region.tiles:
+                r, c, th, tw = layout.tiles[i].bbox
+                area[r:r + th, c:c + tw] = True
+            truth[region.name] = float(np.mean(d_map[area]))
+    dashboard = Dashboard(runner, source=source_desc, model=f"{est.name} · {opts.model}", mode=opts.dashboard,
+                          console=console, truth=truth)
+    source = MicroManagerSource(core, n_frames=frames, mode="mda", stall_timeout_s=stall_timeout_s)
+    backlog = getattr(source, "_queue").qsize
+    try:
+        with dashboard:
+            for item in source:
+                if isinstance(item, SourceStalled):
+                    runner.warn(item.message)
+                    dashboard.refresh(force=True)
+                    continue
+                runner.process(item, backlog())
+                dashboard.refresh()
+    except KeyboardInterrupt:
+        runner.warn("stopped by the user")
+    finally:
+        source.stop()
+        if source.error:
+            runner.warn(source.error)
+        if log is not None:
+            log.close()
+    c = runner.combination
+    return StreamResult(runner.stats, layout, timing, c.region_d.copy(), c.region_sigma.copy(), c.tile_d.copy(),
+                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth)
+
+
+def _load_mm_config(path: Path):
+    if not path.is_file():
+        raise DleStreamError(f"--mm-config {path}: no such file; give a Micro-Manager configuration (.cfg)")
+    from pymmcore_plus import CMMCorePlus
+
+    core = CMMCorePlus()
+    try:
+        core.loadSystemConfiguration(str(path))
+    except Exception as exc:
+        raise DleStreamError(f"--mm-config {path}: Micro-Manager could not load it ({str(exc).splitlines()[0][:160]}); "
+                             f"check the device adapters and the file") from None
+    return core

@@ -76,9 +76,19 @@ def test_a_timestamp_jump_is_a_gap_too():
     runner = StreamRunner(FrameNumberEstimator(), grid_layout(40, 60, 20, 20), TIMING, window=40, hop=20)
     events = list(frames(60))
     events[30:] = [FrameEvent(ev.frame, ev.index, ev.timestamp_s + 1.0, None) for ev in events[30:]]
+    events[:30] = [FrameEvent(ev.frame, ev.index, ev.timestamp_s, None) for ev in events[:30]]
     for ev in events:
         runner.process(ev)
     assert runner.stats.gaps == 1 and runner.stats.images_lost == round(1.0 / 0.061652)
+
+
+def test_late_frames_with_consecutive_image_numbers_are_not_a_gap():
+    runner = StreamRunner(FrameNumberEstimator(), grid_layout(40, 60, 20, 20), TIMING, window=40, hop=20)
+    events = list(frames(60))
+    events[30:] = [FrameEvent(ev.frame, ev.index, ev.timestamp_s + 1.0, ev.image_number) for ev in events[30:]]
+    for ev in events:
+        runner.process(ev)
+    assert runner.stats.gaps == 0
 
 
 def test_runner_writes_every_window_and_frame_to_the_log(tmp_path):
