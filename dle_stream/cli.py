@@ -290,6 +290,32 @@ def run(
     describe_result(result, console)
 
 
+@app.command()
+@user_errors
+def bench(
+    suite: str = typer.Option("low", "--suite", help="low (D 0–1.5) or high (D 0–50 µm²/s)."),
+    n: int = typer.Option(1000, "--n", help="Movies in the suite."),
+    seed: int = typer.Option(20_241_001, "--seed", help="Seed of the suite (identical for every estimator)."),
+    estimators: str = typer.Option("dle,classic,oracle", "--estimators", help="Any of dle,classic,oracle."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model for the DLE (default: the suite's shipped model)."),
+    out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for results.json, table.md and plots."),
+) -> None:
+    """Compare estimators on a seeded simulated suite: the paper's Table 1 and Fig. 3."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dle_stream.bench import markdown_table, run_suite, write_results
+
+    names = [e.strip() for e in estimators.split(",") if e.strip()]
+    with Progress(TextColumn(f"bench {suite}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as prog:
+        task = prog.add_task("bench", total=n)
+        res = run_suite(suite, n, seed, names, model=model, progress=lambda k: prog.advance(task, k))
+    command = "dle-stream " + " ".join(sys.argv[1:]) if sys.argv and "dle-stream" in sys.argv[0] else "dle-stream bench"
+    m = write_results(res, out, command)
+    console.print(markdown_table(res, m), highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}/results.json, table.md and plots")
+
+
 log_app = typer.Typer(help="Inspect a run's Zarr log.", no_args_is_help=True)
 app.add_typer(log_app, name="log")
 

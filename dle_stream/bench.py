@@ -1,0 +1,245 @@
+"""`dle-stream bench`: estimators side by side on a seeded simulated suite (the paper's
+Table 1 and Fig. 3A/B).
+
+The suite is simulated once from its seed (identical for every estimator), in batches.
+Each estimator returns D̂ and σ̂ (µm²/s) per movie and is timed per 400-frame window.
+An estimator that finds nothing usable in a movie (NaN) is scored there as the prior
+mean with the prior's std as σ — what a user would have without it — and the number of
+such movies is reported ("no estimate").
+
+Outputs in ``--out``: ``results.json`` (every movie, every metric), ``table.md``, and PNG
+plots: error against visible transitions, D̂ against D, and the z = (D̂ − D)/σ̂ histogram.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dle_stream import __version__
+from dle_stream.errors import DleStreamError
+from dle_stream.metrics import prior_baseline, summarize
+
+ALL_ESTIMATORS = ("dle", "classic", "oracle")
+SUITE_MODELS = {"low": "brain-qd-low", "high": "beads-high"}
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    n: int
+    seed: int
+    d_true: np.ndarray
+    visible: np.ndarray
+    n_particles: np.ndarray
+    estimates: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    prior: tuple[float, float] = (0.0, 1.0)  # mean, std
+
+
+def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str | None = None, batch: int = 32,
+              progress: Callable[[int], None] | None = None, device: str = "cpu") -> SuiteResult:
+    from training.priors import get_preset
+    from training.simulator import Simulator
+
+    bad = [e for e in estimators if e not in ALL_ESTIMATORS]
+    if bad or not estimators:
+        raise DleStreamError(f"--estimators {','.join(estimators)}: choose from {','.join(ALL_ESTIMATORS)}")
+    if n < 2:
+        raise DleStreamError(f"--n {n}: need at least 2 movies")
+    preset = get_preset(suite)
+    p, timing = preset.priors, preset.timing
+    sim = Simulator(p, timing, preset.tile_height, preset.tile_width, preset.frames, device)
+    runners: dict[str, Callable] = {}
+    if "dle" in estimators:
+        from dle_stream.estimator import DiffusionEstimator
+
+        dle = DiffusionEstimator.load(model or SUITE_MODELS[suite], device=device)
+        runners["dle"] = lambda b: dle.estimate(b.movies.cpu().numpy(), timing)
+    if "classic" in estimators:
+        from dle_stream.classic import ClassicEstimator
+
+        classic = ClassicEstimator(timing, psf_sigma_xy_um=p.psf_sigma_xy_um[0], d_max_um2_s=p.d_max_um2_s,
+                                   d_min_um2_s=p.d_min_um2_s)
+        runners["classic"] = lambda b: classic.estimate_batch(b.movies.cpu().numpy())[:2]
+    if "oracle" in estimators:
+        from dle_stream.oracle import oracle_batch
+
+        runners["oracle"] = lambda b: oracle_batch(b, p.d_min_um2_s, p.d_max_um2_s)
+    g = torch.Generator(device=device).manual_seed(seed)
+    d_true, vis, parts = [], [], []
+    est: dict[str, list] = {k: [[], []] for k in runners}
+    secs = {k: 0.0 for k in runners}
+    done = 0
+    while done < n:
+        m = min(batch, n - done)
+        b = sim.simulate(m, generator=g)
+        d_true.append(b.d_um2_s.cpu().numpy())
+        vis.append(b.visible_transitions.cpu().numpy())
+        parts.append(b.n_particles.cpu().numpy())
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            d, s = fn(b)
+            secs[name] += time.perf_counter() - t0
+            est[name][0].append(np.asarray(d, float).reshape(-1))
+            est[name][1].append(np.asarray(s, float).reshape(-1))
+        done += m
+        if progress:
+            progress(m)
+    res = SuiteResult(suite, n, seed, np.concatenate(d_true), np.concatenate(vis), np.concatenate(parts),
+                      prior=(p.d_mean_um2_s, p.d_std_um2_s))
+    for name in runners:
+        res.estimates[name] = (np.concatenate(est[name][0]), np.concatenate(est[name][1]))
+        res.seconds[name] = secs[name]
+    return res
+
+
+def _filled(res: SuiteResult, name: str) -> tuple[np.ndarray, np.ndarray, int]:
+    d, s = res.estimates[name]
+    bad = ~(np.isfinite(d) & np.isfinite(s) & (s > 0))
+    return np.where(bad, res.prior[0], d), np.where(bad, res.prior[1], s), int(bad.sum())
+
+
+def metrics(res: SuiteResult) -> dict:
+    out = {"baseline": prior_baseline(res.d_true, *res.prior)}
+    for name in res.estimates:
+        d, s, failed = _filled(res, name)
+        m = summarize(res.d_true, d, s)
+        m["no_estimate"] = failed
+        m["ms_per_window"] = 1e3 * res.seconds[name] / res.n
+        out[name] = m
+    return out
+
+
+def _f(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.{digits}g}"
+
+
+def markdown_table(res: SuiteResult, m: dict) -> str:
+    lines = [f"**{res.suite}** suite: {res.n} movies, seed {res.seed} (D uniform, prior mean {res.prior[0]:g} µm²/s)", "",
+             "| | All L1 | All L2 | All NLL | Best-half L1 | Best-half L2 | Best-half NLL | \\|err\\|<σ | \\|err\\|<2σ | no estimate | ms/window |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = ["baseline"] + [k for k in ("classic", "oracle", "dle") if k in m]
+    for k in order:
+        r = m[k]
+        half = ("/", "/", "/") if k == "baseline" else (_f(r["best_half_l1"]), _f(r["best_half_l2"]), _f(r["best_half_nll"]))
+        lines.append(f"| {k} | {_f(r['l1'])} | {_f(r['l2'])} | {_f(r['nll'])} | {half[0]} | {half[1]} | {half[2]} | "
+                     f"{_f(r['within_1_sigma'], 2)} | {_f(r['within_2_sigma'], 2)} | {r.get('no_estimate', 0)} | "
+                     f"{_f(r.get('ms_per_window'), 3) if k != 'baseline' else '—'} |")
+    if "dle" in m and "classic" in m and m["dle"]["l1"] > 0:
+        lines += ["", f"classic L1 / DLE L1 = {m['classic']['l1'] / m['dle']['l1']:.2f}; "
+                      f"best half: {m['classic']['best_half_l1'] / m['dle']['best_half_l1']:.2f}"]
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: SuiteResult, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    names = list(res.estimates)
+    colours = {"dle": "tab:red", "classic": "tab:blue", "oracle": "tab:green"}
+    # error against visible transitions (paper Fig. 3A/B)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    order = np.argsort(res.visible)
+    x = np.maximum(res.visible[order], 1)
+    win = max(5, res.n // 20)
+    for name in names:
+        d, s, _ = _filled(res, name)
+        err = np.abs(d - res.d_true)[order]
+        ax.scatter(x, err, s=4, alpha=0.25, color=colours.get(name))
+        roll = np.convolve(err, np.ones(win) / win, mode="valid")
+        ax.plot(x[win // 2: win // 2 + roll.size], roll, color=colours.get(name), label=f"{name} (rolling mean)")
+        best = np.argsort(s)[: res.n // 2]
+        mask = np.zeros(res.n, bool)
+        mask[best] = True
+        e_half = np.abs(d - res.d_true)[order][mask[order]]
+        if e_half.size > win:
+            r2 = np.convolve(e_half, np.ones(win) / win, mode="valid")
+            xh = x[mask[order]]
+            ax.plot(xh[win // 2: win // 2 + r2.size], r2, color=colours.get(name), ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("visible particle transitions")
+    ax.set_ylabel("|D̂ − D| (µm²/s)")
+    ax.set_title(f"{res.suite} suite: error vs information (dashed: best half by σ̂)")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "error_vs_transitions.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # D̂ against D
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
+    lim = float(res.d_true.max()) * 1.05
+    for ax, name in zip(axes[0], names):
+        d, s, _ = _filled(res, name)
+        ax.scatter(res.d_true, d, s=4, alpha=0.4, color=colours.get(name))
+        ax.plot([0, lim], [0, lim], "k--", lw=1)
+        ax.set_xlim(0, lim)
+        ax.set_ylim(0, lim)
+        ax.set_title(name)
+        ax.set_xlabel("true D (µm²/s)")
+        ax.set_ylabel("D̂ (µm²/s)")
+    fig.tight_layout()
+    paths.append(out / "estimate_vs_truth.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # z distribution
+    fig, ax = plt.subplots(figsize=(6, 4))
+    grid = np.linspace(-5, 5, 201)
+    for name in names:
+        d, s, _ = _filled(res, name)
+        z = np.clip((d - res.d_true) / s, -5, 5)
+        ax.hist(z, bins=50, range=(-5, 5), density=True, histtype="step", color=colours.get(name), label=name)
+    ax.plot(grid, np.exp(-grid**2 / 2) / math.sqrt(2 * math.pi), "k--", lw=1, label="N(0, 1)")
+    ax.set_xlabel("z = (D̂ − D) / σ̂")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "z_distribution.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_results(res: SuiteResult, out: Path, command: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    m = metrics(res)
+    doc = {
+        "software": f"dle-stream {__version__}", "command": command, "suite": res.suite, "n": res.n, "seed": res.seed,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "nan_rule": "movies without an estimate are scored as the prior mean with the prior std",
+        "metrics": _clean(m),
+        "movies": {"d_true": res.d_true.tolist(), "visible_transitions": res.visible.tolist(),
+                   "n_particles": res.n_particles.tolist(),
+                   **{f"{k}_d": v[0].tolist() for k, v in res.estimates.items()},
+                   **{f"{k}_sigma": v[1].tolist() for k, v in res.estimates.items()}},
+    }
+    (out / "results.json").write_text(json.dumps(_clean(doc)))
+    (out / "table.md").write_text(markdown_table(res, m))
+    plots(res, out)
+    return m
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
