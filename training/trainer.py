@@ -122,6 +122,7 @@ class Trainer:
         self._t0 = time.monotonic()
         self._elapsed_before = 0.0
         self._last_ckpt = time.monotonic()
+        self.cache: LatentCache | None = None
 
     # ------------------------------------------------------------------ time
     def elapsed(self) -> float:
@@ -225,6 +226,30 @@ class Trainer:
             d.append(dd)
         return torch.cat(lat), torch.cat(d)
 
+    def recalibrate_batchnorm(self, cache: LatentCache, batches: int = 16) -> None:
+        """Re-estimate the temporal ResNet's BatchNorm statistics as a plain average over
+        ``batches`` cached batches with the current weights.
+
+        Measured: the running (exponential) averages kept during training lag behind the
+        weights, and inference with them was far worse (validation L1 0.29 µm²/s) than
+        with batch statistics (0.13); after this recalibration inference matched (0.13).
+        """
+        bns = [m for m in self.model.temporal.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not bns or cache.size == 0:
+            return
+        momenta = [b.momentum for b in bns]
+        for b in bns:
+            b.reset_running_stats()
+            b.momentum = None  # cumulative average
+        self.model.temporal.train()
+        with torch.no_grad():
+            for _ in range(batches):
+                lat, _ = cache.sample(self.cfg.batch, self.cpu_gen)
+                self.model.head(lat.to(self.device))
+        for b, m in zip(bns, momenta):
+            b.momentum = m
+        self.model.eval()
+
     @torch.inference_mode()
     def evaluate(self, latents: torch.Tensor, d_true: torch.Tensor) -> dict:
         self.model.eval()
@@ -278,6 +303,7 @@ class Trainer:
             self._advance(task, f"step {self.state['head_step']} loss {np.mean(recent_loss or [float(loss)]):.3f} "
                                 f"L1 {np.mean(recent_l1 or [0]):.3g} µm²/s")
             if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
+                self.recalibrate_batchnorm(cache)
                 metrics = self.evaluate(*val)
                 self._curve("validation", self.state["head_step"], metrics["nll"], metrics["l1"], metrics["best_half_l1"], lr)
                 self.log(f"step {self.state['head_step']}: validation L1 {metrics['l1']:.4g} µm²/s "
@@ -295,7 +321,7 @@ class Trainer:
                 self.checkpoint(write_package=False)
             self.model.eval()
             val_curve = self.validation_latents(CURVE_VALIDATION_MOVIES)
-            cache = LatentCache(cfg.cache_movies, cfg.frames, cfg.architecture.latent)
+            cache = self.cache = LatentCache(cfg.cache_movies, cfg.frames, cfg.architecture.latent)
             self.fill_cache(cache, cfg.cache_movies, 0.45, "latent cache")
             self._last_ckpt = time.monotonic()  # the first predictor checkpoint comes a full interval later
             # reserve time for the final validation: measured movies/s of the cache fill
@@ -304,9 +330,11 @@ class Trainer:
             self.train_predictor(cache, val_curve, reserve)
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint and a usable model package")
+            if self.cache is not None:
+                self.recalibrate_batchnorm(self.cache)
             self.checkpoint()
             raise
-        self.model.eval()
+        self.recalibrate_batchnorm(cache, batches=32)
         val = self.validation_latents(cfg.val_movies)
         metrics = self.evaluate(*val)
         baseline = prior_baseline(val[1].numpy(), cfg.priors.d_mean_um2_s, cfg.priors.d_std_um2_s)
