@@ -209,7 +209,7 @@ def train(
 MODEL = typer.Option("brain-qd-low", "--model", help="Model package name or folder (see `dle-stream models`).")
 ESTIMATOR = typer.Option("dle", "--estimator", help="dle (deep-learning estimator) or classic (trackpy + CVE).")
 TILES = typer.Option("grid", "--tiles", help="grid: cover the frame with model-sized tiles.")
-ROI = typer.Option(None, "--roi", help="Region x,y,w,h in pixels (repeatable); covered by model tiles.")
+ROI = typer.Option(None, "--roi", help="Region x,y,w,h or name=x,y,w,h in pixels (repeatable); covered by model tiles.")
 ROIS = typer.Option(None, "--rois", help="JSON or CSV file of ROIs (name,x,y,w,h).")
 WINDOW = typer.Option(None, "--window", help="Frames per window (default: the model's, 400).")
 HOP = typer.Option(50, "--hop", help="Frames between consecutive windows.")
@@ -314,6 +314,40 @@ def bench(
     m = write_results(res, out, command)
     console.print(markdown_table(res, m), highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/results.json, table.md and plots")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the simulated recording and its log (default: a temporary folder)."),
+    frames: int = typer.Option(1000, "--frames", help="Frames to simulate."),
+    d: str = typer.Option("0.3,1.2", "--d", help="True D of the left and right halves, µm²/s."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the simulated recording."),
+    model: str = MODEL, dashboard: bool = DASH, quiet: bool = QUIET,
+) -> None:
+    """The built-in default: simulate a two-region recording with known D, replay it, print estimates next to the truth."""
+    import tempfile
+
+    from dle_stream.session import describe_result, replay as run_replay
+    from training.priors import get_preset
+    from training.recording_sim import simulate_recording
+
+    folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="dle-stream-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    p = get_preset("low")
+    height, width = 40, 120
+    from dle_stream.session import demo_timing
+
+    tm = demo_timing(model, height, width)
+    console.print(f"simulating {frames} frames of {height}×{width} px (left half D = {d.split(',')[0]}, "
+                  f"right half D = {d.split(',')[-1]} µm²/s) into {folder}")
+    rec = simulate_recording(folder / "demo.tif", p, frames=frames, height=height, width=width, timing=tm,
+                             d_spec=d, seed=seed)
+    opts = _stream_options(model, "dle", "grid", [f"left=0,0,{width // 2},{height}", f"right={width // 2},0,{width // 2},{height}"],
+                           None, None, 50, folder / "demo.zarr", True, False, dashboard, quiet,
+                           _timing_flags(None, None, None, None, None), None)
+    result = run_replay(rec.path, opts, console=console)
+    describe_result(result, console)
 
 
 log_app = typer.Typer(help="Inspect a run's Zarr log.", no_args_is_help=True)

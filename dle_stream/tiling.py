@@ -125,11 +125,13 @@ def _check_frame(height: int, width: int, tile_h: int, tile_w: int) -> None:
 
 
 def parse_roi(text: str, name: str | None = None) -> Region:
-    """'x,y,w,h' (px) → Region; x = column, y = row."""
+    """'x,y,w,h' or 'name=x,y,w,h' (px) → Region; x = column, y = row."""
+    label, _, coords = text.rpartition("=")
     try:
-        x, y, w, h = (int(round(float(v))) for v in text.split(","))
+        x, y, w, h = (int(round(float(v))) for v in coords.split(","))
     except ValueError:
-        raise DleStreamError(f"--roi {text!r}: use x,y,w,h in pixels, e.g. --roi 0,0,40,40") from None
+        raise DleStreamError(f"--roi {text!r}: use x,y,w,h in pixels (optionally name=x,y,w,h), e.g. --roi 0,0,40,40") from None
+    name = name or label.strip() or None
     return Region(name or f"roi{x}_{y}", (y, x, h, w))
 
 

@@ -1,0 +1,106 @@
+"""Streaming speed: replay a recording through the runner, as a ratio to the acquisition rate.
+
+    python benchmarks/stream_speed.py --size 512 --tiles 625 --frames 600 --threads 2
+    python benchmarks/stream_speed.py --size 512 --tiles 64 --frames 600
+    python benchmarks/stream_speed.py --size 512 --tiles 64 --frames 600 --estimator classic
+
+Writes a uint16 TIFF of Poisson background of the given frame size
+once (``--recording``), then replays it through :class:`~dle_stream.runner.StreamRunner`
+(reading, tiling, encoding each tile-frame once, a batched estimate every hop, the Zarr
+log), and reports processing frames/s and its ratio to the acquisition rate of the
+reference scan (16.2 frames/s), plus peak resident memory. The DLE's compute per frame
+does not depend on the pixel values or the scan timing, so the model's timing check is
+bypassed here (a 512-line frame cannot have the reference line and frame period); the
+classic tracker's cost does depend on content, so treat its figure as indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dle_stream.recording import open_recording, write_recording
+from dle_stream.runner import StreamRunner
+from dle_stream.sources.file_source import FileSource
+from dle_stream.timing import ScanTiming
+from dle_stream.tiling import Tile, TileLayout, Region
+
+REFERENCE_FPS = 1e6 / ScanTiming.reference().frame_period_us
+
+
+def make_recording(path: Path, size: int, frames: int, seed: int = 0) -> None:
+    """Poisson background (100 photons/px), uint16: the cost of the DLE does not depend on content."""
+    rng = np.random.default_rng(seed)
+    timing = ScanTiming(0.15, 0.2, 120.0, 61652.0, size, size)
+    frames_iter = (rng.poisson(100.0, (size, size)).astype(np.uint16) for _ in range(frames))
+    write_recording(path, frames_iter, timing, format="tiff", n_frames=frames)
+
+
+def layout_for(size: int, n_tiles: int, tile: int = 20) -> TileLayout:
+    per_row = size // tile
+    all_tiles = [Tile(r * tile, c * tile, tile, tile) for r in range(per_row) for c in range(per_row)]
+    if n_tiles < len(all_tiles):
+        idx = np.linspace(0, len(all_tiles) - 1, n_tiles).round().astype(int)
+        all_tiles = [all_tiles[i] for i in idx]
+    return TileLayout(size, size, all_tiles, [Region("frame", (0, 0, size, size), list(range(len(all_tiles))))])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--tiles", type=int, default=625)
+    ap.add_argument("--frames", type=int, default=600)
+    ap.add_argument("--window", type=int, default=400)
+    ap.add_argument("--hop", type=int, default=50)
+    ap.add_argument("--estimator", default="dle", choices=["dle", "classic"])
+    ap.add_argument("--model", default="brain-qd-low")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recording", type=Path, default=None)
+    ap.add_argument("--log", action="store_true", help="also write the Zarr log")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rec_path = args.recording or Path(tempfile.gettempdir()) / f"dle-bench-{args.size}-{args.frames}.tif"
+    if not rec_path.exists():
+        t0 = time.perf_counter()
+        make_recording(rec_path, args.size, args.frames)
+        print(f"wrote {rec_path} in {time.perf_counter() - t0:.1f} s")
+    from dle_stream.estimator import DiffusionEstimator
+    from dle_stream.stream_estimators import ClassicStream, DLEStream
+
+    dle = DiffusionEstimator.load(args.model)
+    if args.estimator == "dle":
+        est = DLEStream(dle, 1.0)
+    else:
+        from dle_stream.classic import ClassicEstimator
+
+        c = dle.card
+        est = ClassicStream(ClassicEstimator(c.timing, 0.21, c.d_max_um2_s), (20, 20), 400, (0.0, c.d_max_um2_s))
+    layout = layout_for(args.size, args.tiles)
+    rec = open_recording(rec_path)
+    timing = ScanTiming(**{**dle.card.timing.to_dict(), "width_px": args.size, "height_px": args.size,
+                           "line_period_us": 120.0, "dwell_us": 0.2})
+    log = None
+    if args.log:
+        from dle_stream.zarr_log import ZarrLog
+
+        log = ZarrLog.create(Path(tempfile.mkdtemp()) / "bench.zarr", tile_bboxes=layout.bboxes, attrs={})
+    runner = StreamRunner(est, layout, timing, window=args.window, hop=args.hop, log=log)
+    t0 = time.perf_counter()
+    runner.run(FileSource(rec))
+    dt = time.perf_counter() - t0
+    fps = runner.stats.frames_in / dt
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{args.estimator}: {args.size}×{args.size} px, {len(layout.tiles)} tiles, window {args.window}, hop {args.hop}, "
+          f"{args.threads} threads: {runner.stats.frames_in} frames in {dt:.1f} s = {fps:.1f} frames/s = "
+          f"{fps / REFERENCE_FPS:.2f}× the 16.2 frames/s acquisition; {runner.stats.windows_done} windows "
+          f"({runner.stats.windows_done * len(layout.tiles)} tile-windows); peak RSS {peak:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
