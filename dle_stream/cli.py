@@ -164,6 +164,8 @@ def train(
     ae_steps: int = typer.Option(1500, "--ae-steps", help="Autoencoder pretraining steps."),
     cache_movies: int = typer.Option(4096, "--cache-movies", help="Simulated movies kept as latents for the predictor."),
     val_movies: int = typer.Option(512, "--val-movies", help="Held-out movies for the final validation."),
+    refresh_movies: int = typer.Option(4, "--refresh-movies", help="New simulated movies added to the latent cache every --refresh-every steps."),
+    refresh_every: int = typer.Option(2, "--refresh-every", help="Predictor steps between cache refreshes."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the folder name)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
     pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
@@ -182,7 +184,8 @@ def train(
     cfg: TrainConfig = config_for(
         out=out, preset=preset, like=like, d_max=d_max, steps=steps, minutes=minutes,
         device=resolve_device(device), seed=seed, resume=resume, encoder_from=encoder_from, ae_steps=ae_steps,
-        cache_movies=cache_movies, val_movies=val_movies, name=name,
+        cache_movies=cache_movies, val_movies=val_movies, name=name, refresh_movies=refresh_movies,
+        refresh_every=refresh_every,
         flags=_timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional),
         timing_file=timing,
     )

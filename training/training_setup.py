@@ -20,7 +20,9 @@ from training.trainer import TrainConfig
 def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None, steps: int | None,
                minutes: float | None, device: str, seed: int, resume: bool, encoder_from: Path | None,
                ae_steps: int, cache_movies: int, val_movies: int, name: str | None, flags: dict,
-               timing_file: Path | None) -> TrainConfig:
+               timing_file: Path | None, refresh_movies: int = 4, refresh_every: int = 2) -> TrainConfig:
+    if refresh_movies < 0 or refresh_every < 1:
+        raise DleStreamError("--refresh-movies must be ≥ 0 and --refresh-every ≥ 1")
     out = Path(out)
     if resume:
         state_path = out / "checkpoint" / "state.json"
@@ -33,7 +35,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
             description=saved.get("description", ""), tile_height=saved["tile_height"], tile_width=saved["tile_width"],
             frames=saved["frames"], architecture=ModelConfig.from_dict(saved["architecture"]), seed=seed,
             device=device, steps=steps, minutes=minutes, ae_steps=saved["ae_steps"], cache_movies=cache_movies,
-            val_movies=val_movies, resume=True,
+            val_movies=val_movies, resume=True, refresh_movies=refresh_movies, refresh_every=refresh_every,
         )
     p = get_preset(preset)
     priors = p.priors
@@ -64,4 +66,5 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         description=f"{p.description}; timing from {source}", tile_height=p.tile_height, tile_width=p.tile_width,
         frames=p.frames, seed=seed, device=device, steps=steps, minutes=minutes, ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, encoder_from=encoder_from,
+        refresh_movies=refresh_movies, refresh_every=refresh_every,
     )
