@@ -1,0 +1,112 @@
+"""Bad input to `replay` and `run`: one line naming the file or flag and the fix, exit 2,
+no traceback, nothing half-written."""
+
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from dle_stream import ScanTiming
+from dle_stream.cli import app
+from dle_stream.recording import write_recording
+
+runner = CliRunner()
+MODEL_TIMING = ScanTiming.reference()
+
+
+def one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    for w in words:
+        assert w in text, (w, text)
+
+
+@pytest.fixture()
+def small_model(tmp_path_factory):
+    """A tiny but valid model package with the reference timing (weights untrained)."""
+    from dle_stream.model import DLEModel, ModelConfig
+    from dle_stream.model_package import ModelCard, save_model_package
+
+    folder = tmp_path_factory.mktemp("m") / "tiny"
+    cfg = ModelConfig(temporal_channels=16, head_hidden=16)
+    card = ModelCard(name="tiny", tile_height=20, tile_width=20, window_frames=40, d_min_um2_s=0.0,
+                     d_max_um2_s=1.5, scan_timing=MODEL_TIMING.to_dict(), pixel_size_um=0.15,
+                     architecture=cfg.to_dict())
+    save_model_package(folder, DLEModel(cfg), card)
+    return folder
+
+
+@pytest.fixture()
+def recording(tmp_path):
+    timing = ScanTiming(**{**MODEL_TIMING.to_dict(), "width_px": 40, "height_px": 40})
+    movie = np.random.default_rng(0).poisson(100, (60, 40, 40)).astype(np.uint16)
+    return write_recording(tmp_path / "rec.tif", movie, timing)
+
+
+def test_missing_file(tmp_path, small_model):
+    one_line_error(runner.invoke(app, ["replay", str(tmp_path / "nope.tif"), "--model", str(small_model)]), "nope.tif")
+
+
+def test_not_an_image(tmp_path, small_model):
+    bad = tmp_path / "notes.tif"
+    bad.write_text("hello, this is not a TIFF")
+    one_line_error(runner.invoke(app, ["replay", str(bad), "--model", str(small_model)]), "notes.tif")
+
+
+def test_single_2d_image(tmp_path, small_model):
+    path = tmp_path / "one.tif"
+    tifffile.imwrite(path, np.zeros((40, 40), np.uint16))
+    one_line_error(runner.invoke(app, ["replay", str(path), "--model", str(small_model)]), "one.tif")
+
+
+def test_frames_smaller_than_a_tile(tmp_path, small_model):
+    timing = ScanTiming(**{**MODEL_TIMING.to_dict(), "width_px": 10, "height_px": 10})
+    path = write_recording(tmp_path / "tiny.tif", np.zeros((50, 10, 10), np.uint16), timing)
+    one_line_error(runner.invoke(app, ["replay", str(path), "--model", str(small_model)]), "smaller than")
+
+
+def test_incompatible_timing_points_to_train_like(recording, small_model):
+    result = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--line-period-us", "1000"])
+    one_line_error(result, "dle-stream train --like")
+
+
+def test_existing_log_is_refused_unless_overwrite(recording, small_model, tmp_path):
+    log = tmp_path / "run.zarr"
+    ok = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
+                             "--log", str(log), "--no-dashboard"])
+    assert ok.exit_code == 0, ok.output
+    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20",
+                                       "--log", str(log)]), "--overwrite", "--append")
+    again = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
+                                "--log", str(log), "--overwrite", "--quiet"])
+    assert again.exit_code == 0, again.output
+
+
+def test_roi_outside_the_frame(recording, small_model):
+    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--roi", "30,30,20,20"]),
+                   "outside", "--roi")
+
+
+@pytest.mark.parametrize("flags, word", [(["--hop", "0"], "--hop"), (["--window", "3"], "--window"),
+                                         (["--estimator", "guess"], "--estimator")])
+def test_impossible_flags(recording, small_model, flags, word):
+    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), *flags]), word)
+
+
+def test_unknown_model(recording):
+    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", "no-such-model"]), "no-such-model")
+
+
+def test_timing_assumed_from_the_model_card_is_loud(tmp_path, small_model):
+    path = tmp_path / "bare.tif"
+    tifffile.imwrite(path, np.random.default_rng(1).poisson(100, (50, 40, 40)).astype(np.uint16))
+    result = runner.invoke(app, ["replay", str(path), "--model", str(small_model), "--window", "20", "--hop", "25",
+                                 "--no-dashboard"])
+    assert result.exit_code == 0, result.output
+    assert "ASSUMED" in result.output
+
+
+def test_run_needs_a_source():
+    one_line_error(runner.invoke(app, ["run"]), "--demo", "--mm-config")
+    one_line_error(runner.invoke(app, ["run", "--mm-config", "/no/such/rig.cfg"]), "rig.cfg")
