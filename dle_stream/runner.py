@@ -11,7 +11,8 @@ Gaps (a jump in the camera's image number; without image numbers, a step in the
 timestamps beyond 1.5 frame periods) restart the windows, so no window mixes frames across a gap; the gap is
 counted, logged and announced (``events.warning``). In live mode, when estimation
 falls behind (more than a hop of frames waiting), a due window is skipped and counted;
-frames are still encoded and logged, so the record keeps every frame.
+frames are still encoded and logged, so the record keeps every frame. Every estimate is
+committed to the log before it is emitted, so whatever was shown survives a kill.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class StreamRunner:
         window: frames per window (default: the model's).
         hop: frames between windows.
         log: a :class:`dle_stream.zarr_log.ZarrLog` (or None).
-        live: live mode (skip windows when behind; flush the log at every estimate).
+        live: live mode (skip windows when behind instead of falling further behind).
         timing_assumed: the timing came from the model card, not the data: flag estimates.
         combine_windows: non-overlapping windows combined in the running per-tile estimate.
         encode_every: tile-frames are encoded in batches of this many frames.
@@ -225,9 +226,9 @@ class StreamRunner:
         self._window_number += 1
         self.combination.add(d, sigma)
         if self.log is not None:
+            # committed before it is reported: a kill never loses an estimate already shown
             self.log.add_estimate(est)
-            if self.live:
-                self.log.flush()
+            self.log.flush()
         arrival = self._arrival.get(stop - 1)
         if arrival is not None:
             self.stats.last_latency_s = time.monotonic() - arrival
