@@ -81,8 +81,16 @@ def model_timing_for(model: str, height: int, width: int) -> ScanTiming:
 
     card = load_card(resolve_model(model))
     t = card.scan_timing
-    return ScanTiming(t["pixel_size_um"], t["dwell_us"], t["line_period_us"], t["frame_period_us"],
-                      max(width, t["width_px"]), max(height, t["height_px"]), t.get("bidirectional", False))
+    try:
+        return ScanTiming(t["pixel_size_um"], t["dwell_us"], t["line_period_us"], t["frame_period_us"],
+                          max(width, t["width_px"]), max(height, t["height_px"]), t.get("bidirectional", False))
+    except DleStreamError:
+        raise DleStreamError(
+            f"the scan timing of model {model} (line {t['line_period_us']:g} µs, frame {t['frame_period_us']:g} µs) "
+            f"cannot describe {height}×{width} px frames, and the recording does not say how it was scanned; pass "
+            f"--dwell-us, --line-period-us, --frame-period-us, --pixel-size-um (or --timing FILE), and train a model "
+            f"for that scan with `dle-stream train --like RECORDING`"
+        ) from None
 
 
 def truth_for(recording_path: Path, layout: TileLayout) -> dict:
