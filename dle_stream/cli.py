@@ -210,7 +210,7 @@ def train(
 
 # ------------------------------------------------------------------ streaming
 MODEL = typer.Option("brain-qd-low", "--model", help="Model package name or folder (see `dle-stream models`).")
-ESTIMATOR = typer.Option("dle", "--estimator", help="dle (deep-learning estimator) or classic (trackpy + CVE).")
+ESTIMATOR = typer.Option("dle", "--estimator", help="dle (deep-learning estimator), classic (trackpy + CVE) or rics (raster image correlation).")
 TILES = typer.Option("grid", "--tiles", help="grid: cover the frame with model-sized tiles.")
 ROI = typer.Option(None, "--roi", help="Region x,y,w,h or name=x,y,w,h in pixels (repeatable); covered by model tiles.")
 ROIS = typer.Option(None, "--rois", help="JSON or CSV file of ROIs (name,x,y,w,h).")
@@ -299,7 +299,7 @@ def bench(
     suite: str = typer.Option("low", "--suite", help="low (D 0–1.5) or high (D 0–50 µm²/s)."),
     n: int = typer.Option(1000, "--n", help="Movies in the suite."),
     seed: int = typer.Option(20_241_001, "--seed", help="Seed of the suite (identical for every estimator)."),
-    estimators: str = typer.Option("dle,classic,oracle", "--estimators", help="Any of dle,classic,oracle."),
+    estimators: str = typer.Option("dle,classic,rics,oracle", "--estimators", help="Any of dle,classic,rics,oracle."),
     model: Optional[str] = typer.Option(None, "--model", help="Model for the DLE (default: the suite's shipped model)."),
     out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for results.json, table.md and plots."),
 ) -> None:

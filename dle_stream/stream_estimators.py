@@ -17,7 +17,7 @@ import numpy as np
 from dle_stream.errors import DleStreamError
 from dle_stream.timing import ScanTiming
 
-ESTIMATORS = ("dle", "classic")
+ESTIMATORS = ("dle", "classic", "rics")
 
 
 @dataclass
@@ -56,9 +56,9 @@ class DLEStream:
 
 @dataclass
 class ClassicStream:
-    """The classic trackpy + CVE estimator in a stream (raw tiles as features)."""
+    """A pixel-based estimator (classic trackpy + CVE, or RICS) in a stream: raw tiles as features."""
 
-    estimator: object  # dle_stream.classic.ClassicEstimator
+    estimator: object  # dle_stream.classic.ClassicEstimator or dle_stream.rics.RicsEstimator
     tile_shape: tuple[int, int]
     window_frames: int
     d_range: tuple[float, float]
@@ -74,10 +74,11 @@ class ClassicStream:
 
 
 def make_stream_estimator(kind: str, model: str, timing: ScanTiming, device: str = "cpu"):
-    """Load the estimator ``kind`` ("dle" or "classic") for a stream with this timing.
+    """Load the estimator ``kind`` ("dle", "classic" or "rics") for a stream with this timing.
 
-    The model package gives the tile size, window length and D prior for both kinds
-    (the classic tracker uses the model's PSF prior and D range for its parameters).
+    The model package gives the tile size, window length and D prior for every kind
+    (the classic tracker uses the model's PSF prior and D range for its parameters; RICS
+    fits the PSF width itself).
     Returns (stream estimator, timing comparison).
     """
     from dle_stream.estimator import DiffusionEstimator
@@ -88,10 +89,16 @@ def make_stream_estimator(kind: str, model: str, timing: ScanTiming, device: str
     comparison = dle.timing_check(timing)
     if kind == "dle":
         return DLEStream(dle, comparison.time_scale), comparison
-    from dle_stream.classic import ClassicEstimator
-
     card = dle.card
     psf = card.psf_priors.get("sigma_xy_um", [0.21])[0] if isinstance(card.psf_priors, dict) else 0.21
     d_range = (card.d_min_um2_s / comparison.time_scale, card.d_max_um2_s / comparison.time_scale)
-    classic = ClassicEstimator(timing, psf_sigma_xy_um=float(psf), d_max_um2_s=d_range[1], d_min_um2_s=d_range[0])
-    return ClassicStream(classic, (card.tile_height, card.tile_width), int(card.window_frames), d_range), comparison
+    if kind == "rics":
+        from dle_stream.rics import RicsEstimator
+
+        pixel_est = RicsEstimator(timing, psf_sigma_xy_um=None, d_max_um2_s=d_range[1], d_min_um2_s=d_range[0])
+    else:
+        from dle_stream.classic import ClassicEstimator
+
+        pixel_est = ClassicEstimator(timing, psf_sigma_xy_um=float(psf), d_max_um2_s=d_range[1], d_min_um2_s=d_range[0])
+    return ClassicStream(pixel_est, (card.tile_height, card.tile_width), int(card.window_frames), d_range,
+                         name=kind), comparison

@@ -94,6 +94,13 @@ def test_impossible_flags(recording, small_model, flags, word):
     one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), *flags]), word)
 
 
+def test_rics_estimator_streams(recording, small_model):
+    result = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--estimator", "rics",
+                                 "--window", "40", "--hop", "20", "--no-dashboard"])
+    assert result.exit_code == 0, result.output
+    assert "window 0 frames 0–40" in result.output
+
+
 def test_unknown_model(recording):
     one_line_error(runner.invoke(app, ["replay", str(recording), "--model", "no-such-model"]), "no-such-model")
 

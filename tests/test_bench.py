@@ -41,15 +41,15 @@ def test_prior_baseline_matches_the_paper_for_the_low_suite():
 
 def test_bench_runs_end_to_end_on_a_tiny_suite(tmp_path):
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["bench", "--suite", "low", "--n", "6", "--estimators", "classic,oracle",
+    result = CliRunner().invoke(app, ["bench", "--suite", "low", "--n", "6", "--estimators", "classic,rics,oracle",
                                       "--out", str(out), "--seed", "3"])
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "results.json").read_text())
     assert doc["n"] == 6 and len(doc["movies"]["d_true"]) == 6
-    assert set(doc["metrics"]) == {"baseline", "classic", "oracle"}
+    assert set(doc["metrics"]) == {"baseline", "classic", "rics", "oracle"}
     assert doc["metrics"]["oracle"]["ms_per_window"] > 0
     table = (out / "table.md").read_text()
-    assert "| oracle |" in table and "| classic |" in table and "| baseline |" in table
+    assert "| oracle |" in table and "| classic |" in table and "| rics |" in table and "| baseline |" in table
     for png in ("error_vs_transitions.png", "estimate_vs_truth.png", "z_distribution.png"):
         assert (out / png).stat().st_size > 1000
     # the same seed gives the same suite
