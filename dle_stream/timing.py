@@ -196,7 +196,9 @@ class ScanTiming:
         unknown = [k for k in data if k not in names]
         if unknown:
             raise DleStreamError(f"{source}: unknown scan timing field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
-        return cls(**{k: data[k] for k in names if k in data})
+        values = {k: data[k] for k in names if k in data}
+        _check_field_values(values, source)
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -235,6 +237,42 @@ class ScanTiming:
             pixel_size_um=0.15, dwell_us=8.0, line_period_us=1508.0, frame_period_us=61652.0,
             width_px=20, height_px=20, bidirectional=False,
         )
+
+
+#: Largest frame width or height (px) a scan timing may give.
+MAX_FRAME_PX = 2**31 - 1
+
+
+def _check_field_values(values: dict, source: str) -> None:
+    """Raise a one-line DleStreamError for a field value parsed from JSON or metadata that is
+    not of its field's kind (a number that overflows a float, a string, a list, a non-flag
+    ``bidirectional``), before :class:`ScanTiming` does arithmetic with it."""
+
+    def number(value) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            return None
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf
+
+    for name in ("pixel_size_um", "dwell_us", "line_period_us", "frame_period_us"):
+        if name in values:
+            x = number(values[name])
+            if x is None or not math.isfinite(x) or x <= 0:
+                raise DleStreamError(
+                    f"{source}: scan timing {name} must be a positive finite number, got {values[name]!r}; "
+                    f"check the timing flag, file or metadata that set it")
+    for name in ("width_px", "height_px"):
+        if name in values:
+            x = number(values[name])
+            if x is None or not math.isfinite(x) or x != int(x) or not 1 <= x <= MAX_FRAME_PX:
+                raise DleStreamError(f"{source}: scan timing {name} must be a positive integer (pixels), "
+                                     f"got {values[name]!r}")
+    if "bidirectional" in values:
+        flag = values["bidirectional"]
+        if not isinstance(flag, (bool, np.bool_)) and number(flag) not in (0.0, 1.0):
+            raise DleStreamError(f"{source}: scan timing bidirectional must be true or false, got {flag!r}")
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,11 @@ def plan_frames(axes: str, shape: tuple[int, ...], channel: int | None, source: 
             f"{source}: frames are not 2-D images (axes {axes}, shape {shape}); "
             f"dle-stream needs a movie of 2-D frames [T, Y, X]"
         )
+    if shape[axes.index("Y")] < 1 or shape[axes.index("X")] < 1:
+        raise DleStreamError(
+            f"{source}: frames are empty ({shape[axes.index('Y')]}×{shape[axes.index('X')]} px, axes {axes}); "
+            f"the file's metadata is damaged; re-export the movie"
+        )
     fixed: dict[int, int] = {}
     others: list[int] = []
     for i, (ax, n) in enumerate(zip(axes, shape)):

@@ -143,21 +143,35 @@ def from_document(doc: Any, source: str) -> TimingMetadata | None:
     if isinstance(doc, (str, bytes)):
         try:
             doc = json.loads(doc)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(doc, dict) or doc.get("schema") != DLE_SCHEMA:
         return None
+    # A damaged document must not make the movie unreadable: keep the ScanTiming fields it
+    # gives (a bad value is reported by resolve_timing, naming the flag that overrides it)
+    # and drop anything else, so that flags or --timing FILE can still supply the timing.
     timing = doc.get("timing")
-    if not isinstance(timing, dict) or any(k not in ScanTiming.field_names() for k in timing):
-        raise DleStreamError(f"{source}: dle-stream metadata holds an invalid scan timing {timing!r}; re-write the file or pass --timing FILE")
-    stamps = doc.get("frame_timestamps_s")
-    raw = {k: v for k, v in doc.items() if k != "frame_timestamps_s"}
+    fields = {k: v for k, v in timing.items() if k in ScanTiming.field_names()} if isinstance(timing, dict) else {}
+    raw = jsonable({k: v for k, v in doc.items() if k != "frame_timestamps_s"})
+    if not isinstance(timing, dict) or len(fields) != len(timing):
+        raw["timing_error"] = "the scan timing in the dle-stream metadata is not a valid ScanTiming; ignored in part"
     return TimingMetadata(
-        source="dle-stream",
-        fields=dict(timing),
-        frame_timestamps_s=None if stamps is None else np.asarray(stamps, dtype=np.float64),
+        source="dle-stream" if fields else None,
+        fields=fields,
+        frame_timestamps_s=_timestamps(doc.get("frame_timestamps_s")),
         raw={"dle_stream": raw},
     )
+
+
+def _timestamps(value: Any) -> np.ndarray | None:
+    """Per-frame timestamps (s) as a 1-D float array, or None when absent or not a list of numbers."""
+    if value is None:
+        return None
+    try:
+        stamps = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return stamps if stamps.ndim == 1 else None
 
 
 # ------------------------------------------------------------------ ScanImage
@@ -278,14 +292,15 @@ def from_ome_xml(xml: str, channel: int | None, source: str) -> TimingMetadata:
     for plane in planes:
         if not isinstance(plane, dict) or "DeltaT" not in plane:
             continue
-        if int(plane.get("TheC", 0)) != (channel or 0) or int(plane.get("TheZ", 0)) != 0:
-            continue
-        try:
+        try:  # a garbled plane (empty or non-numeric attributes) gives no timestamp, not an error
+            if int(plane.get("TheC", 0)) != (channel or 0) or int(plane.get("TheZ", 0)) != 0:
+                continue
             t = float(plane["DeltaT"]) * _TIME_TO_S.get(str(plane.get("DeltaTUnit", "s")).lower(), 1.0)
-        except (TypeError, ValueError):
+            stamps[int(plane.get("TheT", len(stamps)))] = t
+        except (TypeError, ValueError, OverflowError):
             continue
-        stamps[int(plane.get("TheT", len(stamps)))] = t
-    timestamps = np.array([stamps[k] for k in sorted(stamps)]) if stamps else None
+    # only a complete run of time points 0, 1, 2, ... lines up with the frames
+    timestamps = np.array([stamps[k] for k in range(len(stamps))]) if stamps and sorted(stamps) == list(range(len(stamps))) else None
     keep = {k: jsonable(v) for k, v in pixels.items() if not isinstance(v, (dict, list))}
     return TimingMetadata(source="ome" if fields else None, fields=fields, frame_timestamps_s=timestamps, raw={"ome": keep})
 

@@ -36,6 +36,9 @@ from dle_stream.recording.base import Recording
 
 #: Micro-Manager's per-page JSON metadata tag.
 MICROMANAGER_TAG = 51123
+#: tifffile's format-specific series parsers, turned off when one of them fails on garbled metadata.
+_SERIES_KINDS = ("shaped", "lsm", "mmstack", "ome", "imagej", "ndtiff", "fluoview", "stk", "sis", "svs", "scn", "qpi",
+                 "ndpi", "bif", "avs", "eer", "philips", "scanimage", "nih", "mdgel", "micromanager")
 #: Parts of tifffile's log messages that mean the chain of pages (IFDs) is broken.
 _DAMAGE_SIGNS = ("corrupted", "invalid page offset", "invalid offset to page", "circular reference", "failed to reshape")
 
@@ -74,6 +77,15 @@ class TiffRecording(Recording):
         try:
             with _tifffile_messages() as messages:
                 self._tif = tifffile.TiffFile(path)
+                self._series_error = ""
+                try:
+                    self._tif.series  # noqa: B018 - parses the format's metadata (ImageJ, OME, ...)
+                except Exception as exc:  # noqa: BLE001 - tifffile chokes on some garbled descriptions
+                    # Garbled format metadata (e.g. ImageJ 'images=abc') must not make the pixels
+                    # unreadable: read the pages as a plain TIFF and ignore that metadata.
+                    self._series_error = f"{type(exc).__name__}: {exc}"
+                    self._tif.close()
+                    self._tif = tifffile.TiffFile(path, **{f"is_{kind}": False for kind in _SERIES_KINDS})
                 self._open(Path(path), channel, messages)
         except DleStreamError:
             self._close_file()
@@ -128,6 +140,8 @@ class TiffRecording(Recording):
                 + "; only those are read"
             )
         meta = self._metadata(path, channel)
+        if self._series_error:
+            meta.raw["tiff"] = {"ignored_format_metadata": f"unreadable, pages read as a plain TIFF ({self._series_error[:200]})"}
         timestamps: np.ndarray | None | Callable[[], np.ndarray | None] = meta.frame_timestamps_s
         if timestamps is None and self.format == "scanimage":
             timestamps = self._scanimage_timestamps
@@ -332,6 +346,6 @@ def _declared_frames(tif: tifffile.TiffFile) -> int | None:
         if tif.is_shaped and tif.shaped_metadata:
             shape = tif.shaped_metadata[0].get("shape")
             return int(np.prod(shape[:-2])) if shape and len(shape) > 2 else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return None
