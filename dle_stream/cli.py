@@ -29,11 +29,25 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind (closing logs and files on the way) and exit 143."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised in a subprocess test
+    raise Terminated()
+
+
 def user_errors(fn):
-    """Report DleStreamError as one line on stderr, exit status 2."""
+    """Report DleStreamError as one line on stderr, exit status 2; Ctrl-C exits 130 and
+    SIGTERM 143, both after closing what was open (the log keeps every reported window)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
         except DleStreamError as exc:
@@ -42,6 +56,9 @@ def user_errors(fn):
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
+        except Terminated:
+            err_console.print("terminated")
+            raise typer.Exit(143) from None
 
     return wrapper
 
