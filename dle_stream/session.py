@@ -106,9 +106,14 @@ def truth_for(recording_path: Path, layout: TileLayout) -> dict:
             d_map[r:r + h, c:c + w] = t["d_um2_s"]
     except (KeyError, ValueError, TypeError, IndexError):
         return {}
+    return region_truth(layout, d_map)
+
+
+def region_truth(layout: TileLayout, d_map: np.ndarray) -> dict:
+    """Mean true D (µm²/s) over the area of each ROI's tiles, from a map [H, W]."""
     out = {}
     for region in layout.regions:
-        area = np.zeros_like(d_map, dtype=bool)
+        area = np.zeros(d_map.shape, dtype=bool)
         for i in region.tiles:
             r, c, h, w = layout.tiles[i].bbox
             area[r:r + h, c:c + w] = True
@@ -280,13 +285,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     if demo:
         from dle_stream.sources.demo_camera import get_demo_camera
 
-        d_map = get_demo_camera(core).d_map
-        for region in layout.regions:
-            area = np.zeros((h, w), bool)
-            for i in region.tiles:
-                r, c, th, tw = layout.tiles[i].bbox
-                area[r:r + th, c:c + tw] = True
-            truth[region.name] = float(np.mean(d_map[area]))
+        truth = region_truth(layout, np.asarray(get_demo_camera(core).d_map, dtype=float))
     dashboard = Dashboard(runner, source=source_desc, model=f"{est.name} · {opts.model}", mode=opts.dashboard,
                           console=console, truth=truth)
     source = MicroManagerSource(core, n_frames=frames, mode="mda", stall_timeout_s=stall_timeout_s)
