@@ -300,7 +300,7 @@ class Trainer:
             if self.state["head_step"] % 50 == 0:
                 self._curve("predictor", self.state["head_step"], np.mean(recent_loss), np.mean(recent_l1), math.nan, lr)
                 recent_loss, recent_l1 = [], []
-            self._advance(task, f"step {self.state['head_step']} loss {np.mean(recent_loss or [float(loss)]):.3f} "
+            self._advance(task, f"step {self.state['head_step']} loss {np.mean(recent_loss or [loss.item()]):.3f} "
                                 f"L1 {np.mean(recent_l1 or [0]):.3g} µm²/s")
             if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
                 self.recalibrate_batchnorm(cache)
