@@ -42,6 +42,8 @@ from training.simulator import Simulator
 
 #: Seed of the held-out validation movies; training draws from its own seeded stream.
 VALIDATION_SEED = 20_240_917
+#: A run always takes at least this many predictor steps, however short its budget.
+MIN_PREDICTOR_STEPS = 20
 #: Movies of the small validation set used for the learning curve at each checkpoint.
 CURVE_VALIDATION_MOVIES = 128
 
@@ -123,6 +125,7 @@ class Trainer:
         self._elapsed_before = 0.0
         self._last_ckpt = time.monotonic()
         self.cache: LatentCache | None = None
+        self.val_movies = config.val_movies
 
     # ------------------------------------------------------------------ time
     def elapsed(self) -> float:
@@ -273,7 +276,7 @@ class Trainer:
             done = self.state["head_step"] - start_step
             if total is not None and done >= total:
                 break
-            if run_budget_s is not None and self.run_elapsed() >= run_budget_s:
+            if run_budget_s is not None and self.run_elapsed() >= run_budget_s and done >= MIN_PREDICTOR_STEPS:
                 break
             progress = done / total if total else self.run_elapsed() / max(run_budget_s, 1.0)
             lr = peak_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
@@ -322,11 +325,18 @@ class Trainer:
             self.model.eval()
             val_curve = self.validation_latents(CURVE_VALIDATION_MOVIES)
             cache = self.cache = LatentCache(cfg.cache_movies, cfg.frames, cfg.architecture.latent)
+            t_fill = time.monotonic()
             self.fill_cache(cache, cfg.cache_movies, 0.45, "latent cache")
             self._last_ckpt = time.monotonic()  # the first predictor checkpoint comes a full interval later
-            # reserve time for the final validation: measured movies/s of the cache fill
-            per_movie = self.run_elapsed() / max(self.state["movies_simulated"], 1)
-            reserve = per_movie * cfg.val_movies * 1.3 + 10
+            # reserve time for the final validation, from the measured cost of a cached movie;
+            # with a short budget, validate on fewer movies (at least 64) rather than not train
+            per_movie = (time.monotonic() - t_fill) / max(cache.size, 1)
+            if cfg.minutes is not None:
+                affordable = int(0.25 * cfg.minutes * 60 / (1.3 * per_movie))
+                if affordable < cfg.val_movies:
+                    self.val_movies = max(64, affordable)
+                    self.log(f"short budget: final validation on {self.val_movies} held-out movies")
+            reserve = per_movie * self.val_movies * 1.3 + 5
             self.train_predictor(cache, val_curve, reserve)
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint and a usable model package")
@@ -335,10 +345,10 @@ class Trainer:
             self.checkpoint()
             raise
         self.recalibrate_batchnorm(cache, batches=32)
-        val = self.validation_latents(cfg.val_movies)
+        val = self.validation_latents(self.val_movies)
         metrics = self.evaluate(*val)
         baseline = prior_baseline(val[1].numpy(), cfg.priors.d_mean_um2_s, cfg.priors.d_std_um2_s)
-        metrics = _finite_or_none({"n_movies": cfg.val_movies, "seed": VALIDATION_SEED, "dle": metrics,
+        metrics = _finite_or_none({"n_movies": self.val_movies, "seed": VALIDATION_SEED, "dle": metrics,
                                    "prior_baseline": baseline})
         self.state["validation"] = metrics
         self._curve("validation", self.state["head_step"], metrics["dle"]["nll"], metrics["dle"]["l1"],
