@@ -91,6 +91,15 @@ def main() -> None:
 
         log = ZarrLog.create(Path(tempfile.mkdtemp()) / "bench.zarr", tile_bboxes=layout.bboxes, attrs={})
     runner = StreamRunner(est, layout, timing, window=args.window, hop=args.hop, log=log)
+    rss = []
+
+    def sample(est_) -> None:  # resident memory after every few windows (Linux /proc), MB
+        if est_.window % max(1, args.frames // args.hop // 8) == 0:
+            with open("/proc/self/status") as fh:
+                kb = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in fh) if k in ("RssAnon", "RssFile")}
+            rss.append((est_.frame_stop, kb.get("RssAnon", 0) / 1024, kb.get("RssFile", 0) / 1024))
+
+    runner.events.estimated.connect(sample)
     t0 = time.perf_counter()
     runner.run(FileSource(rec))
     dt = time.perf_counter() - t0
@@ -100,6 +109,9 @@ def main() -> None:
           f"{args.threads} threads: {runner.stats.frames_in} frames in {dt:.1f} s = {fps:.1f} frames/s = "
           f"{fps / REFERENCE_FPS:.2f}× the 16.2 frames/s acquisition; {runner.stats.windows_done} windows "
           f"({runner.stats.windows_done * len(layout.tiles)} tile-windows); peak RSS {peak:.0f} MB")
+    if rss:
+        print("resident memory at frame: anonymous MB (file-backed MB, e.g. the memory-mapped recording): "
+              + ", ".join(f"{f}: {a:.0f} ({b:.0f})" for f, a, b in rss))
 
 
 if __name__ == "__main__":
