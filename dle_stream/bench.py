@@ -27,7 +27,7 @@ import torch
 
 from dle_stream import __version__
 from dle_stream.errors import DleStreamError
-from dle_stream.metrics import prior_baseline, summarize
+from dle_stream.metrics import json_safe, prior_baseline, summarize
 
 ALL_ESTIMATORS = ("dle", "classic", "rics", "oracle")
 SUITE_MODELS = {"low": "brain-qd-low", "high": "beads-high"}
@@ -230,23 +230,13 @@ def write_results(res: SuiteResult, out: Path, command: str) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "nan_rule": "movies without an estimate are scored as the prior mean with the prior std",
-        "metrics": _clean(m),
+        "metrics": json_safe(m),
         "movies": {"d_true": res.d_true.tolist(), "visible_transitions": res.visible.tolist(),
                    "n_particles": res.n_particles.tolist(),
                    **{f"{k}_d": v[0].tolist() for k, v in res.estimates.items()},
                    **{f"{k}_sigma": v[1].tolist() for k, v in res.estimates.items()}},
     }
-    (out / "results.json").write_text(json.dumps(_clean(doc)))
+    (out / "results.json").write_text(json.dumps(json_safe(doc)))
     (out / "table.md").write_text(markdown_table(res, m))
     plots(res, out)
     return m
-
-
-def _clean(obj):
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

@@ -94,3 +94,14 @@ def prior_baseline(d_true, d_mean: float, d_std: float) -> dict[str, float]:
     d_true = np.asarray(d_true, dtype=np.float64)
     n = d_true.size
     return summarize(d_true, np.full(n, d_mean), np.full(n, d_std))
+
+
+def json_safe(obj):
+    """NaN and infinities → None, recursively through dicts and lists (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

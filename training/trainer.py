@@ -32,7 +32,7 @@ import torch
 
 from dle_stream import __version__
 from dle_stream.errors import DleStreamError
-from dle_stream.metrics import prior_baseline, summarize
+from dle_stream.metrics import json_safe, prior_baseline, summarize
 from dle_stream.model import DLEModel, ModelConfig, gaussian_nll
 from dle_stream.timing import ScanTiming
 from training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
@@ -348,7 +348,7 @@ class Trainer:
         val = self.validation_latents(self.val_movies)
         metrics = self.evaluate(*val)
         baseline = prior_baseline(val[1].numpy(), cfg.priors.d_mean_um2_s, cfg.priors.d_std_um2_s)
-        metrics = _finite_or_none({"n_movies": self.val_movies, "seed": VALIDATION_SEED, "dle": metrics,
+        metrics = json_safe({"n_movies": self.val_movies, "seed": VALIDATION_SEED, "dle": metrics,
                                    "prior_baseline": baseline})
         self.state["validation"] = metrics
         self._curve("validation", self.state["head_step"], metrics["dle"]["nll"], metrics["dle"]["l1"],
@@ -408,15 +408,6 @@ class Trainer:
     def _advance(self, task, info: str, n: int = 1) -> None:
         if self.progress is not None and task is not None:
             self.progress.update(task, advance=n, info=info)
-
-
-def _finite_or_none(obj):
-    """NaN → None, recursively (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _r(x) -> float | None:
