@@ -93,6 +93,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from dle_stream.per_movie import estimate_each
 from dle_stream.timing import ScanTiming
 
 #: Pixels of padding (with the frame's median) around each frame before locating.
@@ -423,11 +424,4 @@ class ClassicEstimator:
 
     def estimate_batch(self, movies) -> tuple[np.ndarray, np.ndarray, list[set[str]]]:
         """D̂ [B], σ [B] (µm²/s) and flags of movies [B, T, H, W] (numpy or CPU torch)."""
-        if hasattr(movies, "detach"):
-            movies = movies.detach().cpu().numpy()
-        movies = np.asarray(movies)
-        if movies.ndim != 4:
-            raise ValueError(f"classic estimator: movies must be [B, T, H, W], got shape {movies.shape}")
-        results = [self.estimate(m) for m in movies]
-        return (np.array([r.d_um2_s for r in results]), np.array([r.sigma_um2_s for r in results]),
-                [r.flags for r in results])
+        return estimate_each(self.estimate, movies, "classic")
