@@ -3,6 +3,7 @@
     python benchmarks/stream_speed.py --size 512 --tiles 625 --frames 600 --threads 2
     python benchmarks/stream_speed.py --size 512 --tiles 64 --frames 600
     python benchmarks/stream_speed.py --size 512 --tiles 64 --frames 600 --estimator classic
+    python benchmarks/stream_speed.py --size 160 --tiles 64 --frames 100000 --log --samples 40   # long run
 
 Writes a uint16 TIFF of Poisson background of the given frame size
 once (``--recording``), then replays it through :class:`~dle_stream.runner.StreamRunner`
@@ -63,6 +64,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recording", type=Path, default=None)
     ap.add_argument("--log", action="store_true", help="also write the Zarr log")
+    ap.add_argument("--log-path", type=Path, default=None, help="where to write the log (default: a temporary folder)")
+    ap.add_argument("--samples", type=int, default=8, help="resident-memory samples over the run")
+    ap.add_argument("--warmup", type=int, default=2000, help="frames counted as warm-up for the memory growth")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rec_path = args.recording or Path(tempfile.gettempdir()) / f"dle-bench-{args.size}-{args.frames}.tif"
@@ -89,12 +93,13 @@ def main() -> None:
     if args.log:
         from dle_stream.zarr_log import ZarrLog
 
-        log = ZarrLog.create(Path(tempfile.mkdtemp()) / "bench.zarr", tile_bboxes=layout.bboxes, attrs={})
+        log_path = args.log_path or Path(tempfile.mkdtemp()) / "bench.zarr"
+        log = ZarrLog.create(log_path, tile_bboxes=layout.bboxes, attrs={})
     runner = StreamRunner(est, layout, timing, window=args.window, hop=args.hop, log=log)
     rss = []
 
     def sample(est_) -> None:  # resident memory after every few windows (Linux /proc), MB
-        if est_.window % max(1, args.frames // args.hop // 8) == 0:
+        if est_.window % max(1, args.frames // args.hop // args.samples) == 0:
             with open("/proc/self/status") as fh:
                 kb = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in fh) if k in ("RssAnon", "RssFile")}
             rss.append((est_.frame_stop, kb.get("RssAnon", 0) / 1024, kb.get("RssFile", 0) / 1024))
@@ -109,9 +114,23 @@ def main() -> None:
           f"{args.threads} threads: {runner.stats.frames_in} frames in {dt:.1f} s = {fps:.1f} frames/s = "
           f"{fps / REFERENCE_FPS:.2f}× the 16.2 frames/s acquisition; {runner.stats.windows_done} windows "
           f"({runner.stats.windows_done * len(layout.tiles)} tile-windows); peak RSS {peak:.0f} MB")
+    expected = max(0, (runner.stats.frames_in - args.window) // args.hop + 1)
+    print(f"windows: {runner.stats.windows_done} done, {runner.stats.windows_skipped} skipped, "
+          f"{expected} expected from {runner.stats.frames_in} frames; gaps {runner.stats.gaps}")
     if rss:
         print("resident memory at frame: anonymous MB (file-backed MB, e.g. the memory-mapped recording): "
               + ", ".join(f"{f}: {a:.0f} ({b:.0f})" for f, a, b in rss))
+        after = [(f, a + b) for f, a, b in rss if f >= args.warmup]
+        if after:
+            total = [t for _, t in after]
+            print(f"RSS after warm-up (frame ≥ {args.warmup}): first {total[0]:.0f} MB, max {max(total):.0f} MB, "
+                  f"last {total[-1]:.0f} MB; growth {max(total) - total[0]:.0f} MB")
+    if log is not None:
+        log.close()
+        size = sum(f.stat().st_size for f in log_path.rglob("*") if f.is_file())
+        hours = runner.stats.frames_in / REFERENCE_FPS / 3600
+        print(f"log {log_path}: {size / 1e6:.1f} MB for {hours:.2f} h of acquisition at 16.2 frames/s "
+              f"= {size / 1e6 / hours:.1f} MB per hour ({len(layout.tiles)} tiles, hop {args.hop})")
 
 
 if __name__ == "__main__":

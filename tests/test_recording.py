@@ -606,3 +606,30 @@ def test_writer_rejects_bad_movies_and_leaves_no_partial_file(tmp_path):
         write_recording(tmp_path / "ts.tif", movie(), TIMING, frame_timestamps_s=[0.0, 1.0])
     with pytest.raises(DleStreamError, match=r"must be \[T, H, W\]"):
         write_recording(tmp_path / "2d.tif", movie()[0], TIMING)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for resident memory")
+def test_replaying_a_memory_mapped_tiff_keeps_resident_memory_flat(tmp_path):
+    """Frames read from the memory map are released: the file-backed resident set does
+    not grow with the part of the recording read so far (it did by ~the file size)."""
+    timing = ScanTiming(0.15, 8.0, 1508.0, 61652.0 * 4, 64, 64)
+    n = 2500  # 64×64 uint16 = 8 KB per frame, 20 MB in all
+    rng = np.random.default_rng(3)
+    path = tmp_path / "long.tif"
+    write_recording(path, (rng.poisson(50, (64, 64)).astype(np.uint16) for _ in range(n)), timing,
+                    format="tiff", n_frames=n)
+
+    def rss_file_kb() -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:"))
+
+    with open_recording(path) as rec:
+        assert rec._memmap is not None  # the memory-mapped path is the one under test
+        first = rec.read(0, 1)
+        before = rss_file_kb()
+        total = 0
+        for frame in rec.frames(1, n):
+            total += int(frame[0, 0])
+        grown_mb = (rss_file_kb() - before) / 1024
+    assert first.shape == (1, 64, 64) and total > 0
+    assert grown_mb < 5, f"file-backed resident memory grew by {grown_mb:.1f} MB over a 20 MB recording"

@@ -4,7 +4,10 @@ Frames are read lazily, so files larger than RAM replay in bounded memory:
 
 - contiguous, uncompressed image data (what tifffile, ImageJ and most acquisition
   software write) is memory-mapped at the offset tifffile reports for the series, as
-  :func:`tifffile.memmap` does; a frame is a view into the map, copied on read;
+  :func:`tifffile.memmap` does; a frame is a view into the map, copied on read, and
+  the pages just read are then released from the process (``madvise(MADV_DONTNEED)``;
+  they stay in the kernel's page cache), so resident memory stays flat over a replay
+  of any length;
 - anything else (compressed, scattered pages such as ScanImage's interleaved IFDs) is
   read page by page through ``TiffFile.pages`` with ``useframes = True`` and
   ``cache = False``, so only the page offsets are kept in memory.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +70,10 @@ def _tifffile_messages() -> Iterator[list[str]]:
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+
+
+#: Bytes before a block that are released with it (≥ the kernel's fault-around window).
+RELEASE_MARGIN_BYTES = 1 << 20
 
 
 class TiffRecording(Recording):
@@ -287,7 +295,9 @@ class TiffRecording(Recording):
         try:
             if self._memmap is not None:
                 # A copy: frames must outlive the map (closed with the file).
-                return np.array(self._layout.take(self._memmap, start, stop), dtype=self.dtype)
+                block = np.array(self._layout.take(self._memmap, start, stop), dtype=self.dtype)
+                self._release(start, stop)
+                return block
             out = np.empty((stop - start, self.height, self.width), dtype=self.dtype)
             for i, t in enumerate(range(start, stop)):
                 out[i] = self._page_frame(t)
@@ -298,6 +308,31 @@ class TiffRecording(Recording):
             raise DleStreamError(
                 f"{self.path}: cannot read frames {start}:{stop} ({type(exc).__name__}: {exc}); the file is damaged there"
             ) from None
+
+    def _release(self, start: int, stop: int) -> None:
+        """Drop frames [start, stop) of the memory map from this process's resident set.
+
+        Measured before this existed: a 20,000-frame replay's RSS grew by the size of the
+        recording read so far (file-backed pages), although anonymous memory was flat;
+        releasing only the block itself still leaked ~7 of 12.5 pages per 160×160 frame
+        (fault-around), hence the margin.
+        """
+        mm = getattr(self._memmap, "_mmap", None)
+        if mm is None or self._layout.time_axis != 0 or not hasattr(mm, "madvise"):
+            return
+        frame_bytes = int(np.prod(self._memmap.shape[1:], dtype=np.int64)) * self._memmap.itemsize
+        base = self._memmap.offset % mmap.ALLOCATIONGRANULARITY  # where the array starts in the map
+        begin = base + start * frame_bytes
+        end = min(base + stop * frame_bytes, len(mm))
+        # The kernel maps pages *around* a faulting one (fault-around, 64 KB by default),
+        # which re-maps the tail of the previous frames: release a margin before the block.
+        begin = max(0, begin - RELEASE_MARGIN_BYTES)
+        begin -= begin % mmap.PAGESIZE
+        if end > begin:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+            except (OSError, ValueError):  # advice only: never fail a read for it
+                pass
 
     def _page_frame(self, t: int) -> np.ndarray:
         tif = self._tif
