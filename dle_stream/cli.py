@@ -183,6 +183,10 @@ def train(
     val_movies: int = typer.Option(512, "--val-movies", help="Held-out movies for the final validation."),
     refresh_movies: int = typer.Option(4, "--refresh-movies", help="New simulated movies added to the latent cache every --refresh-every steps."),
     refresh_every: int = typer.Option(2, "--refresh-every", help="Predictor steps between cache refreshes."),
+    e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="End-to-end steps (encoder trained with the head on raw movies) before the predictor stage; default none."),
+    e2e_minutes: Optional[float] = typer.Option(None, "--e2e-minutes", help="Budget of the end-to-end stage, wall minutes."),
+    e2e_frames: Optional[int] = typer.Option(None, "--e2e-frames", help="Frames per movie in the end-to-end stage (short keeps it affordable; default 64)."),
+    e2e_batch: Optional[int] = typer.Option(None, "--e2e-batch", help="Movies per end-to-end step (default 16)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the folder name)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
     pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
@@ -203,6 +207,7 @@ def train(
         device=resolve_device(device), seed=seed, resume=resume, encoder_from=encoder_from, ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, name=name, refresh_movies=refresh_movies,
         refresh_every=refresh_every,
+        end_to_end={"e2e_steps": e2e_steps, "e2e_minutes": e2e_minutes, "e2e_frames": e2e_frames, "e2e_batch": e2e_batch},
         flags=_timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional),
         timing_file=timing,
     )

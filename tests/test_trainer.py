@@ -92,3 +92,29 @@ def test_a_budget_is_required_and_devices_are_checked(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(DleStreamError, match="cuda"):
             easy_config(tmp_path, device="cuda")
+
+
+def test_the_end_to_end_stage_trains_the_encoder_with_the_head(trained, tmp_path):
+    """Resuming with an end-to-end budget changes the encoder (frozen otherwise), its
+    own validation on held-out short movies beats the prior mean, and the card says so."""
+    import csv
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "e2e"
+    shutil.copytree(trained, out)
+    before = load_file(str(trained / "weights.safetensors"))
+    train(easy_config(out, resume=True, steps=10, e2e_steps=60, e2e_frames=100, e2e_batch=16, cache_movies=64,
+                      val_movies=64), log=lambda *a: None)
+    after = load_file(str(out / "weights.safetensors"))
+    enc = [k for k in before if k.startswith("encoder.")]
+    assert enc and any(not torch.equal(before[k], after[k]) for k in enc)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["end_to_end_steps"] == 60
+    assert card["training"]["encoder_frozen_after_pretraining"] is False
+    rows = [r for r in csv.DictReader((out / "training_curve.csv").open()) if r["stage"] == "end-to-end-validation"]
+    assert rows and int(rows[-1]["step"]) == 60
+    assert float(rows[-1]["l1_um2_s"]) < 0.8 * card["validation"]["prior_baseline"]["l1"]
+    assert card["validation"]["dle"]["l1"] < 0.8 * card["validation"]["prior_baseline"]["l1"]

@@ -7,6 +7,11 @@ Stages (the paper's §2.4, adapted to a CPU budget by measurement):
 2. **latent cache**: the encoder is frozen; simulated movies (raster-time reversal as
    the only geometric augmentation) are encoded once and kept as latents
    (:mod:`training.latent_cache`).
+2b. **end-to-end** (optional, ``e2e_steps``/``e2e_minutes``): encoder, temporal ResNet and
+   head trained together with the Gaussian NLL on raw simulated movies of ``e2e_frames``
+   frames (short windows keep it affordable on a CPU; the encoder's features are
+   per-frame). Measured need: at high D the information is the shape of a particle's
+   streak within a frame, which an autoencoder-only encoder does not keep.
 3. **predictor**: the temporal ResNet and MLP head learn D̂ and σ̂ from cached latent
    windows with the Gaussian NLL (paper Eq. 2); part of the cache is replaced by new
    movies every few steps, so the head rarely sees a movie twice.
@@ -36,6 +41,7 @@ from dle_stream.metrics import json_safe, prior_baseline, summarize
 from dle_stream.model import DLEModel, ModelConfig, gaussian_nll
 from dle_stream.timing import ScanTiming
 from training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
+from training.augment import random_raster_augment
 from training.latent_cache import LatentCache, simulate_latents
 from training.priors import SimulatorPriors
 from training.simulator import Simulator
@@ -79,6 +85,11 @@ class TrainConfig:
     sim_batch: int = 32
     resume: bool = False
     encoder_from: Path | None = None
+    e2e_steps: int = 0
+    e2e_minutes: float = 0.0
+    e2e_frames: int = 64
+    e2e_batch: int = 16
+    e2e_lr: float = 3e-4
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -87,6 +98,10 @@ class TrainConfig:
             raise DleStreamError(f"train: --steps must be ≥ 1, got {self.steps}")
         if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
             raise DleStreamError(f"train: --minutes must be positive, got {self.minutes}")
+        if self.e2e_steps < 0 or not (self.e2e_minutes >= 0 and math.isfinite(self.e2e_minutes)):
+            raise DleStreamError("train: --e2e-steps and --e2e-minutes must be ≥ 0")
+        if self.e2e_frames < 8 or self.e2e_batch < 2:
+            raise DleStreamError("train: --e2e-frames must be ≥ 8 and the end-to-end batch ≥ 2")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise DleStreamError(f"train: unknown --device {self.device!r}; use auto, cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -115,11 +130,13 @@ class Trainer:
                              config.frames, self.device)
         self.d_max = config.priors.d_max_um2_s
         self.state: dict = {"stage": "autoencoder", "ae_step": 0, "head_step": 0, "elapsed_s": 0.0,
-                            "movies_simulated": 0, "curve": [], "runs": 0}
+                            "movies_simulated": 0, "curve": [], "runs": 0, "e2e_step": 0}
         self.opt_ae = torch.optim.Adam(list(self.model.encoder.parameters()) + list(self.model.decoder.parameters()),
                                        lr=config.ae_lr)
         self.opt_head = torch.optim.Adam(list(self.model.temporal.parameters()) + list(self.model.mlp.parameters()),
                                          lr=config.lr)
+        self.opt_e2e = torch.optim.Adam(list(self.model.encoder.parameters()) + list(self.model.temporal.parameters())
+                                        + list(self.model.mlp.parameters()), lr=config.e2e_lr)
         self.checkpoint_dir = config.out / "checkpoint"
         self._t0 = time.monotonic()
         self._elapsed_before = 0.0
@@ -149,7 +166,7 @@ class Trainer:
             self.state.update({k: v for k, v in state.items() if k in self.state})
             self.state["runs"] += 1
             self._elapsed_before = float(state.get("elapsed_s", 0.0))
-            for name, opt in (("ae", self.opt_ae), ("head", self.opt_head)):
+            for name, opt in self._optimizers().items():
                 tensors = optimizer_state(self.checkpoint_dir, name)
                 if tensors and name in state.get("optimizers", {}):
                     load_optimizer(opt, tensors, state["optimizers"][name])
@@ -171,11 +188,14 @@ class Trainer:
 
     def checkpoint(self, write_package: bool = True) -> None:
         self.state["elapsed_s"] = self.elapsed()
-        save_checkpoint(self.checkpoint_dir, self.model, {"ae": self.opt_ae, "head": self.opt_head},
+        save_checkpoint(self.checkpoint_dir, self.model, self._optimizers(),
                         {**self.state, "config": _config_json(self.cfg)})
         if write_package and self.state["head_step"] > 0:
             self.write_package(validation=self.state.get("validation"))
         self._last_ckpt = time.monotonic()
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"ae": self.opt_ae, "head": self.opt_head, "e2e": self.opt_e2e}
 
     def maybe_checkpoint(self) -> None:
         if time.monotonic() - self._last_ckpt > self.cfg.checkpoint_minutes * 60:
@@ -237,21 +257,124 @@ class Trainer:
         weights, and inference with them was far worse (validation L1 0.29 µm²/s) than
         with batch statistics (0.13); after this recalibration inference matched (0.13).
         """
+        if cache.size == 0:
+            return
+        self._recalibrate(lambda: cache.sample(self.cfg.batch, self.cpu_gen)[0], batches)
+
+    def _recalibrate(self, latent_batch, batches: int) -> None:
+        """BatchNorm statistics of the temporal ResNet as the plain average over
+        ``batches`` calls of ``latent_batch()`` (→ latents [B, T, latent])."""
         bns = [m for m in self.model.temporal.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        if not bns or cache.size == 0:
+        if not bns:
             return
         momenta = [b.momentum for b in bns]
         for b in bns:
             b.reset_running_stats()
             b.momentum = None  # cumulative average
+        self.model.eval()
         self.model.temporal.train()
         with torch.no_grad():
             for _ in range(batches):
-                lat, _ = cache.sample(self.cfg.batch, self.cpu_gen)
-                self.model.head(lat.to(self.device))
+                self.model.head(latent_batch().to(self.device))
         for b, m in zip(bns, momenta):
             b.momentum = m
         self.model.eval()
+
+    # ------------------------------------------------------------ end-to-end
+    def _e2e_done(self, start_step: int, t_start: float) -> bool:
+        cfg = self.cfg
+        done = self.state["e2e_step"] - start_step
+        if cfg.e2e_steps and done >= cfg.e2e_steps:
+            return True
+        if cfg.e2e_minutes and time.monotonic() - t_start >= cfg.e2e_minutes * 60:
+            return True
+        if cfg.minutes is not None and not self.budget_fraction(0.6):
+            return True
+        return not (cfg.e2e_steps or cfg.e2e_minutes)
+
+    def _e2e_progress(self, start_step: int, t_start: float) -> float:
+        cfg = self.cfg
+        parts = []
+        if cfg.e2e_steps:
+            parts.append((self.state["e2e_step"] - start_step) / cfg.e2e_steps)
+        if cfg.e2e_minutes:
+            parts.append((time.monotonic() - t_start) / (cfg.e2e_minutes * 60))
+        if cfg.minutes is not None:
+            parts.append(self.run_elapsed() / (0.6 * cfg.minutes * 60))
+        return min(1.0, max(parts)) if parts else 1.0
+
+    def _e2e_movies(self, sim: Simulator, n: int, generator: torch.Generator, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            batch = sim.simulate(n, generator=generator)
+        movies = batch.movies
+        if augment and not self.cfg.timing.bidirectional:
+            movies = random_raster_augment(movies, generator)
+        return movies, batch.d_um2_s.float()
+
+    @torch.inference_mode()
+    def _e2e_evaluate(self, sim: Simulator, val: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        cfg = self.cfg
+
+        def latent_batch() -> torch.Tensor:
+            movies, _ = self._e2e_movies(sim, cfg.e2e_batch, self.gen, augment=True)
+            b, t = movies.shape[:2]
+            return self.model.encode(movies.reshape(b * t, *movies.shape[2:])).reshape(b, t, -1)
+
+        self._recalibrate(latent_batch, 8)
+        d_hat, sig = [], []
+        for i in range(0, val[0].shape[0], cfg.e2e_batch):
+            a, b = self.model(val[0][i:i + cfg.e2e_batch])
+            d_hat.append(a.cpu() * self.d_max)
+            sig.append(b.cpu() * self.d_max)
+        return summarize(val[1].cpu().numpy(), torch.cat(d_hat).numpy(), torch.cat(sig).numpy())
+
+    def train_end_to_end(self) -> None:
+        """Encoder + temporal ResNet + head on raw movies of ``e2e_frames`` frames (NLL)."""
+        cfg = self.cfg
+        start_step, t_start = self.state["e2e_step"], time.monotonic()
+        if self._e2e_done(start_step, t_start):
+            return
+        sim = Simulator(cfg.priors, cfg.timing, cfg.tile_height, cfg.tile_width, cfg.e2e_frames, self.device)
+        val_gen = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + 1)
+        val = self._e2e_movies(sim, CURVE_VALIDATION_MOVIES, val_gen, augment=False)
+        params = [p for group in self.opt_e2e.param_groups for p in group["params"]]
+        self.model.encoder.requires_grad_(True)
+        task = self._task("end-to-end", cfg.e2e_steps or None, 0)
+        recent_loss, recent_l1 = [], []
+        while not self._e2e_done(start_step, t_start):
+            lr = cfg.e2e_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * self._e2e_progress(start_step, t_start))))
+            for group in self.opt_e2e.param_groups:
+                group["lr"] = lr
+            movies, d = self._e2e_movies(sim, cfg.e2e_batch, self.gen, augment=True)
+            self.state["movies_simulated"] += cfg.e2e_batch
+            self.model.train()
+            d_hat, sigma = self.model(movies)
+            target = (d / self.d_max).to(self.device)
+            loss = gaussian_nll(d_hat, sigma, target)
+            self.opt_e2e.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            self.opt_e2e.step()
+            self.state["e2e_step"] += 1
+            recent_loss.append(loss.item())
+            recent_l1.append(float((d_hat.detach() - target).abs().mean()) * self.d_max)
+            if self.state["e2e_step"] % 25 == 0:
+                self._curve("end-to-end", self.state["e2e_step"], np.mean(recent_loss), np.mean(recent_l1), math.nan, lr)
+                recent_loss, recent_l1 = [], []
+            self._advance(task, f"step {self.state['e2e_step']} loss {np.mean(recent_loss or [loss.item()]):.3f} "
+                                f"L1 {np.mean(recent_l1 or [0]):.3g} µm²/s ({cfg.e2e_frames}-frame windows)")
+            if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
+                self._e2e_checkpoint(sim, val, lr)
+        self._e2e_checkpoint(sim, val, math.nan)
+        self.model.encoder.requires_grad_(False)
+
+    def _e2e_checkpoint(self, sim: Simulator, val, lr: float) -> None:
+        metrics = self._e2e_evaluate(sim, val)
+        self._curve("end-to-end-validation", self.state["e2e_step"], metrics["nll"], metrics["l1"],
+                    metrics["best_half_l1"], lr)
+        self.log(f"end-to-end step {self.state['e2e_step']}: validation L1 {metrics['l1']:.4g} µm²/s "
+                 f"(best half {metrics['best_half_l1']:.4g}) on {len(val[1])} {self.cfg.e2e_frames}-frame movies")
+        self.checkpoint(write_package=False)
 
     @torch.inference_mode()
     def evaluate(self, latents: torch.Tensor, d_true: torch.Tensor) -> dict:
@@ -322,11 +445,14 @@ class Trainer:
             if self.state["stage"] == "autoencoder":
                 self.train_autoencoder()
                 self.checkpoint(write_package=False)
+            self.train_end_to_end()
             self.model.eval()
             val_curve = self.validation_latents(CURVE_VALIDATION_MOVIES)
             cache = self.cache = LatentCache(cfg.cache_movies, cfg.frames, cfg.architecture.latent)
             t_fill = time.monotonic()
-            self.fill_cache(cache, cfg.cache_movies, 0.45, "latent cache")
+            # the cache may take 45 % of the budget, or 10 % after a long end-to-end stage
+            fill_until = 0.45 if cfg.minutes is None else max(0.45, self.run_elapsed() / (cfg.minutes * 60) + 0.1)
+            self.fill_cache(cache, cfg.cache_movies, fill_until, "latent cache")
             self._last_ckpt = time.monotonic()  # the first predictor checkpoint comes a full interval later
             # reserve time for the final validation, from the measured cost of a cached movie;
             # with a short budget, validate on fewer movies (at least 64) rather than not train
@@ -378,7 +504,10 @@ class Trainer:
                 "batch": cfg.batch, "autoencoder_batch": cfg.ae_batch, "lr": cfg.lr,
                 "movies_simulated": self.state["movies_simulated"], "time_s": round(self.elapsed(), 1),
                 "device": _device_name(self.device), "threads": torch.get_num_threads(),
-                "runs": self.state["runs"] + 1, "encoder_frozen_after_pretraining": True,
+                "runs": self.state["runs"] + 1,
+                "encoder_frozen_after_pretraining": self.state["e2e_step"] == 0,
+                "end_to_end_steps": self.state["e2e_step"], "end_to_end_frames": cfg.e2e_frames,
+                "end_to_end_batch": cfg.e2e_batch,
                 "cache_movies": cfg.cache_movies, "curve": "training_curve.csv",
                 "encoder_from": self.state.get("encoder_from"),
             },

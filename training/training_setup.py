@@ -20,7 +20,10 @@ from training.trainer import TrainConfig
 def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None, steps: int | None,
                minutes: float | None, device: str, seed: int, resume: bool, encoder_from: Path | None,
                ae_steps: int, cache_movies: int, val_movies: int, name: str | None, flags: dict,
-               timing_file: Path | None, refresh_movies: int = 4, refresh_every: int = 2) -> TrainConfig:
+               timing_file: Path | None, refresh_movies: int = 4, refresh_every: int = 2,
+               end_to_end: dict | None = None) -> TrainConfig:
+    """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch."""
+    e2e = {k: v for k, v in (end_to_end or {}).items() if v is not None}
     if refresh_movies < 0 or refresh_every < 1:
         raise DleStreamError("--refresh-movies must be ≥ 0 and --refresh-every ≥ 1")
     out = Path(out)
@@ -36,6 +39,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
             frames=saved["frames"], architecture=ModelConfig.from_dict(saved["architecture"]), seed=seed,
             device=device, steps=steps, minutes=minutes, ae_steps=saved["ae_steps"], cache_movies=cache_movies,
             val_movies=val_movies, resume=True, refresh_movies=refresh_movies, refresh_every=refresh_every,
+            **e2e,
         )
     p = get_preset(preset)
     priors = p.priors
@@ -66,5 +70,5 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         description=f"{p.description}; timing from {source}", tile_height=p.tile_height, tile_width=p.tile_width,
         frames=p.frames, seed=seed, device=device, steps=steps, minutes=minutes, ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, encoder_from=encoder_from,
-        refresh_movies=refresh_movies, refresh_every=refresh_every,
+        refresh_movies=refresh_movies, refresh_every=refresh_every, **e2e,
     )
