@@ -84,6 +84,11 @@ class Dashboard:
         self.refresh_s = refresh_s
         self.truth = truth or {}
         self.history = [deque(maxlen=40) for _ in runner.layout.regions]
+        # window and frame numbers as the log stores them (a run that --append-s to a log
+        # continues its numbering; 0 for a new log or none)
+        log = getattr(runner, "log", None)
+        self.window_offset = int(getattr(log, "window_offset", 0))
+        self.frame_offset = int(getattr(log, "frame_offset", 0))
         self._live = None
         self._last = 0.0
         runner.events.estimated.connect(self._on_estimate)
@@ -99,7 +104,8 @@ class Dashboard:
             for i, region in enumerate(self.runner.layout.regions[:6]):
                 parts.append(f"{region.name} {_fmt(comb.region_d[i], comb.region_sigma[i])}")
             more = "" if len(self.runner.layout.regions) <= 6 else f" (+{len(self.runner.layout.regions) - 6} ROIs)"
-            self.console.print(f"window {est.window} frames {est.frame_start}–{est.frame_stop}: "
+            fo = self.frame_offset
+            self.console.print(f"window {est.window + self.window_offset} frames {est.frame_start + fo}–{est.frame_stop + fo}: "
                                + " | ".join(parts) + f" µm²/s{more}", highlight=False)
         self.refresh(force=True)
 
@@ -120,6 +126,9 @@ class Dashboard:
             f"{st.windows_done}", ("   skipped ", "dim"), (f"{st.windows_skipped}", "bold red" if st.windows_skipped else ""),
             ("   gaps ", "dim"), (f"{st.gaps}", "bold red" if st.gaps else ""), ("   latency ", "dim"), lat,
         )
+        if self.window_offset or self.frame_offset:
+            text.append(f"\nappending to the log: this run's windows are logged from window {self.window_offset}, "
+                        f"frames from {self.frame_offset}", style="dim")
         return Panel(text, title="dle-stream", border_style="blue")
 
     def tile_map(self) -> Panel:

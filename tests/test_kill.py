@@ -230,7 +230,8 @@ def test_replay_killed_at_random_moments_keeps_every_reported_window(recording, 
     rc, out, err = Trial(_replay_args(recording, log, "--append"), tmp_path).finish()
     assert rc == 0, err
     reported = _windows(out)
-    assert [w for w, _, _ in reported] == list(range(N_WINDOWS))   # the new run counts from 0 on screen
+    # the screen numbers windows and frames as the log does: on after the killed run's rows
+    assert [w for w, _, _ in reported] == list(range(n, n + N_WINDOWS))
     view = open_log(log)
     assert view.n_windows == n + N_WINDOWS
     np.testing.assert_array_equal(view.window, np.arange(n + N_WINDOWS))   # ... and on after the old rows in the log
@@ -239,6 +240,7 @@ def test_replay_killed_at_random_moments_keeps_every_reported_window(recording, 
     assert view.n_frames == frames_before + FRAMES
     np.testing.assert_array_equal(view.frame_index, np.arange(view.n_frames))
     assert (np.asarray(view.frame_start)[n:] >= frames_before).all()
+    np.testing.assert_array_equal([a for _, a, _ in reported], np.asarray(view.frame_start)[n:])
     assert len(view.attrs["segments"]) == 2
 
 
