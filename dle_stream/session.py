@@ -195,6 +195,10 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
                 console.print(f"warning: {w}", highlight=False)
         try:
             _run(runner, FileSource(rec, realtime=realtime, frame_period_s=timing.frame_period_us * 1e-6), dashboard)
+        except DleStreamError as exc:
+            if str(recording) in str(exc) or recording.name in str(exc):
+                raise
+            raise DleStreamError(f"{recording}: {exc}") from None  # say which file the frame came from
         finally:
             if log is not None:
                 log.close()

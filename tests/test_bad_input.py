@@ -117,3 +117,22 @@ def test_timing_assumed_from_the_model_card_is_loud(tmp_path, small_model):
 def test_run_needs_a_source():
     one_line_error(runner.invoke(app, ["run"]), "--demo", "--mm-config")
     one_line_error(runner.invoke(app, ["run", "--mm-config", "/no/such/rig.cfg"]), "rig.cfg")
+
+
+def test_nan_or_infinite_pixels_stop_with_the_file_and_frame_named(tmp_path, small_model):
+    """A NaN pixel in frame 50 (after the first 40-frame window): exit 2 with one line that
+    names the recording and the frame; the window logged before it stays in the log."""
+    from dle_stream.zarr_log import open_log
+
+    timing = ScanTiming(**{**MODEL_TIMING.to_dict(), "width_px": 40, "height_px": 40})
+    movie = np.random.default_rng(1).poisson(100, (60, 40, 40)).astype(np.float32)
+    movie[50, 7, 9] = np.nan
+    movie[55, 3, 3] = np.inf
+    path = write_recording(tmp_path / "nan.tif", movie, timing)
+    log = tmp_path / "nan.zarr"
+    result = runner.invoke(app, ["replay", str(path), "--model", str(small_model), "--hop", "10", "--log", str(log),
+                                 "--no-dashboard"])
+    one_line_error(result, "nan.tif", "frame 50", "NaN or infinite")
+    view = open_log(log)
+    assert view.n_windows == 2  # windows ending at frames 40 and 50 (frame 49): logged before the bad frame
+    assert np.isfinite(np.asarray(view.d)).all()
