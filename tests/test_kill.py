@@ -78,8 +78,11 @@ class Trial:
     """One subprocess, stopped with ``sig`` at a chosen moment; its output and exit code."""
 
     def __init__(self, args: list[str], cwd: Path):
+        # SIGINT at its default in the child, as at a terminal, even when the test run
+        # itself was started in the background (where the shell makes SIGINT ignored)
         self.proc = subprocess.Popen(args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, encoding="utf-8", errors="replace")
+                                     text=True, encoding="utf-8", errors="replace",
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.started = time.monotonic()
         self._watchdog = threading.Timer(TRIAL_TIMEOUT_S, self.proc.kill)  # never hang the suite
         self._watchdog.start()
