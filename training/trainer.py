@@ -321,12 +321,7 @@ class Trainer:
             return self.model.encode(movies.reshape(b * t, *movies.shape[2:])).reshape(b, t, -1)
 
         self._recalibrate(latent_batch, 8)
-        d_hat, sig = [], []
-        for i in range(0, val[0].shape[0], cfg.e2e_batch):
-            a, b = self.model(val[0][i:i + cfg.e2e_batch])
-            d_hat.append(a.cpu() * self.d_max)
-            sig.append(b.cpu() * self.d_max)
-        return summarize(val[1].cpu().numpy(), torch.cat(d_hat).numpy(), torch.cat(sig).numpy())
+        return self._score(self.model, val[0], val[1], cfg.e2e_batch)
 
     def train_end_to_end(self) -> None:
         """Encoder + temporal ResNet + head on raw movies of ``e2e_frames`` frames (NLL)."""
@@ -342,26 +337,18 @@ class Trainer:
         task = self._task("end-to-end", cfg.e2e_steps or None, 0)
         recent_loss, recent_l1 = [], []
         while not self._e2e_done(start_step, t_start):
-            lr = cfg.e2e_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * self._e2e_progress(start_step, t_start))))
-            for group in self.opt_e2e.param_groups:
-                group["lr"] = lr
+            lr = _set_cosine_lr(self.opt_e2e, cfg.e2e_lr, self._e2e_progress(start_step, t_start))
             movies, d = self._e2e_movies(sim, cfg.e2e_batch, self.gen, augment=True)
             self.state["movies_simulated"] += cfg.e2e_batch
             self.model.train()
-            d_hat, sigma = self.model(movies)
-            target = (d / self.d_max).to(self.device)
-            loss = gaussian_nll(d_hat, sigma, target)
-            self.opt_e2e.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            self.opt_e2e.step()
+            loss, l1 = self._nll_step(self.opt_e2e, params, *self.model(movies), d)
             self.state["e2e_step"] += 1
-            recent_loss.append(loss.item())
-            recent_l1.append(float((d_hat.detach() - target).abs().mean()) * self.d_max)
+            recent_loss.append(loss)
+            recent_l1.append(l1)
             if self.state["e2e_step"] % 25 == 0:
                 self._curve("end-to-end", self.state["e2e_step"], np.mean(recent_loss), np.mean(recent_l1), math.nan, lr)
                 recent_loss, recent_l1 = [], []
-            self._advance(task, f"step {self.state['e2e_step']} loss {np.mean(recent_loss or [loss.item()]):.3f} "
+            self._advance(task, f"step {self.state['e2e_step']} loss {np.mean(recent_loss or [loss]):.3f} "
                                 f"L1 {np.mean(recent_l1 or [0]):.3g} µm²/s ({cfg.e2e_frames}-frame windows)")
             if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
                 self._e2e_checkpoint(sim, val, lr)
@@ -379,12 +366,27 @@ class Trainer:
     @torch.inference_mode()
     def evaluate(self, latents: torch.Tensor, d_true: torch.Tensor) -> dict:
         self.model.eval()
+        return self._score(lambda x: self.model.head(x.float()), latents, d_true, 64)
+
+    def _score(self, forward, inputs: torch.Tensor, d_true: torch.Tensor, chunk: int) -> dict:
+        """Metrics of ``forward`` (→ D̂, σ̂ in units of d_max) over ``inputs`` in chunks."""
         d_hat, sig = [], []
-        for i in range(0, latents.shape[0], 64):
-            a, b = self.model.head(latents[i:i + 64].to(self.device).float())
+        for i in range(0, inputs.shape[0], chunk):
+            a, b = forward(inputs[i:i + chunk].to(self.device))
             d_hat.append(a.cpu() * self.d_max)
             sig.append(b.cpu() * self.d_max)
-        return summarize(d_true.numpy(), torch.cat(d_hat).numpy(), torch.cat(sig).numpy())
+        return summarize(d_true.cpu().numpy(), torch.cat(d_hat).numpy(), torch.cat(sig).numpy())
+
+    def _nll_step(self, opt: torch.optim.Optimizer, clip: list, d_hat: torch.Tensor, sigma: torch.Tensor,
+                  d_um2_s: torch.Tensor) -> tuple[float, float]:
+        """One Gaussian-NLL step (gradient norm of ``clip`` limited to 5); (loss, L1 µm²/s)."""
+        target = (d_um2_s / self.d_max).to(self.device)
+        loss = gaussian_nll(d_hat, sigma, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip, 5.0)
+        opt.step()
+        return loss.item(), float((d_hat.detach() - target).abs().mean()) * self.d_max
 
     def train_predictor(self, cache: LatentCache, val: tuple[torch.Tensor, torch.Tensor], reserve_s: float) -> None:
         cfg = self.cfg
@@ -402,22 +404,15 @@ class Trainer:
             if run_budget_s is not None and self.run_elapsed() >= run_budget_s and done >= MIN_PREDICTOR_STEPS:
                 break
             progress = done / total if total else self.run_elapsed() / max(run_budget_s, 1.0)
-            lr = peak_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-            for group in self.opt_head.param_groups:
-                group["lr"] = lr
+            lr = _set_cosine_lr(self.opt_head, peak_lr, progress)
             self.model.temporal.train()
             self.model.mlp.train()
             lat, d = cache.sample(cfg.batch, self.cpu_gen)
-            d_hat, sigma = self.model.head(lat.to(self.device))
-            target = (d / self.d_max).to(self.device)
-            loss = gaussian_nll(d_hat, sigma, target)
-            self.opt_head.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.temporal.parameters(), 5.0)
-            self.opt_head.step()
+            loss, l1 = self._nll_step(self.opt_head, list(self.model.temporal.parameters()),
+                                      *self.model.head(lat.to(self.device)), d)
             self.state["head_step"] += 1
-            recent_loss.append(loss.item())
-            recent_l1.append(float((d_hat.detach() - target).abs().mean()) * self.d_max)
+            recent_loss.append(loss)
+            recent_l1.append(l1)
             if self.state["head_step"] % cfg.refresh_every == 0 and cfg.refresh_movies:
                 lat_new, d_new, vis_new = simulate_latents(self.sim, self.model, cfg.refresh_movies, self.gen,
                                                            augment=not cfg.timing.bidirectional)
@@ -426,7 +421,7 @@ class Trainer:
             if self.state["head_step"] % 50 == 0:
                 self._curve("predictor", self.state["head_step"], np.mean(recent_loss), np.mean(recent_l1), math.nan, lr)
                 recent_loss, recent_l1 = [], []
-            self._advance(task, f"step {self.state['head_step']} loss {np.mean(recent_loss or [loss.item()]):.3f} "
+            self._advance(task, f"step {self.state['head_step']} loss {np.mean(recent_loss or [loss]):.3f} "
                                 f"L1 {np.mean(recent_l1 or [0]):.3g} µm²/s")
             if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
                 self.recalibrate_batchnorm(cache)
@@ -537,6 +532,14 @@ class Trainer:
     def _advance(self, task, info: str, n: int = 1) -> None:
         if self.progress is not None and task is not None:
             self.progress.update(task, advance=n, info=info)
+
+
+def _set_cosine_lr(opt: torch.optim.Optimizer, peak: float, progress: float) -> float:
+    """Cosine decay from ``peak`` to 5 % of it over ``progress`` 0 → 1; sets and returns the rate."""
+    lr = peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def _r(x) -> float | None:
