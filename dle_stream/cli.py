@@ -7,6 +7,7 @@ and exit status 2; no traceback reaches the user for a problem with their input.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -51,7 +52,11 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DleStreamError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _print_error(str(exc))
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a path the system refused (read-only, a file where a folder is needed, ...)
+            where = exc.filename if exc.filename is not None else "a file"
+            _print_error(f"{where}: {exc.strerror or exc}; check the path and that it can be written")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -61,6 +66,27 @@ def user_errors(fn):
             raise typer.Exit(143) from None
 
     return wrapper
+
+
+def _print_error(message: str) -> None:
+    """One line on stderr; the message (paths, names) is printed literally, never as markup."""
+    from rich.text import Text
+
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
+def _check_out_folder(out: Path, flag: str) -> None:
+    """An output folder that can be created or written: one line naming the flag otherwise."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DleStreamError(f"{flag} {out}: is a file, not a folder; give a folder path")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DleStreamError(f"{flag} {out}: {parent} is a file, not a folder; give a folder path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DleStreamError(f"{flag} {out}: {parent} is not writable; choose a writable folder")
 
 
 def _version(value: bool) -> None:
@@ -132,6 +158,7 @@ def simulate(
     pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
     line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
     bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing recording (a file, or a Zarr recording written by dle-stream) and its truth file."),
 ) -> None:
     """Simulate a two-photon recording of diffusing particles, with its scan timing and ground truth."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -153,15 +180,17 @@ def simulate(
                   TimeRemainingColumn(), console=err_console, transient=True, disable=frames * height * width < 2e6) as prog:
         task = prog.add_task("sim", total=frames)
         rec = simulate_recording(out, p, frames=frames, height=height, width=width, timing=tm, d_spec=d, seed=seed,
-                                 tile=tile, fmt=fmt, density=density, on_frames=lambda n: prog.advance(task, n))
+                                 tile=tile, fmt=fmt, density=density, on_frames=lambda n: prog.advance(task, n),
+                                 overwrite=overwrite)
     ds = [t["d_um2_s"] for t in rec.tiles]
-    console.print(f"wrote [bold]{rec.path}[/] ({frames} frames of {height}×{width} px, {len(rec.tiles)} tiles)")
+    console.print(f"wrote {rec.path} ({frames} frames of {height}×{width} px, {len(rec.tiles)} tiles)", markup=False,
+                  highlight=False, soft_wrap=True)
     console.print(f"scan: pixel {tm.pixel_size_um:g} µm, dwell {tm.dwell_us:g} µs, line {tm.line_period_us:g} µs, "
                   f"frame {tm.frame_period_us:g} µs ({tm.frame_rate_hz:.2f} frames/s), "
                   f"{'bi' if tm.bidirectional else 'uni'}directional")
     console.print(f"true D per tile: {min(ds):.3g}–{max(ds):.3g} µm²/s (mean {sum(ds) / len(ds):.3g}); "
                   f"visible transitions per tile: {sum(t['visible_transitions'] for t in rec.tiles) / len(rec.tiles):.0f}")
-    console.print(f"ground truth: {rec.truth_path}")
+    console.print(f"ground truth: {rec.truth_path}", markup=False, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------- train
@@ -200,6 +229,7 @@ def train(
     from training.trainer import TrainConfig, resolve_device, train as run_training
     from training.training_setup import config_for
 
+    _check_out_folder(out, "--out")
     if threads:
         torch.set_num_threads(threads)
     cfg: TrainConfig = config_for(
@@ -331,6 +361,7 @@ def bench(
     from dle_stream.bench import markdown_table, run_suite, write_results
 
     names = [e.strip() for e in estimators.split(",") if e.strip()]
+    _check_out_folder(out, "--out")
     with Progress(TextColumn(f"bench {suite}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True) as prog:
         task = prog.add_task("bench", total=n)
@@ -357,21 +388,33 @@ def demo(
     from training.priors import get_preset
     from training.recording_sim import simulate_recording
 
+    if out is not None:
+        _check_out_folder(out, "--out")
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="dle-stream-demo-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    p = get_preset("low")
-    height, width = 40, 120
-    from dle_stream.session import demo_timing
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        p = get_preset("low")
+        height, width = 40, 120
+        from dle_stream.recording.writer import is_own_recording
+        from dle_stream.session import demo_timing
 
-    tm = demo_timing(model, height, width)
-    console.print(f"simulating {frames} frames of {height}×{width} px (left half D = {d.split(',')[0]}, "
-                  f"right half D = {d.split(',')[-1]} µm²/s) into {folder}")
-    rec = simulate_recording(folder / "demo.tif", p, frames=frames, height=height, width=width, timing=tm,
-                             d_spec=d, seed=seed)
-    opts = _stream_options(model, "dle", "grid", [f"left=0,0,{width // 2},{height}", f"right={width // 2},0,{width // 2},{height}"],
-                           None, None, 50, folder / "demo.zarr", True, False, dashboard, quiet,
-                           _timing_flags(None, None, None, None, None), None)
-    result = run_replay(rec.path, opts, console=console)
+        tm = demo_timing(model, height, width)
+        console.print(f"simulating {frames} frames of {height}×{width} px (left half D = {d.split(',')[0]}, "
+                      f"right half D = {d.split(',')[-1]} µm²/s) into {folder}", markup=False, highlight=False,
+                      soft_wrap=True)
+        # an earlier demo's recording in --out is replaced; any other file of that name is not
+        rec = simulate_recording(folder / "demo.tif", p, frames=frames, height=height, width=width, timing=tm,
+                                 d_spec=d, seed=seed, overwrite=is_own_recording(folder / "demo.tif"))
+        opts = _stream_options(model, "dle", "grid", [f"left=0,0,{width // 2},{height}", f"right={width // 2},0,{width // 2},{height}"],
+                               None, None, 50, folder / "demo.zarr", True, False, dashboard, quiet,
+                               _timing_flags(None, None, None, None, None), None)
+        result = run_replay(rec.path, opts, console=console)
+    except BaseException:
+        if out is None:  # the temporary folder is ours alone: leave nothing behind
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     describe_result(result, console)
 
 
@@ -393,12 +436,30 @@ def log_show(path: Path = typer.Argument(..., help="A Zarr log written with --lo
 def log_export(
     path: Path = typer.Argument(..., help="A Zarr log written with --log."),
     csv_path: Path = typer.Option(..., "--csv", help="CSV file to write (one row per window and tile)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing CSV file."),
 ) -> None:
     """Export every estimate of a log to CSV."""
     from dle_stream.log_summary import export_csv
 
-    n = export_csv(path, csv_path)
-    console.print(f"wrote {n} rows to {csv_path}")
+    if csv_path.is_dir():
+        raise DleStreamError(f"--csv {csv_path}: is a folder; give a file name such as run.csv")
+    if not csv_path.parent.is_dir():
+        raise DleStreamError(f"--csv {csv_path}: the folder {csv_path.parent} does not exist (or is a file); "
+                             f"create it or choose another path")
+    if (csv_path.exists() or csv_path.is_symlink()) and not overwrite:
+        raise DleStreamError(f"--csv {csv_path}: the file already exists; pass --overwrite to replace it, "
+                             f"or choose another file")
+    # written beside it and renamed when complete: a failed export never leaves half a file
+    tmp = csv_path.with_name(f".{csv_path.name}.partial")
+    try:
+        n = export_csv(path, tmp)
+        os.replace(tmp, csv_path)
+    except OSError as exc:
+        raise DleStreamError(f"--csv {csv_path}: cannot write it ({exc.strerror or exc}); choose a writable path") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    console.print(f"wrote {n} rows to {csv_path}", markup=False, highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------- models

@@ -164,6 +164,7 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
 
     recording = Path(recording)
     console = console or Console()
+    _check_window(opts)
     rec = open_recording(recording, channel=channel)
     try:
         fallback = model_timing_for(opts.model, rec.height, rec.width)
@@ -172,19 +173,23 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
             fallback_label=f"the model card of {opts.model}",
         )
         if rec.truncated:
-            warnings.append(f"{recording.name} is truncated: {rec.truncation_note}; replaying the complete frames")
+            warnings.append(f"INCOMPLETE RECORDING: {rec.truncation_note}")
         est, comparison = make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
         layout = make_layout(rec.height, rec.width, est.tile_shape, opts)
         window = opts.window or est.window_frames
         if rec.n_frames < window:
-            warnings.append(f"{recording.name} has {rec.n_frames} frames, fewer than one {window}-frame window: "
-                            f"no estimate; use a shorter --window")
+            raise DleStreamError(
+                f"{recording}: {rec.n_frames} usable frames, fewer than one {window}-frame window, so nothing can be "
+                f"estimated" + (f" ({rec.truncation_note})" if rec.truncated else "")
+                + f"; use a shorter --window (at most {rec.n_frames})" * (rec.n_frames > 0)
+                + "; re-export or re-acquire the recording" * (rec.n_frames == 0))
         attrs = _attrs("replay", str(recording), est, timing, timing_source, layout, window, opts.hop, warnings)
         attrs["timing_comparison"] = comparison.explain()
         log = _open_log(opts, layout, attrs)
         runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, log=log, live=False,
                               timing_assumed=any("ASSUMED" in w for w in warnings),
                               combine_windows=opts.combine_windows)
+        _warnings_to_stderr(runner, opts)
         for w in warnings:
             runner.warn(w)
         truth = truth_for(recording, layout)
@@ -192,7 +197,7 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
                               mode=opts.dashboard, console=console, truth=truth)
         if opts.dashboard == "plain":
             for w in warnings:
-                console.print(f"warning: {w}", highlight=False)
+                console.print(f"warning: {w}", highlight=False, markup=False)
         try:
             _run(runner, FileSource(rec, realtime=realtime, frame_period_s=timing.frame_period_us * 1e-6), dashboard)
         except DleStreamError as exc:
@@ -209,19 +214,32 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
                         c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth)
 
 
+def _check_window(opts: StreamOptions) -> None:
+    if opts.window is not None and opts.window < 1:
+        raise DleStreamError(f"--window {opts.window}: must be at least 1 frame; leave it out for the model's window")
+
+
+def _warnings_to_stderr(runner: StreamRunner, opts: StreamOptions) -> None:
+    """With --quiet (no dashboard), warnings still reach the user: one line each on stderr."""
+    if opts.dashboard != "quiet":
+        return
+    err = Console(stderr=True, soft_wrap=True)
+    runner.events.warning.connect(lambda message: err.print(f"warning: {message}", highlight=False, markup=False))
+
+
 def describe_result(result: StreamResult, console: Console) -> None:
     """Print the final per-ROI estimates (next to the truth where known)."""
     st = result.stats
     console.print(f"{st.frames_in} frames, {st.windows_done} windows"
                   + (f", {st.windows_skipped} skipped" if st.windows_skipped else "")
                   + (f", {st.gaps} gaps" if st.gaps else "")
-                  + (f"; log: {result.log_path}" if result.log_path else ""), highlight=False)
+                  + (f"; log: {result.log_path}" if result.log_path else ""), highlight=False, markup=False)
     for i, region in enumerate(result.layout.regions[:30]):
         d, s = result.region_d[i], result.region_sigma[i]
         line = f"  {region.name}: D = " + ("—" if not math.isfinite(d) else f"{d:.3g} ± {s:.2g} µm²/s")
         if region.name in result.truth:
             line += f"   (true {result.truth[region.name]:.3g})"
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
 
 def _fits(timing: ScanTiming, height: int, width: int) -> bool:
@@ -248,6 +266,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     from dle_stream.sources.scan_properties import DEMO_CAMERA_MAPPING, load_mapping, read_scan_properties
 
     console = console or Console()
+    _check_window(opts)
     if core is None:
         if demo == (mm_config is not None):
             raise DleStreamError("dle-stream run: give either --demo or --mm-config FILE")
@@ -283,6 +302,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     log = _open_log(opts, layout, attrs)
     runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, log=log, live=True,
                           timing_assumed=any("ASSUMED" in x for x in warnings), combine_windows=opts.combine_windows)
+    _warnings_to_stderr(runner, opts)
     for x in warnings:
         runner.warn(x)
     truth = {}

@@ -94,6 +94,11 @@ def grid_layout(height: int, width: int, tile_h: int, tile_w: int) -> TileLayout
 def roi_layout(height: int, width: int, tile_h: int, tile_w: int, rois: list[Region]) -> TileLayout:
     """Cover each ROI with tiles (deduplicated across ROIs)."""
     _check_frame(height, width, tile_h, tile_w)
+    names = [roi.name for roi in rois]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DleStreamError(f"ROI name {twice[0]!r} is given {names.count(twice[0])} times; "
+                             f"give every --roi/--rois region its own name (name=x,y,w,h)")
     tiles: list[Tile] = []
     index: dict[Tile, int] = {}
     out = []
@@ -124,13 +129,24 @@ def _check_frame(height: int, width: int, tile_h: int, tile_w: int) -> None:
         )
 
 
+def _whole_px(value) -> int:
+    """A whole number of pixels ("12", 12, 12.0); ValueError for fractions ("0.5"), bools and non-numbers."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    number = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
 def parse_roi(text: str, name: str | None = None) -> Region:
     """'x,y,w,h' or 'name=x,y,w,h' (px) → Region; x = column, y = row."""
     label, _, coords = text.rpartition("=")
     try:
-        x, y, w, h = (int(round(float(v))) for v in coords.split(","))
+        x, y, w, h = (_whole_px(v) for v in coords.split(","))
     except ValueError:
-        raise DleStreamError(f"--roi {text!r}: use x,y,w,h in pixels (optionally name=x,y,w,h), e.g. --roi 0,0,40,40") from None
+        raise DleStreamError(f"--roi {text!r}: use x,y,w,h in whole pixels (optionally name=x,y,w,h), "
+                             f"e.g. --roi 0,0,40,40") from None
     name = name or label.strip() or None
     return Region(name or f"roi{x}_{y}", (y, x, h, w))
 
@@ -150,11 +166,11 @@ def read_rois(path: Path) -> list[Region]:
                 rows = list(csv.DictReader(fh))
         regions = []
         for i, row in enumerate(rows):
-            x, y, w, h = (int(round(float(row[k]))) for k in ("x", "y", "w", "h"))
+            x, y, w, h = (_whole_px(row[k]) for k in ("x", "y", "w", "h"))
             regions.append(Region(str(row.get("name") or f"roi{i}"), (y, x, h, w)))
     except (KeyError, ValueError, TypeError, json.JSONDecodeError, UnicodeDecodeError):
         raise DleStreamError(
-            f"--rois {path}: need a JSON list of {{name, x, y, w, h}} or a CSV with columns name,x,y,w,h (pixels)"
+            f"--rois {path}: need a JSON list of {{name, x, y, w, h}} or a CSV with columns name,x,y,w,h (whole pixels)"
         ) from None
     if not regions:
         raise DleStreamError(f"--rois {path}: holds no ROI")

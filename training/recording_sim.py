@@ -97,12 +97,23 @@ def simulate_recording(
     out: Path, preset: Preset, *, frames: int, height: int, width: int, timing: ScanTiming,
     d_spec: str | None = None, seed: int = 0, tile: int = 20, fmt: str | None = None,
     chunk_frames: int | None = None, device: str = "cpu", density: str | None = None,
-    on_frames: Callable[[int], None] | None = None,
+    on_frames: Callable[[int], None] | None = None, overwrite: bool = False,
 ) -> SimulatedRecording:
     """Simulate a full-frame recording and write it (TIFF/OME-TIFF/Zarr) with its scan
-    timing in the metadata, plus ``<out>.truth.json`` with the ground truth per tile."""
-    from dle_stream.recording import write_recording
+    timing in the metadata, plus ``<out>.truth.json`` with the ground truth per tile.
 
+    An existing recording or truth file is refused unless ``overwrite`` (checked before
+    anything is simulated); see :func:`~dle_stream.recording.write_recording`."""
+    from dle_stream.recording import write_recording
+    from dle_stream.recording.formats import write_format_from_suffix
+    from dle_stream.recording.writer import check_output_path
+
+    out = Path(out).expanduser()
+    check_output_path(out, fmt or write_format_from_suffix(out), overwrite)
+    truth_path = out.with_name(out.name + ".truth.json")
+    if truth_path.is_dir() or (truth_path.exists() and not overwrite):
+        raise DleStreamError(f"{truth_path}: the ground-truth file of {out.name} already exists; pass --overwrite to "
+                             f"replace it, or choose another output path")
     if frames < 1:
         raise DleStreamError(f"--frames must be ≥ 1, got {frames}")
     if timing.height_px != height or timing.width_px != width:
@@ -146,11 +157,9 @@ def simulate_recording(
             if on_frames:
                 on_frames(n)
 
-    out = Path(out)
     extra = {"simulated": True, "preset": preset.name, "seed": seed, "d_map": d_spec, "tile_px": tile,
              "priors": priors.to_dict()}
-    path = write_recording(out, chunks(), timing, format=fmt, metadata=extra, n_frames=frames)
-    truth_path = out.with_name(out.name + ".truth.json")
+    path = write_recording(out, chunks(), timing, format=fmt, metadata=extra, n_frames=frames, overwrite=overwrite)
     doc = {
         "software": f"dle-stream {__version__}", "recording": out.name, "frames": frames, "seed": seed,
         "preset": preset.name, "d_map": d_spec, "timing": timing.to_dict(), "priors": priors.to_dict(),
@@ -158,6 +167,10 @@ def simulate_recording(
         "note": "d_um2_s per tile; visible_transitions: Σ over frames of particles inside the tile and within σz of focus",
     }
     tmp = truth_path.with_name(truth_path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, truth_path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, truth_path)
+    except OSError as exc:
+        raise DleStreamError(f"{truth_path}: cannot write the ground truth ({exc.strerror or exc}); the recording "
+                             f"{out} was written; choose a writable folder") from None
     return SimulatedRecording(Path(path), truth_path, timing, frames, truth)

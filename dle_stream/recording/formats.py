@@ -43,7 +43,7 @@ def write_format_from_suffix(path: Path) -> str:
         return "zarr"
     raise DleStreamError(
         f"{path}: cannot tell the format from the suffix {''.join(path.suffixes) or '(none)'!r}; "
-        f"name it .tif (ImageJ), .ome.tif (OME-TIFF) or .zarr (OME-Zarr), or pass format="
+        f"name it .tif (ImageJ), .ome.tif (OME-TIFF) or .zarr (OME-Zarr), or pass --format"
     )
 
 
@@ -67,6 +67,11 @@ def open_recording(path: str | Path, channel: int | None = None) -> Recording:
         raise DleStreamError(f"{path}: no such file or folder; check the path")
     if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
         raise DleStreamError(f"{path}: --channel must be a non-negative integer, got {channel!r}")
+    if path.name.endswith(".partial") and is_tiff_path(path.with_name(path.name[: -len(".partial")])):
+        raise DleStreamError(
+            f"{path}: an incomplete recording whose writer (dle-stream simulate) was stopped before it finished; "
+            f"it holds no usable frames: simulate it again"
+        )
     if is_zarr_path(path):
         return ZarrRecording(path, channel)
     if is_tiff_path(path):

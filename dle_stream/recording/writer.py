@@ -22,11 +22,21 @@ tifffile round trips for every flavour and is ignored by other readers.
 ``movie`` may be an array [T, H, W] or any iterable of 2-D frames: frames are written
 as they come (TIFF through ``TiffWriter.write`` with an iterator, Zarr one block of
 frames at a time), so a recording larger than RAM can be streamed to disk.
+
+Data safety: an existing file or folder is never replaced unless ``overwrite=True``, and
+even then only a file, or a Zarr recording that dle-stream wrote itself (a foreign
+folder or a run log is never deleted). A TIFF is written to ``<name>.partial`` and
+renamed into place when complete, so a writer that is killed leaves the old file (if
+any) untouched and a ``.partial`` file whose name says it is incomplete. A Zarr store
+records in its ``"dle_stream"`` attribute how many frames were written
+(``"frames_written"``, updated after every block, ``"complete": true`` at the end), so
+a store whose writer was killed says how many of its frames are valid.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -124,6 +134,7 @@ def write_recording(
     metadata: dict[str, Any] | None = None,
     frame_timestamps_s: np.ndarray | list[float] | None = None,
     n_frames: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a movie and its scan timing to ``path``; return the path.
 
@@ -137,6 +148,8 @@ def write_recording(
         frame_timestamps_s: acquisition time of each frame, s.
         n_frames: number of frames of an iterable without ``len()``; TIFF formats need it
             (or ``frame_timestamps_s``) up front, Zarr does not.
+        overwrite: replace an existing file, or a Zarr recording written by dle-stream
+            (never a folder it did not write, nor a run log).
     """
     path = Path(path).expanduser()
     fmt = write_format_from_suffix(path) if format is None else format
@@ -152,22 +165,126 @@ def write_recording(
         frames.n_frames = len(stamps)
     if stamps is not None and frames.n_frames is not None and len(stamps) != frames.n_frames:
         raise DleStreamError(f"{path}: {len(stamps)} frame timestamps for {frames.n_frames} frames; pass one per frame")
-    if not path.parent.exists():
-        raise DleStreamError(f"{path}: the folder {path.parent} does not exist; create it first")
-    try:
-        if fmt == "zarr":
+    check_output_path(path, fmt, overwrite)
+    if fmt == "zarr":
+        if path.is_dir() and any(path.iterdir()):
+            _remove_own_store(path)  # checked above: a dle-stream recording, and overwrite=True
+        try:
             _write_zarr(path, frames, timing, metadata, stamps)
-        else:
-            _write_tiff(path, fmt, frames, timing, metadata, stamps)
+        except BaseException:
+            _remove(path, fmt)  # only what this call created
+            raise
+        return path
+    partial = partial_path(path)
+    try:
+        _write_tiff(partial, fmt, frames, timing, metadata, stamps, shown=path)
+        os.replace(partial, path)
+    except OSError as exc:
+        _remove(partial, fmt)
+        raise DleStreamError(f"{path}: cannot write the recording ({exc.strerror or exc}); choose a writable path") from None
     except BaseException:
-        _remove(path, fmt)
+        _remove(partial, fmt)
         raise
     return path
 
 
+#: Suffix of a TIFF recording while it is being written (renamed away when complete).
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: Path) -> Path:
+    """Where the TIFF for ``path`` is written until it is complete."""
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def _zarr_attributes(path: Path) -> dict[str, Any] | None:
+    """The attributes in a folder's ``zarr.json`` (None when there is no readable one)."""
+    try:
+        doc = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def is_own_recording_store(path: Path) -> bool:
+    """True when ``path`` is a Zarr recording written by :func:`write_recording`."""
+    attrs = _zarr_attributes(path)
+    doc = (attrs or {}).get(md.DLE_ZARR_KEY)
+    return isinstance(doc, dict) and doc.get("schema") == md.DLE_SCHEMA
+
+
+def is_own_recording(path: Path) -> bool:
+    """True when ``path`` is a recording written by :func:`write_recording` (a TIFF with
+    dle-stream's metadata tag, or a Zarr store with its document); False for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        return is_own_recording_store(path)
+    if not path.is_file():
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages.first.tags.get(md.DLE_TIFF_TAG)
+            return tag is not None and md.from_document(tag.value, str(path)) is not None
+    except Exception:  # noqa: BLE001 - not a TIFF (or a damaged one): not ours to replace
+        return False
+
+
+def check_output_path(path: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse an output path whose writing would destroy something, or that cannot be written.
+
+    Raises:
+        DleStreamError: one line naming the path and the fix.
+    """
+    parent = path.parent
+    if not parent.exists():
+        raise DleStreamError(f"{path}: the folder {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise DleStreamError(f"{path}: {parent} is a file, not a folder; choose another output path")
+    kind = "a Zarr store (a folder)" if fmt == "zarr" else "one TIFF file"
+    if path.is_dir():
+        if fmt != "zarr":
+            raise DleStreamError(f"{path}: is a folder, but a TIFF recording is one file; choose another output path")
+        if not any(path.iterdir()):
+            pass  # an empty folder: nothing to lose
+        elif is_own_recording_store(path):
+            if not overwrite:
+                raise DleStreamError(f"{path}: a recording already exists there; pass --overwrite to replace it, "
+                                     f"or choose another output path")
+        else:
+            attrs = _zarr_attributes(path) or {}
+            marker = attrs.get("dle_stream")
+            what = ("a dle-stream run log" if isinstance(marker, dict) and marker.get("kind") == "run_log"
+                    else "a folder that dle-stream did not write")
+            raise DleStreamError(f"{path}: is {what}; refusing to replace it (not even with --overwrite); "
+                                 f"choose another output path")
+    elif path.exists() or path.is_symlink():
+        if fmt == "zarr":
+            raise DleStreamError(f"{path}: is a file, but a Zarr recording is a folder; choose another output path")
+        if not overwrite:
+            raise DleStreamError(f"{path}: the file already exists; pass --overwrite to replace it, "
+                                 f"or choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DleStreamError(f"{path}: the folder {parent} is not writable; choose a writable output path")
+
+
+def _remove_own_store(path: Path) -> None:
+    import shutil
+
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        raise DleStreamError(f"{path}: cannot replace the old recording ({exc.strerror or exc}); "
+                             f"remove it by hand or choose another output path") from None
+
+
 def _write_tiff(
-    path: Path, fmt: str, frames: _Frames, timing: ScanTiming, extra: dict[str, Any] | None, stamps: np.ndarray | None
+    path: Path, fmt: str, frames: _Frames, timing: ScanTiming, extra: dict[str, Any] | None, stamps: np.ndarray | None,
+    shown: Path | None = None,
 ) -> None:
+    """Write the TIFF at ``path`` (errors name ``shown``, the file the user asked for)."""
+    target = path
+    path = shown or path
     if frames.n_frames is None:
         raise DleStreamError(
             f"{path}: a TIFF needs the frame count up front; pass n_frames= (or frame_timestamps_s) "
@@ -185,13 +302,13 @@ def _write_tiff(
     big = frames.n_frames * frames.height * frames.width * frames.dtype.itemsize > BIGTIFF_BYTES
     kwargs: dict[str, Any] = dict(shape=shape, dtype=frames.dtype, extratags=extratags, photometric="minisblack")
     if fmt == "imagej":
-        writer = tifffile.TiffWriter(path, imagej=True)
+        opts: dict[str, Any] = dict(imagej=True)
         kwargs.update(
             resolution=(1.0 / pixel_um, 1.0 / pixel_um),
             metadata={"axes": "TYX", "finterval": frame_s, "unit": "um"},
         )
     elif fmt == "ome-tiff":
-        writer = tifffile.TiffWriter(path, ome=True, bigtiff=big)
+        opts = dict(ome=True, bigtiff=big)
         ome: dict[str, Any] = {
             "axes": "TYX",
             "PhysicalSizeX": pixel_um, "PhysicalSizeXUnit": "µm",
@@ -202,14 +319,16 @@ def _write_tiff(
             ome["Plane"] = {"DeltaT": [float(t) for t in stamps], "DeltaTUnit": ["s"] * len(stamps)}
         kwargs.update(resolution=(1e4 / pixel_um, 1e4 / pixel_um), resolutionunit="CENTIMETER", metadata=ome)
     else:
-        writer = tifffile.TiffWriter(path, bigtiff=big)
+        opts = dict(bigtiff=big)
         kwargs.update(resolution=(1e4 / pixel_um, 1e4 / pixel_um), resolutionunit="CENTIMETER", metadata={"axes": "TYX"})
     try:
-        with writer:
+        with tifffile.TiffWriter(target, **opts) as writer:
             writer.write(iter(frames), **kwargs)
     except DleStreamError:
         raise
-    except (OSError, ValueError, TypeError) as exc:
+    except OSError as exc:
+        raise DleStreamError(f"{path}: cannot write the TIFF ({exc.strerror or exc}); choose a writable output path") from None
+    except (ValueError, TypeError) as exc:
         raise DleStreamError(f"{path}: cannot write the TIFF ({type(exc).__name__}: {exc}); check the path and the movie") from None
 
 
@@ -218,6 +337,7 @@ def _write_zarr(
 ) -> None:
     frame_bytes = frames.height * frames.width * frames.dtype.itemsize
     chunk = max(1, min(ZARR_CHUNK_BYTES // max(frame_bytes, 1), frames.n_frames or 1 << 30))
+    doc = md.make_document(timing, extra, None)
     try:
         group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
         group.attrs.update(
@@ -246,7 +366,7 @@ def _write_zarr(
                         }
                     ],
                 },
-                md.DLE_ZARR_KEY: md.make_document(timing, extra, None),
+                md.DLE_ZARR_KEY: {**doc, "frames_written": 0, "complete": False},
             }
         )
         array = group.create_array(
@@ -263,10 +383,13 @@ def _write_zarr(
                 array.resize((t + len(block), frames.height, frames.width))
             array[t : t + len(block)] = block
             t += len(block)
+            # after the frames: a killed writer leaves a store that says how many are valid
+            group.attrs[md.DLE_ZARR_KEY] = {**doc, "frames_written": t, "complete": False}
         if stamps is not None:
             if len(stamps) != t:
                 raise DleStreamError(f"{path}: {len(stamps)} frame timestamps for {t} frames; pass one per frame")
             group.create_array(TIMESTAMPS_ARRAY, data=stamps, dimension_names=("t",))
+        group.attrs[md.DLE_ZARR_KEY] = {**doc, "frames_written": t, "complete": True}
     except DleStreamError:
         raise
     except Exception as exc:  # noqa: BLE001 - zarr's errors become one line naming the store

@@ -12,6 +12,12 @@ Accepted layouts:
 - stores written by pymmcore-plus / ome-writers: per-frame ``delta_t`` (s) in
   ``attrs["ome_writers"]["frame_metadata"]``.
 
+Incomplete stores: a store written by :func:`~dle_stream.recording.write_recording`
+says how many frames its writer completed (``"frames_written"``, ``"complete"`` in the
+``"dle_stream"`` attribute); in any other store, trailing frames whose chunks were never
+written (they would read as the fill value) are taken as missing. Either way
+``n_frames`` counts only the written frames and ``truncated`` is True.
+
 Frames are read chunk by chunk: :meth:`ZarrRecording.frames` reads one chunk of frames
 at a time and yields its frames, so memory stays bounded by one chunk.
 """
@@ -62,13 +68,16 @@ class ZarrRecording(Recording):
         if isinstance(node, zarr.Group) and ("ome" in node.attrs or "multiscales" in node.attrs):
             self.format = "ome-zarr"
         timestamps = meta.frame_timestamps_s
+        written, note = _written_frames(path, node, array, layout)
         if timestamps is None and isinstance(node, zarr.Group):
-            timestamps = _ome_writers_timestamps(node.attrs.asdict(), layout, axes)
-        if timestamps is not None and len(timestamps) != layout.n_frames:
+            timestamps = _ome_writers_timestamps(node.attrs.asdict(), layout, axes, written)
+        if timestamps is not None and len(timestamps) < written:
             timestamps = None
         super().__init__(
             path,
-            n_frames=layout.n_frames,
+            n_frames=written,
+            truncated=written < layout.n_frames,
+            truncation_note=note,
             height=layout.height,
             width=layout.width,
             dtype=array.dtype,
@@ -161,7 +170,56 @@ class ZarrRecording(Recording):
         super().close()
 
 
-def _ome_writers_timestamps(attrs: dict[str, Any], layout: Any, axes: str) -> np.ndarray | None:
+def _written_frames(path: Path, node: Any, array: Any, layout: Any) -> tuple[int, str]:
+    """How many leading frames were really written, and a one-line note when not all were."""
+    total = int(layout.n_frames)
+    doc = node.attrs.get(md.DLE_ZARR_KEY) if isinstance(node, (zarr.Group, zarr.Array)) else None
+    if isinstance(doc, dict) and doc.get("complete") is True:
+        return total, ""
+    if isinstance(doc, dict) and doc.get("complete") is False and isinstance(doc.get("frames_written"), int):
+        n = max(0, min(total, int(doc["frames_written"])))
+        if n < total:
+            return n, (f"{path}: the store is incomplete: its writer stopped after {n} of {total} frames "
+                       f"(the rest were never written); only those are read")
+        return n, ""
+    n = _frames_with_chunks(array, layout)
+    if n is None or n >= total:
+        return total, ""
+    return n, (f"{path}: the store is incomplete: frames {n}–{total - 1} of {total} were never written "
+               f"(no data on disk); only the first {n} are read")
+
+
+def _frames_with_chunks(array: Any, layout: Any) -> int | None:
+    """Frames up to the end of the last time chunk that holds any data on disk (None: unknown)."""
+    import itertools
+    import math
+
+    from zarr.core.sync import sync
+
+    try:
+        aa = array._async_array
+        store, prefix = aa.store_path.store, aa.store_path.path
+        storage = tuple(array.shards or array.chunks)
+        shape = tuple(array.shape)
+        grid = [math.ceil(n / c) if c else 0 for n, c in zip(shape, storage)]
+        ta = layout.time_axis
+        others = [range(g) if i != ta else None for i, g in enumerate(grid)]
+
+        def key(coords: tuple[int, ...]) -> str:
+            k = aa.metadata.encode_chunk_key(coords)
+            return f"{prefix}/{k}" if prefix else k
+
+        for tc in range(grid[ta] - 1, -1, -1):
+            ranges = [range(tc, tc + 1) if r is None else r for r in others]
+            for coords in itertools.islice(itertools.product(*ranges), 10_000):
+                if sync(store.exists(key(coords))):
+                    return min(shape[ta], (tc + 1) * storage[ta])
+        return 0
+    except Exception:  # noqa: BLE001 - a store we cannot list: assume complete
+        return None
+
+
+def _ome_writers_timestamps(attrs: dict[str, Any], layout: Any, axes: str, written: int | None = None) -> np.ndarray | None:
     """Per-frame ``delta_t`` (s) from ome-writers' frame metadata, for the chosen channel."""
     frames = (attrs.get("ome_writers") or {}).get("frame_metadata") if isinstance(attrs.get("ome_writers"), dict) else None
     if not frames:
@@ -182,4 +240,5 @@ def _ome_writers_timestamps(attrs: dict[str, Any], layout: Any, axes: str) -> np
         t = position.get(layout.time_axis)
         if t is not None and 0 <= t < layout.n_frames:
             stamps[t] = value
-    return None if np.isnan(stamps).any() else stamps
+    n = layout.n_frames if written is None else written
+    return None if n == 0 or np.isnan(stamps[:n]).any() else stamps[:n]

@@ -1,0 +1,344 @@
+"""Data safety (issue 15): a user's files are never overwritten or deleted without
+--overwrite (and never when dle-stream did not write them); incomplete recordings are
+detected, analysed as far as they are valid, and said to be incomplete; output paths
+that cannot be written give one line, not a traceback; paths are printed literally."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from typer.testing import CliRunner
+
+from dle_stream import ScanTiming
+from dle_stream.cli import app
+from dle_stream.errors import DleStreamError
+from dle_stream.recording import open_recording, write_recording
+from dle_stream.recording.writer import partial_path
+
+runner = CliRunner()
+MODEL_TIMING = ScanTiming.reference()
+SIM = ["--frames", "20", "--size", "20x20"]
+
+
+def one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:"), result.output
+    text = " ".join(result.output.split())
+    for w in words:
+        assert w in text, (w, text)
+    return text
+
+
+@pytest.fixture()
+def small_model(tmp_path_factory):
+    """A tiny but valid model package with the reference timing (weights untrained), 40-frame windows."""
+    from dle_stream.model import DLEModel, ModelConfig
+    from dle_stream.model_package import ModelCard, save_model_package
+
+    folder = tmp_path_factory.mktemp("m") / "tiny"
+    cfg = ModelConfig(temporal_channels=16, head_hidden=16)
+    card = ModelCard(name="tiny", tile_height=20, tile_width=20, window_frames=40, d_min_um2_s=0.0,
+                     d_max_um2_s=1.5, scan_timing=MODEL_TIMING.to_dict(), pixel_size_um=0.15,
+                     architecture=cfg.to_dict())
+    save_model_package(folder, DLEModel(cfg), card)
+    return folder
+
+
+def timing(h=20, w=20):
+    return ScanTiming(**{**MODEL_TIMING.to_dict(), "width_px": w, "height_px": h})
+
+
+def movie(n=60, h=20, w=20, seed=0):
+    return np.random.default_rng(seed).poisson(100, (n, h, w)).astype(np.uint16)
+
+
+# ------------------------------------------------------ item 1: never destroy a file
+def test_simulate_refuses_an_existing_tiff(tmp_path):
+    target = tmp_path / "keep.tif"
+    target.write_bytes(b"my precious data")
+    text = one_line_error(runner.invoke(app, ["simulate", str(target), *SIM]), "keep.tif", "--overwrite")
+    assert "already exists" in text
+    assert target.read_bytes() == b"my precious data"
+    assert not (tmp_path / "keep.tif.truth.json").exists()
+
+
+def test_simulate_overwrite_replaces_a_file(tmp_path):
+    target = tmp_path / "old.tif"
+    target.write_bytes(b"old")
+    ok = runner.invoke(app, ["simulate", str(target), *SIM, "--overwrite"])
+    assert ok.exit_code == 0, ok.output
+    with open_recording(target) as rec:
+        assert rec.n_frames == 20 and not rec.truncated
+    assert not partial_path(target).exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_simulate_never_deletes_a_foreign_folder(tmp_path, extra):
+    folder = tmp_path / "data.zarr"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    one_line_error(runner.invoke(app, ["simulate", str(folder), *SIM, *extra]), "data.zarr", "did not write")
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_simulate_never_replaces_a_run_log(tmp_path, extra):
+    from dle_stream.zarr_log import ZarrLog, open_log
+
+    log_path = tmp_path / "run.zarr"
+    ZarrLog.create(log_path, tile_bboxes=np.array([[0, 0, 20, 20]]), attrs={"estimator": "dle"}).close()
+    before = sorted(str(p.relative_to(log_path)) for p in log_path.rglob("*"))
+    one_line_error(runner.invoke(app, ["simulate", str(log_path), *SIM, *extra]), "run.zarr", "run log")
+    assert sorted(str(p.relative_to(log_path)) for p in log_path.rglob("*")) == before
+    open_log(log_path)  # still a readable log
+
+
+def test_simulate_zarr_recording_needs_overwrite(tmp_path):
+    target = tmp_path / "rec.zarr"
+    assert runner.invoke(app, ["simulate", str(target), *SIM, "--seed", "1"]).exit_code == 0
+    first = open_recording(target).read(0, 20)
+    one_line_error(runner.invoke(app, ["simulate", str(target), *SIM, "--seed", "2"]), "rec.zarr", "--overwrite")
+    assert np.array_equal(open_recording(target).read(0, 20), first)
+    ok = runner.invoke(app, ["simulate", str(target), *SIM, "--seed", "2", "--overwrite"])
+    assert ok.exit_code == 0, ok.output
+    assert not np.array_equal(open_recording(target).read(0, 20), first)
+
+
+def test_simulate_refuses_an_existing_truth_file(tmp_path):
+    truth = tmp_path / "rec.tif.truth.json"
+    truth.write_text('{"mine": 1}')
+    one_line_error(runner.invoke(app, ["simulate", str(tmp_path / "rec.tif"), *SIM]), "truth", "--overwrite")
+    assert truth.read_text() == '{"mine": 1}'
+    assert not (tmp_path / "rec.tif").exists()
+
+
+def test_failed_overwrite_keeps_the_old_file(tmp_path):
+    """The new TIFF is written beside the old one and renamed only when complete."""
+    target = tmp_path / "rec.tif"
+    target.write_bytes(b"old recording")
+
+    def frames():
+        for k in range(10):
+            if k == 5:
+                raise RuntimeError("camera unplugged")
+            yield np.zeros((20, 20), np.uint16)
+
+    with pytest.raises(RuntimeError):
+        write_recording(target, frames(), timing(), n_frames=10, overwrite=True)
+    assert target.read_bytes() == b"old recording"
+    assert not partial_path(target).exists()
+
+
+def test_write_recording_refuses_existing_by_default(tmp_path):
+    target = write_recording(tmp_path / "a.ome.tif", movie(5), timing())
+    stamp = target.stat().st_mtime_ns, target.read_bytes()
+    with pytest.raises(DleStreamError, match="--overwrite"):
+        write_recording(target, movie(5, seed=1), timing())
+    assert (target.stat().st_mtime_ns, target.read_bytes()) == stamp
+
+
+def _log(tmp_path: Path) -> Path:
+    from dle_stream.zarr_log import ZarrLog
+
+    path = tmp_path / "run.zarr"
+    ZarrLog.create(path, tile_bboxes=np.array([[0, 0, 20, 20]]), attrs={"estimator": "dle"}).close()
+    return path
+
+
+def test_log_export_refuses_an_existing_csv(tmp_path):
+    log = _log(tmp_path)
+    csv_path = tmp_path / "out.csv"
+    csv_path.write_text("my spreadsheet\n")
+    one_line_error(runner.invoke(app, ["log", "export", str(log), "--csv", str(csv_path)]), "out.csv", "--overwrite")
+    assert csv_path.read_text() == "my spreadsheet\n"
+    ok = runner.invoke(app, ["log", "export", str(log), "--csv", str(csv_path), "--overwrite"])
+    assert ok.exit_code == 0, ok.output
+    assert csv_path.read_text().startswith("window,")
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_log_export_to_a_folder_or_missing_folder(tmp_path):
+    log = _log(tmp_path)
+    one_line_error(runner.invoke(app, ["log", "export", str(log), "--csv", str(tmp_path)]), "--csv", "folder")
+    one_line_error(runner.invoke(app, ["log", "export", str(log), "--csv", str(tmp_path / "no" / "x.csv")]), "--csv")
+
+
+# ------------------------------------------------ item 2: incomplete recordings
+KILL_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    from dle_stream import ScanTiming
+    from dle_stream.recording import write_recording
+    t = ScanTiming.reference().with_frame_size(64, 64)
+    def frames():
+        for k in range(600):
+            if k == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield np.full((64, 64), k + 1, np.float32)
+    write_recording(sys.argv[1], frames(), t, n_frames=600)
+""")
+
+
+def _killed_writer(tmp_path: Path, name: str, kill_at: int) -> Path:
+    target = tmp_path / name
+    proc = subprocess.run([sys.executable, "-c", KILL_WRITER, str(target), str(kill_at)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    return target
+
+
+def test_killed_zarr_writer_leaves_a_store_that_says_it_is_incomplete(tmp_path):
+    # 64×64 float32 frames: the writer stores blocks of 256 frames; killed at frame 530 → 512 written
+    target = _killed_writer(tmp_path, "rec.zarr", 530)
+    with open_recording(target) as rec:
+        assert rec.truncated and rec.n_frames == 512
+        assert "512 of 600" in rec.truncation_note and "rec.zarr" in rec.truncation_note
+        data = rec.read(0, rec.n_frames)
+    assert np.array_equal(data[:, 0, 0], np.arange(1, 513, dtype=np.float32))  # no zero-filled frame among them
+
+
+def test_killed_tiff_writer_leaves_only_a_partial_file(tmp_path):
+    target = _killed_writer(tmp_path, "rec.tif", 300)
+    assert not target.exists()
+    partial = partial_path(target)
+    assert partial.exists()
+    with pytest.raises(DleStreamError, match="incomplete recording"):
+        open_recording(partial)
+    one_line_error(runner.invoke(app, ["replay", str(partial)]), "rec.tif.partial", "simulate it again")
+
+
+def _incomplete_zarr(tmp_path: Path, n: int, written: int) -> Path:
+    path = write_recording(tmp_path / "cut.zarr", movie(n), timing())
+    group = zarr.open_group(str(path), mode="r+")
+    doc = dict(group.attrs["dle_stream"])
+    group.attrs["dle_stream"] = {**doc, "frames_written": written, "complete": False}
+    return path
+
+
+def test_replay_of_an_incomplete_store_uses_the_valid_frames_and_warns(tmp_path, small_model):
+    path = _incomplete_zarr(tmp_path, 120, 80)
+    result = runner.invoke(app, ["replay", str(path), "--model", str(small_model), "--window", "40", "--hop", "20",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "80 frames" in result.stdout
+    assert "INCOMPLETE" in result.stderr and "80 of 120" in result.stderr
+
+
+def test_replay_with_nothing_estimable_exits_non_zero(tmp_path, small_model):
+    path = _incomplete_zarr(tmp_path, 120, 30)
+    one_line_error(runner.invoke(app, ["replay", str(path), "--model", str(small_model)]),
+                   "cut.zarr", "30 usable frames", "--window", "30 of 120")
+
+
+def test_foreign_zarr_with_unwritten_trailing_chunks(tmp_path):
+    path = tmp_path / "acq.zarr"
+    array = zarr.create_array(str(path), shape=(100, 20, 20), chunks=(10, 20, 20), dtype="uint16", fill_value=0,
+                              dimension_names=("t", "y", "x"))
+    array[:35] = movie(35)
+    with open_recording(path) as rec:
+        assert rec.truncated and rec.n_frames == 40  # the last written chunk holds frames 30–39
+        assert "never written" in rec.truncation_note
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.1, 0.3, 0.5, 0.75, 0.9, 0.99])
+@pytest.mark.parametrize("name", ["cut.tif", "cut.ome.tif"])
+def test_cut_tiff_is_never_analysed_as_whole(tmp_path, small_model, name, fraction):
+    path = write_recording(tmp_path / name, movie(120), timing())
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    result = runner.invoke(app, ["replay", str(path), "--model", str(small_model), "--window", "40", "--hop", "20",
+                                 "--quiet"])
+    assert "Traceback" not in result.output
+    if result.exit_code == 0:
+        frames = int(result.stdout.split(" frames")[0].split()[-1])
+        assert 40 <= frames <= 120  # a cut in the trailing page headers leaves every frame's pixels intact
+        assert "INCOMPLETE" in result.stderr
+    else:
+        one_line_error(result, name)
+
+
+# -------------------------------------------- item 6: impossible output paths
+def test_simulate_onto_a_folder_named_like_a_tiff(tmp_path):
+    (tmp_path / "x.ome.tif").mkdir()
+    one_line_error(runner.invoke(app, ["simulate", str(tmp_path / "x.ome.tif"), *SIM]), "x.ome.tif", "folder")
+
+
+def test_simulate_under_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    one_line_error(runner.invoke(app, ["simulate", str(tmp_path / "f" / "a.tif"), *SIM]), "a.tif", "is a file")
+
+
+def test_simulate_into_a_read_only_folder(tmp_path, monkeypatch):
+    import dle_stream.recording.writer as writer
+
+    # tests may run as root, which writes anywhere: ask the check what a user would get
+    monkeypatch.setattr(writer.os, "access", lambda path, mode: False)
+    one_line_error(runner.invoke(app, ["simulate", str(tmp_path / "a.tif"), *SIM]), "a.tif", "not writable")
+
+
+def test_a_refused_write_is_one_line(tmp_path, monkeypatch):
+    """The system refusing a write (read-only disk, ...) mid-way: one line, no traceback, nothing left."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "a.tif.partial"))
+
+    monkeypatch.setattr(tifffile, "TiffWriter", refuse)
+    one_line_error(runner.invoke(app, ["simulate", str(tmp_path / "a.tif"), *SIM]), "a.tif", "Permission denied")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["train", "--steps", "1"], ["bench", "--n", "2"], ["demo", "--frames", "50"]])
+def test_out_is_an_existing_file(tmp_path, command):
+    f = tmp_path / "taken"
+    f.write_text("mine")
+    one_line_error(runner.invoke(app, [*command, "--out", str(f)]), "--out", "taken", "is a file")
+    assert f.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", [["train", "--steps", "1"], ["bench", "--n", "2"], ["demo", "--frames", "50"]])
+def test_out_under_a_file(tmp_path, command):
+    (tmp_path / "f").write_text("")
+    one_line_error(runner.invoke(app, [*command, "--out", str(tmp_path / "f" / "sub")]), "--out", "is a file")
+
+
+def test_out_read_only(tmp_path, monkeypatch):
+    import dle_stream.cli as cli
+
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    one_line_error(runner.invoke(app, ["bench", "--n", "2", "--out", str(tmp_path / "b")]), "--out", "not writable")
+    assert not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------- item 7: text printed literally
+def test_markup_like_path_in_an_error(tmp_path):
+    result = runner.invoke(app, ["replay", str(tmp_path / "nope[/]x.tif")])
+    one_line_error(result, "nope[/]x.tif")
+
+
+def test_bracketed_folder_names_are_not_mangled(tmp_path):
+    folder = tmp_path / "data[raw]"
+    folder.mkdir()
+    one_line_error(runner.invoke(app, ["replay", str(folder / "rec.tif")]), "data[raw]/rec.tif")
+    ok = runner.invoke(app, ["simulate", str(folder / "rec[1].tif"), *SIM])
+    assert ok.exit_code == 0, ok.output
+    assert f"wrote {folder / 'rec[1].tif'} (20 frames" in ok.stdout
+
+
+def test_bracketed_roi_names_and_warnings_are_not_mangled(tmp_path, small_model):
+    path = tmp_path / "plain[1].tif"
+    tifffile.imwrite(path, movie(60))  # no timing metadata: the model's timing is assumed (a warning)
+    result = runner.invoke(app, ["replay", str(path), "--model", str(small_model), "--window", "40", "--hop", "20",
+                                 "--roi", "[b]cell[/b]=0,0,20,20", "--no-dashboard"])
+    assert result.exit_code == 0, result.output
+    assert "[b]cell[/b]:" in result.stdout
