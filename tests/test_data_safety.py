@@ -342,3 +342,61 @@ def test_bracketed_roi_names_and_warnings_are_not_mangled(tmp_path, small_model)
                                  "--roi", "[b]cell[/b]=0,0,20,20", "--no-dashboard"])
     assert result.exit_code == 0, result.output
     assert "[b]cell[/b]:" in result.stdout
+
+
+# ----------------------------------------- item 4: flags that gave nothing or a silent change
+@pytest.fixture()
+def rec60(tmp_path):
+    return write_recording(tmp_path / "rec.tif", movie(60), timing())
+
+
+@pytest.mark.parametrize("window", ["0", "-3"])
+def test_window_below_one_is_refused(rec60, small_model, window):
+    one_line_error(runner.invoke(app, ["replay", str(rec60), "--model", str(small_model), "--window", window]),
+                   f"--window {window}", "at least 1")
+
+
+def test_window_longer_than_the_recording_is_an_error(rec60, small_model, tmp_path):
+    log = tmp_path / "run.zarr"
+    result = runner.invoke(app, ["replay", str(rec60), "--model", str(small_model), "--window", "5000",
+                                 "--log", str(log)])
+    one_line_error(result, "rec.tif", "60 usable frames", "5000-frame window", "--window (at most 60)")
+    assert not log.exists()  # nothing was started
+
+
+@pytest.mark.parametrize("roi", ["0.5,0,20,20", "0,0,20.5,20", "a=0,0,1e-1,20"])
+def test_fractional_roi_is_refused(rec60, small_model, roi):
+    one_line_error(runner.invoke(app, ["replay", str(rec60), "--model", str(small_model), "--roi", roi]),
+                   "--roi", "whole pixels")
+
+
+def test_fractional_roi_in_a_file_is_refused(rec60, small_model, tmp_path):
+    rois = tmp_path / "rois.csv"
+    rois.write_text("name,x,y,w,h\na,0,0,20.5,20\n")
+    one_line_error(runner.invoke(app, ["replay", str(rec60), "--model", str(small_model), "--rois", str(rois)]),
+                   "--rois", "rois.csv", "whole pixels")
+
+
+def test_whole_pixels_written_as_floats_are_accepted(rec60, small_model):
+    ok = runner.invoke(app, ["replay", str(rec60), "--model", str(small_model), "--roi", "a=0,0,20.0,20",
+                             "--window", "40", "--quiet"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_duplicate_roi_names_are_refused(rec60, small_model, tmp_path):
+    result = runner.invoke(app, ["replay", str(rec60), "--model", str(small_model), "--roi", "cell=0,0,20,20",
+                                 "--roi", "cell=20,20,20,20"])
+    one_line_error(result, "'cell'", "2 times", "own name")
+    rois = tmp_path / "rois.json"
+    rois.write_text(json.dumps([{"name": "n", "x": 0, "y": 0, "w": 20, "h": 20}, {"name": "n", "x": 20, "y": 0, "w": 20, "h": 20}]))
+    one_line_error(runner.invoke(app, ["replay", str(rec60), "--model", str(small_model), "--rois", str(rois)]), "'n'")
+
+
+def test_quiet_still_shows_warnings_on_stderr(tmp_path, small_model):
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, movie(60))  # no timing metadata: the model's timing is ASSUMED
+    result = runner.invoke(app, ["replay", str(path), "--model", str(small_model), "--window", "40", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.stderr and "ASSUMED" in result.stderr
+    assert "warning" not in result.stdout  # the summary stays clean for scripts
+    assert "60 frames, 1 windows" in result.stdout
