@@ -32,7 +32,9 @@ class Recording:
         dtype: pixel data type.
         timing: the :class:`ScanTiming` from the file's metadata, if it is complete.
         timing_source: which metadata gave it (``"dle-stream"``, ``"scanimage"``, ``"ome"``,
-            ``"imagej"``, ``"micro-manager"``, ``"ome-zarr"``, ``"ome-writers"``), or None.
+            ``"imagej"``, ``"micro-manager"``, ``"ome-zarr"``, ``"ome-writers"``,
+            ``"pymmcore-plus"``), or None.
+        frame_image_numbers: the camera's frame counter per frame, when recorded.
         timing_fields: the :class:`ScanTiming` fields the metadata gave (µm, µs, px, bool).
         timing_missing: :class:`ScanTiming` fields the metadata did not give (the frame
             size, ``width_px`` and ``height_px``, is taken from the frames when absent).
@@ -57,6 +59,7 @@ class Recording:
         frame_timestamps_s: np.ndarray | None | Callable[[], np.ndarray | None] = None,
         truncated: bool = False,
         truncation_note: str = "",
+        frame_image_numbers: np.ndarray | None = None,
     ) -> None:
         self.path = Path(path)
         self.n_frames = int(n_frames)
@@ -78,6 +81,7 @@ class Recording:
                 # Inconsistent metadata: leave it to resolve_timing to report, with the fields.
                 self.timing = None
         self._timestamps = frame_timestamps_s
+        self._image_numbers = frame_image_numbers
         self._closed = False
 
     # ------------------------------------------------------------- timestamps
@@ -95,6 +99,17 @@ class Recording:
         if stamps.ndim != 1 or len(stamps) < self.n_frames:
             return None
         return stamps[: self.n_frames]
+
+    @property
+    def frame_image_numbers(self) -> np.ndarray | None:
+        """The camera's own frame counter per frame (int64 [n_frames], e.g. Micro-Manager's
+        ``ImageNumber``), when recorded; a jump means frames were lost before they were saved."""
+        if self._image_numbers is None:
+            return None
+        numbers = np.asarray(self._image_numbers)
+        if numbers.ndim != 1 or len(numbers) < self.n_frames:
+            return None
+        return numbers[: self.n_frames].astype(np.int64)
 
     # ---------------------------------------------------------------- reading
     def __len__(self) -> int:

@@ -1,8 +1,9 @@
 """Which reader or writer a path needs, from its suffix: :func:`open_recording`.
 
 Reading: ``.tif``/``.tiff``/``.btf`` (plain TIFF, ImageJ, OME-TIFF, ScanImage,
-Micro-Manager: the TIFF reader tells them apart from their metadata) and ``.zarr``
-(or any folder that is a Zarr store). Writing: ``.ome.tif``/``.ome.tiff`` → OME-TIFF,
+Micro-Manager: the TIFF reader tells them apart from their metadata), ``.zarr``
+(or any folder that is a Zarr store), and a folder of one TIFF per frame written by
+pymmcore-plus's ``ImageSequenceWriter``. Writing: ``.ome.tif``/``.ome.tiff`` → OME-TIFF,
 ``.tif``/``.tiff`` → ImageJ hyperstack (opens in Fiji), ``.zarr`` → OME-Zarr.
 """
 
@@ -74,11 +75,16 @@ def open_recording(path: str | Path, channel: int | None = None) -> Recording:
         )
     if is_zarr_path(path):
         return ZarrRecording(path, channel)
+    from dle_stream.recording.image_sequence import ImageSequenceRecording, is_image_sequence_folder
+
+    if is_image_sequence_folder(path):
+        return ImageSequenceRecording(path, channel)
     if is_tiff_path(path):
         if path.is_dir():
             raise DleStreamError(f"{path}: is a folder, not a TIFF file; check the path")
         return TiffRecording(path, channel)
     raise DleStreamError(
         f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; dle-stream reads TIFF "
-        f"(.tif, .tiff: plain, ImageJ, OME-TIFF, ScanImage) and Zarr (.zarr) recordings"
+        f"(.tif, .tiff: plain, ImageJ, OME-TIFF, ScanImage), Zarr (.zarr) recordings and pymmcore-plus "
+        f"image-sequence folders"
     )

@@ -258,12 +258,21 @@ def from_imagej(ij: dict[str, Any], resolution: tuple[float, float] | None) -> T
         pixel = length_um(1.0 / float(resolution[0]), str(unit))
         if pixel:
             fields["pixel_size_um"] = pixel
-    frame_s = _positive(ij.get("finterval"))
+    # ImageJ's frame interval is in its time unit ``tunit`` (Fiji writes "sec"; "ms", "us", "min" occur)
+    tunit = str(ij.get("tunit") or "s").strip().lower()
+    tunit = {"sec": "s", "secs": "s", "msec": "ms", "usec": "us", "\\u00b5s": "µs"}.get(tunit, tunit)
+    ignored: list[str] = []
+    frame_s = time_s(ij.get("finterval"), tunit) if "finterval" in ij else None
+    if "finterval" in ij and frame_s is None:
+        ignored.append(f"finterval={ij.get('finterval')!r} {ij.get('tunit') or 's'} is not a positive time in a "
+                       f"known unit; ignored")
     if frame_s is None and (fps := _positive(ij.get("fps"))):
         frame_s = 1.0 / fps
     if frame_s:
         fields["frame_period_us"] = frame_s * 1e6
-    keep = {k: jsonable(v) for k, v in ij.items() if k in ("ImageJ", "images", "frames", "slices", "channels", "finterval", "fps", "unit", "spacing")}
+    keep = {k: jsonable(v) for k, v in ij.items() if k in ("ImageJ", "images", "frames", "slices", "channels", "finterval", "fps", "unit", "tunit", "spacing")}
+    if ignored:
+        keep["ignored"] = ignored
     return TimingMetadata(source="imagej" if fields else None, fields=fields, raw={"imagej": keep})
 
 
@@ -319,6 +328,50 @@ def from_micromanager(page_meta: dict[str, Any] | None, summary: dict[str, Any] 
         fields["frame_period_us"] = interval * 1e3
     keep = {k: jsonable(v) for k, v in {**summary, **page_meta}.items() if not isinstance(v, (dict, list))}
     return TimingMetadata(source="micro-manager" if fields else None, fields=fields, raw={"micro-manager": keep})
+
+
+# -------------------------------------------------------------- pymmcore-plus
+def from_pymmcore_frames(frames: list[Any], interval_s: Any = None) -> tuple[TimingMetadata, np.ndarray | None]:
+    """Pixel size, per-frame timestamps (s) and image numbers from pymmcore-plus frame
+    metadata (``FrameMetaV1`` dicts, one per frame in storage order, as its
+    ImageSequenceWriter and TensorStoreHandler write them), and the frame period from a
+    positive MDA time-plan ``interval_s``.
+
+    Timestamps are the camera's ``ElapsedTime-ms`` (else ``runner_time_ms``): software
+    times, good for detecting dropped frames, not for time lags. Image numbers are the
+    camera's ``ImageNumber``; a jump means frames were lost.
+    """
+    fields: dict[str, Any] = {}
+    records = [f for f in frames if isinstance(f, dict)]
+    pixel = next((_positive(f.get("pixel_size_um")) for f in records if _positive(f.get("pixel_size_um"))), None)
+    if pixel:
+        fields["pixel_size_um"] = pixel
+    if (interval := _positive(interval_s)) is not None:
+        fields["frame_period_us"] = interval * 1e6
+    stamps: np.ndarray | None = None
+    numbers: np.ndarray | None = None
+    if records and len(records) == len(frames):
+        cams = [f.get("camera_metadata") if isinstance(f.get("camera_metadata"), dict) else {} for f in records]
+        try:
+            stamps = np.array([float(c["ElapsedTime-ms"]) / 1e3 for c in cams])
+        except (KeyError, TypeError, ValueError):
+            try:
+                stamps = np.array([float(f["runner_time_ms"]) / 1e3 for f in records])
+            except (KeyError, TypeError, ValueError):
+                stamps = None
+        if stamps is not None and not np.all(np.isfinite(stamps)):
+            stamps = None
+        try:
+            numbers = np.array([int(c["ImageNumber"]) for c in cams], dtype=np.int64)
+        except (KeyError, TypeError, ValueError, OverflowError):
+            numbers = None
+    first = records[0] if records else {}
+    keep = {k: jsonable(v) for k, v in first.items() if not isinstance(v, (dict, list))}
+    if isinstance(first.get("camera_metadata"), dict):
+        keep["camera_metadata"] = jsonable(first["camera_metadata"])
+    meta = TimingMetadata(source="pymmcore-plus" if fields else None, fields=fields, frame_timestamps_s=stamps,
+                          raw={"pymmcore_plus": {"first_frame": keep, "frames": len(frames)}})
+    return meta, numbers
 
 
 # ------------------------------------------------------------------- OME-Zarr

@@ -94,12 +94,18 @@ def resolve_timing(
 
     chosen: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    ignored_notes: list[str] = []
+    if recording is not None:
+        for kind, raw in recording.metadata.items():  # values the metadata gave but that make no sense
+            notes = raw.get("ignored") if isinstance(raw, dict) else None
+            if isinstance(notes, list):
+                ignored_notes += [f"{recording.path.name}: its {kind} metadata {n}" for n in notes if isinstance(n, str)]
     for label, values in layers:
         for key, value in values.items():
             if key not in chosen:
                 chosen[key], origin[key] = value, label
 
-    warnings: list[str] = []
+    warnings: list[str] = list(ignored_notes)
     missing = [n for n in ScanTiming.field_names() if n not in chosen]
     if missing and fallback is not None:
         assumed = {n: getattr(fallback, n) for n in missing}

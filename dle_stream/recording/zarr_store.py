@@ -10,7 +10,9 @@ Accepted layouts:
   attribute ``"dle_stream"`` holds the full scan timing, and the 1-D array
   ``"frame_timestamps_s"`` the per-frame times;
 - stores written by pymmcore-plus / ome-writers: per-frame ``delta_t`` (s) in
-  ``attrs["ome_writers"]["frame_metadata"]``.
+  ``attrs["ome_writers"]["frame_metadata"]``;
+- pymmcore-plus's TensorStoreHandler (a Zarr v2 array [t, y, x]): pixel size, camera
+  timestamps (``ElapsedTime-ms``) and image numbers from ``attrs["frame_metadatas"]``.
 
 Incomplete stores: a store written by :func:`~dle_stream.recording.write_recording`
 says how many frames its writer completed (``"frames_written"``, ``"complete"`` in the
@@ -69,6 +71,8 @@ class ZarrRecording(Recording):
             self.format = "ome-zarr"
         timestamps = meta.frame_timestamps_s
         written, note = _written_frames(path, node, array, layout)
+        frames = _pymmcore_frames(node) if isinstance(node, zarr.Array) else None
+        numbers = md.from_pymmcore_frames(frames)[1] if frames and len(frames) >= written else None
         if timestamps is None and isinstance(node, zarr.Group):
             timestamps = _ome_writers_timestamps(node.attrs.asdict(), layout, axes, written)
         if timestamps is not None and len(timestamps) < written:
@@ -85,6 +89,7 @@ class ZarrRecording(Recording):
             timing_source=meta.source,
             metadata=meta.raw,
             frame_timestamps_s=timestamps,
+            frame_image_numbers=numbers,
         )
         time_chunk = array.chunks[layout.time_axis] if array.chunks else 1
         self._time_chunk = max(1, int(time_chunk))
@@ -95,7 +100,9 @@ class ZarrRecording(Recording):
         """The image array, its OME axis names (if any) and the timing its store records."""
         if isinstance(node, zarr.Array):
             doc = md.from_document(node.attrs.get(md.DLE_ZARR_KEY), str(path))
-            return node, None, md.merge(doc)
+            frames = _pymmcore_frames(node)
+            pmm = md.from_pymmcore_frames(frames)[0] if frames else None
+            return node, None, md.merge(doc, pmm)
         attrs = node.attrs.asdict()
         doc = md.from_document(attrs.get(md.DLE_ZARR_KEY), str(path))
         if doc is not None and TIMESTAMPS_ARRAY in node:
@@ -168,6 +175,22 @@ class ZarrRecording(Recording):
     def close(self) -> None:
         self._array = None
         super().close()
+
+
+def _pymmcore_frames(node: Any) -> list[dict] | None:
+    """pymmcore-plus TensorStoreHandler's per-frame metadata (``attrs["frame_metadatas"]``),
+    ordered by time point; None unless it describes a plain time series."""
+    frames = node.attrs.get("frame_metadatas")
+    if not isinstance(frames, list) or not frames or not all(isinstance(f, dict) for f in frames):
+        return None
+    try:
+        index = [dict((f.get("mda_event") or {}).get("index") or {}) for f in frames]
+        if any(v for i in index for k, v in i.items() if k != "t"):
+            return None  # channels, positions or z: not one frame per time point
+        order = sorted(range(len(frames)), key=lambda k: int(index[k].get("t", k)))
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return [frames[k] for k in order]
 
 
 def _written_frames(path: Path, node: Any, array: Any, layout: Any) -> tuple[int, str]:

@@ -3,6 +3,9 @@
 Reads a :class:`~dle_stream.recording.Recording` lazily, one frame at a time, and yields
 :class:`~dle_stream.events.FrameEvent` records. Replay never drops a frame.
 
+Image numbers: the camera's frame counter when the recording kept it (pymmcore-plus
+writers), so frames lost before they were saved show as a gap.
+
 Timestamps: the recording's own per-frame timestamps when it has them (and they are
 finite and non-decreasing), else ``index × frame period`` (from ``frame_period_s`` or the
 recording's scan timing), else None.
@@ -102,6 +105,10 @@ class FileSource:
     def frames(self) -> Iterator[FrameEvent]:
         """Yield the frames in order, lazily (paced when ``realtime``)."""
         stamps = self.timestamps_s
+        # the camera's frame counter, when the file kept it: a jump is a gap (frames lost while saving)
+        numbers = self.recording.frame_image_numbers
+        if numbers is not None and not np.all(np.diff(numbers) > 0):
+            numbers = None
         t0_wall = time.perf_counter()
         t0_rec = None if stamps is None else float(stamps[self.start])
         for offset, frame in enumerate(self.recording.frames(self.start, self.stop_frame)):
@@ -114,6 +121,6 @@ class FileSource:
                     return
             yield FrameEvent(
                 frame=frame, index=offset, timestamp_s=None if stamps is None else float(stamps[k]),
-                image_number=None, metadata={"frame_in_file": k},
+                image_number=None if numbers is None else int(numbers[k]), metadata={"frame_in_file": k},
             )
             self.frames_delivered += 1
