@@ -475,15 +475,21 @@ def models() -> None:
     for col in ("name", "D range µm²/s", "tile", "window", "dwell / line / frame µs", "pixel µm", "val L1", "path"):
         table.add_column(col)
     found = list_models()
+    rows: list[list[str]] = []
     for path, card in found:
         t = card.scan_timing
         val = card.validation.get("dle", {}) if isinstance(card.validation, dict) else {}
         l1 = f"{val['l1']:.3g}" if isinstance(val.get("l1"), (int, float)) else "—"
-        table.add_row(card.name, f"{card.d_min_um2_s:g}–{card.d_max_um2_s:g}", f"{card.tile_height}×{card.tile_width}",
-                      str(card.window_frames), f"{t['dwell_us']:g} / {t['line_period_us']:g} / {t['frame_period_us']:g}",
-                      f"{card.pixel_size_um:g}", l1, str(path))
+        rows.append([card.name, f"{card.d_min_um2_s:g}–{card.d_max_um2_s:g}", f"{card.tile_height}×{card.tile_width}",
+                     str(card.window_frames), f"{t['dwell_us']:g} / {t['line_period_us']:g} / {t['frame_period_us']:g}",
+                     f"{card.pixel_size_um:g}", l1, str(path)])
+        table.add_row(*rows[-1])
     if not found:
         console.print("no model packages found (set DLE_STREAM_MODELS or train one with `dle-stream train`)")
+        return
+    if not console.is_terminal:  # piped (grep, a script): whole names and paths, one tab-separated line each
+        for row in [[str(c.header) for c in table.columns], *rows]:
+            typer.echo("\t".join(str(v) for v in row))
         return
     console.print(table)
 

@@ -341,10 +341,16 @@ def _load_mm_config(path: Path):
         raise DleStreamError(f"--mm-config {path}: no such file; give a Micro-Manager configuration (.cfg)")
     from pymmcore_plus import CMMCorePlus
 
+    from dle_stream.sources.demo_camera import quiet_pymmcore_logging
+
+    quiet_pymmcore_logging()  # its own stderr lines would precede (and confuse) our one-line errors
     core = CMMCorePlus()
     try:
         core.loadSystemConfiguration(str(path))
     except Exception as exc:
         raise DleStreamError(f"--mm-config {path}: Micro-Manager could not load it ({str(exc).splitlines()[0][:160]}); "
                              f"check the device adapters and the file") from None
+    if not core.getCameraDevice():
+        raise DleStreamError(f"--mm-config {path}: the configuration loaded no camera (is it empty, or not a "
+                             f"Micro-Manager configuration?); give the rig's .cfg with its camera, or use --demo")
     return core

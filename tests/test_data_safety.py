@@ -400,3 +400,24 @@ def test_quiet_still_shows_warnings_on_stderr(tmp_path, small_model):
     assert "warning:" in result.stderr and "ASSUMED" in result.stderr
     assert "warning" not in result.stdout  # the summary stays clean for scripts
     assert "60 frames, 1 windows" in result.stdout
+
+
+# ------------------------------------------------------------ item 8: smaller things
+@pytest.mark.parametrize("content", ["", "junk line\n"])
+def test_mm_config_without_a_camera(tmp_path, content):
+    cfg = tmp_path / "rig.cfg"
+    cfg.write_text(content)
+    one_line_error(runner.invoke(app, ["run", "--mm-config", str(cfg), "--frames", "5"]), "rig.cfg", "no camera")
+
+
+def test_models_piped_keeps_whole_names_and_paths(tmp_path, small_model, monkeypatch):
+    monkeypatch.setenv("DLE_STREAM_MODELS", str(small_model.parent))
+    result = runner.invoke(app, ["models"])  # CliRunner output is not a terminal, like a pipe
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("name\tD range")
+    assert any(ln.split("\t")[0] == "tiny" and ln.split("\t")[-1] == str(small_model) for ln in lines)
+
+
+def test_format_suffix_error_names_the_flag(tmp_path):
+    one_line_error(runner.invoke(app, ["simulate", str(tmp_path / "rec.avi"), *SIM]), "rec.avi", "--format")
