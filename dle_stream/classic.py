@@ -1,6 +1,6 @@
 """The classic estimator: trackpy tracking + the covariance-based estimator (CVE).
 
-A fair reference for the deep-learning estimator (DESIGN §7): the same call shape (a
+A fair reference for the deep-learning estimator (docs/design.md §7): the same call shape (a
 movie of one tile in, D ± σ in µm²/s out), with every parameter derived from the scan
 timing and the PSF, never tuned per movie.
 

@@ -1,4 +1,4 @@
-"""Accuracy and calibration of D estimates (DESIGN §7), as in the paper's Table 1.
+"""Accuracy and calibration of D estimates (docs/design.md §7), as in the paper's Table 1.
 
 All functions take plain arrays of the true D, the estimate D̂ and its σ̂, in one unit
 (µm²/s). L2 is the mean *squared* error, as the paper's "L2"; NLL is the paper's Eq. 2

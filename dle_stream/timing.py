@@ -227,7 +227,7 @@ class ScanTiming:
     # ---------------------------------------------------------------- presets
     @classmethod
     def reference(cls) -> "ScanTiming":
-        """The reference scan of the paper's simulator (DESIGN §4).
+        """The reference scan of the paper's simulator (docs/design.md §4).
 
         Pixel 0.15 µm, dwell 8 µs (125,000 px/s), a 20-px line with a 1.348 ms retrace
         (L = 1.508 ms), 20 lines and a 33 ms flyback after the start of the last line

@@ -1,4 +1,4 @@
-"""Augmentations that respect raster time (DESIGN §3).
+"""Augmentations that respect raster time (docs/design.md §3).
 
 A laser-scanning movie is a sequence of pixels in time, so a geometric transform is
 valid only if the transformed movie is what a microscope could record. Flipping or

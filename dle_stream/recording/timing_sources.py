@@ -1,6 +1,6 @@
 """Which scan timing to use for a stream: :func:`resolve_timing`.
 
-Precedence, field by field (DESIGN §3): command-line flags > timing file > the
+Precedence, field by field (docs/design.md §3): command-line flags > timing file > the
 recording's metadata > the recording's frame size (``width_px``, ``height_px`` only) >
 the fallback (a model card), which is used with a loud warning because the estimate is
 only valid if the microscope really scanned with that timing.

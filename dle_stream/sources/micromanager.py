@@ -6,7 +6,7 @@ timestamp from the camera metadata's ``ElapsedTime-ms``, the camera's ``ImageNum
 and the camera metadata) from a bounded queue. The core's callbacks and the polling
 thread only put frames on the queue (O(1)); everything else happens in the consumer.
 
-Modes (DESIGN §9):
+Modes (docs/design.md §9):
 
 ``"mda"``
     An MDA time series, ``useq.MDASequence(time_plan={"interval": 0, "loops": n})``:

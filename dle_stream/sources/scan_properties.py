@@ -1,7 +1,7 @@
 """Scan timing from Micro-Manager device properties, through a small JSON mapping.
 
 Laser-scanning rigs in Micro-Manager expose their timing only as device properties
-(e.g. OpenScan's ``OSc-LSM``: ``LSM-PixelRateHz``, ``LSM-Resolution``, ...; DESIGN §9),
+(e.g. OpenScan's ``OSc-LSM``: ``LSM-PixelRateHz``, ``LSM-Resolution``, ...; docs/design.md §9),
 under names that differ from adapter to adapter. A *scan-property mapping* says, for each
 :class:`~dle_stream.timing.ScanTiming` field, which property holds it and how to convert
 it to the field's unit. :func:`timing_from_core` reads the properties from a running core.
