@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from training.priors import get_preset
-from training.simulator import Simulator
+from dle_stream.training.priors import get_preset
+from dle_stream.training.simulator import Simulator
 
 
 def main() -> None:

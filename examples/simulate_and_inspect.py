@@ -9,8 +9,8 @@ true positions against 2·D·Δt per axis.
 
 import numpy as np
 
-from training.priors import get_preset
-from training.simulator import Simulator
+from dle_stream.training.priors import get_preset
+from dle_stream.training.simulator import Simulator
 
 preset = get_preset("low")
 sim = Simulator(preset.priors, preset.timing, frames=400)

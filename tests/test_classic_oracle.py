@@ -8,8 +8,8 @@ import pytest
 from dle_stream import ScanTiming
 from dle_stream.classic import ClassicEstimator, blur_coefficient, cve, diameter_px, search_range_px
 from dle_stream.oracle import oracle_batch, oracle_estimate, oracle_fit
-from training.priors import get_preset
-from training.simulator import Simulator
+from dle_stream.training.priors import get_preset
+from dle_stream.training.simulator import Simulator
 
 REF = ScanTiming.reference()
 LOW = get_preset("low").priors

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from dle_stream import ScanTiming, __version__
 from dle_stream.cli import app
 from dle_stream.recording import open_recording
-from training.recording_sim import parse_d_map, tile_grid
+from dle_stream.training.recording_sim import parse_d_map, tile_grid
 
 runner = CliRunner()
 
@@ -57,8 +57,8 @@ def test_simulate_frame_too_large_for_the_preset_periods_keeps_dwell_and_retrace
 
 
 def test_simulate_long_recording_in_chunks_to_zarr(tmp_path):
-    from training.priors import get_preset
-    from training.recording_sim import simulate_recording
+    from dle_stream.training.priors import get_preset
+    from dle_stream.training.recording_sim import simulate_recording
 
     p = get_preset("low")
     rec = simulate_recording(tmp_path / "r.zarr", p, frames=45, height=20, width=20, timing=p.timing,

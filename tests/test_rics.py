@@ -8,8 +8,8 @@ import pytest
 
 from dle_stream import ScanTiming
 from dle_stream.rics import RicsEstimator, correlation_segments, lag_time_us
-from training.priors import SimulatorPriors
-from training.simulator import Simulator
+from dle_stream.training.priors import SimulatorPriors
+from dle_stream.training.simulator import Simulator
 
 REF = ScanTiming.reference()
 FRAMES = 300

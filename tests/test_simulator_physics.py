@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dle_stream import ScanTiming
-from training.augment import reverse_raster_time
-from training.priors import SimulatorPriors, get_preset
-from training.simulator import Simulator
+from dle_stream.training.augment import reverse_raster_time
+from dle_stream.training.priors import SimulatorPriors, get_preset
+from dle_stream.training.simulator import Simulator
 
 REF = ScanTiming.reference()
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from training.augment import random_raster_augment
-from training.simulator import Simulator
+from dle_stream.training.augment import random_raster_augment
+from dle_stream.training.simulator import Simulator
 
 
 class LatentCache:

@@ -26,8 +26,8 @@ import torch
 from dle_stream import __version__
 from dle_stream.errors import DleStreamError
 from dle_stream.timing import ScanTiming
-from training.priors import Preset
-from training.simulator import Simulator
+from dle_stream.training.priors import Preset
+from dle_stream.training.simulator import Simulator
 
 
 def parse_d_map(spec: str | None, height: int, width: int, default: float | None) -> np.ndarray | None:
