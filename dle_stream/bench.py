@@ -42,14 +42,15 @@ class SuiteResult:
     visible: np.ndarray
     n_particles: np.ndarray
     estimates: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    intervals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # 68 % (lo, hi)
     seconds: dict[str, float] = field(default_factory=dict)
     prior: tuple[float, float] = (0.0, 1.0)  # mean, std
 
 
 def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str | None = None, batch: int = 32,
               progress: Callable[[int], None] | None = None, device: str = "cpu") -> SuiteResult:
-    from training.priors import get_preset
-    from training.simulator import Simulator
+    from dle_stream.training.priors import get_preset
+    from dle_stream.training.simulator import Simulator
 
     bad = [e for e in estimators if e not in ALL_ESTIMATORS]
     if bad or not estimators:
@@ -64,7 +65,11 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
         from dle_stream.estimator import DiffusionEstimator
 
         dle = DiffusionEstimator.load(model or SUITE_MODELS[suite], device=device)
-        runners["dle"] = lambda b: dle.estimate(b.movies.cpu().numpy(), timing)
+        def run_dle(b):
+            post = dle.estimate_posterior(b.movies.cpu().numpy(), timing)
+            return post.d, post.sigma, post.lo68, post.hi68
+
+        runners["dle"] = run_dle
     if "classic" in estimators:
         from dle_stream.classic import ClassicEstimator
 
@@ -84,7 +89,7 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
         runners["oracle"] = lambda b: oracle_batch(b, p.d_min_um2_s, p.d_max_um2_s)
     g = torch.Generator(device=device).manual_seed(seed)
     d_true, vis, parts = [], [], []
-    est: dict[str, list] = {k: [[], []] for k in runners}
+    est: dict[str, list] = {k: [[], [], [], []] for k in runners}
     secs = {k: 0.0 for k in runners}
     done = 0
     while done < n:
@@ -95,10 +100,10 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
         parts.append(b.n_particles.cpu().numpy())
         for name, fn in runners.items():
             t0 = time.perf_counter()
-            d, s = fn(b)
+            out = fn(b)
             secs[name] += time.perf_counter() - t0
-            est[name][0].append(np.asarray(d, float).reshape(-1))
-            est[name][1].append(np.asarray(s, float).reshape(-1))
+            for i, values in enumerate(out):
+                est[name][i].append(np.asarray(values, float).reshape(-1))
         done += m
         if progress:
             progress(m)
@@ -106,6 +111,8 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
                       prior=(p.d_mean_um2_s, p.d_std_um2_s))
     for name in runners:
         res.estimates[name] = (np.concatenate(est[name][0]), np.concatenate(est[name][1]))
+        if est[name][2]:
+            res.intervals[name] = (np.concatenate(est[name][2]), np.concatenate(est[name][3]))
         res.seconds[name] = secs[name]
     return res
 
@@ -123,8 +130,41 @@ def metrics(res: SuiteResult) -> dict:
         m = summarize(res.d_true, d, s)
         m["no_estimate"] = failed
         m["ms_per_window"] = 1e3 * res.seconds[name] / res.n
+        m["by_decile"] = decile_coverage(res, name)
+        if name in res.intervals:
+            lo, hi = res.intervals[name]
+            m["interval68_coverage"] = float(np.mean((lo <= res.d_true) & (res.d_true <= hi)))
         out[name] = m
     return out
+
+
+def decile_coverage(res: SuiteResult, name: str) -> list[dict]:
+    """Per decile of the true D: L1, bias, |err| < σ̂, and the 68 % interval's coverage (where given)."""
+    d, s, _ = _filled(res, name)
+    edges = np.quantile(res.d_true, np.linspace(0, 1, 11))
+    rows = []
+    for i in range(10):
+        sel = (res.d_true >= edges[i]) & ((res.d_true < edges[i + 1]) if i < 9 else (res.d_true <= edges[i + 1]))
+        err = d[sel] - res.d_true[sel]
+        row = {"d_lo": float(edges[i]), "d_hi": float(edges[i + 1]), "n": int(sel.sum()),
+               "l1": float(np.mean(np.abs(err))), "bias": float(np.mean(err)),
+               "within_1_sigma": float(np.mean(np.abs(err) < s[sel]))}
+        if name in res.intervals:
+            lo, hi = (a[sel] for a in res.intervals[name])
+            row["interval68_coverage"] = float(np.mean((lo <= res.d_true[sel]) & (res.d_true[sel] <= hi)))
+        rows.append(row)
+    return rows
+
+
+def decile_table(m: dict, name: str = "dle") -> str:
+    """Markdown: calibration of ``name`` per decile of the true D."""
+    rows = m[name]["by_decile"]
+    lines = ["| true D (µm²/s) | n | L1 | bias | \\|err\\|<σ̂ | 68 % interval holds D |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cov = r.get("interval68_coverage")
+        lines.append(f"| {r['d_lo']:.3g}–{r['d_hi']:.3g} | {r['n']} | {_f(r['l1'])} | {_f(r['bias'])} | "
+                     f"{_f(r['within_1_sigma'], 2)} | {'—' if cov is None else _f(cov, 2)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _f(x, digits=3) -> str:
@@ -147,6 +187,10 @@ def markdown_table(res: SuiteResult, m: dict) -> str:
     if "dle" in m and "classic" in m and m["dle"]["l1"] > 0:
         lines += ["", f"classic L1 / DLE L1 = {m['classic']['l1'] / m['dle']['l1']:.2f}; "
                       f"best half: {m['classic']['best_half_l1'] / m['dle']['best_half_l1']:.2f}"]
+    if "dle" in m:
+        cov = m["dle"].get("interval68_coverage")
+        lines += ["", f"DLE per decile of true D" + (f" (68 % interval holds D in {cov:.0%} overall)" if cov else "")
+                  + ":", "", decile_table(m, "dle")]
     return "\n".join(lines) + "\n"
 
 

@@ -163,8 +163,8 @@ def simulate(
     """Simulate a two-photon recording of diffusing particles, with its scan timing and ground truth."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from training.priors import get_preset
-    from training.recording_sim import parse_size, simulate_recording
+    from dle_stream.training.priors import get_preset
+    from dle_stream.training.recording_sim import parse_size, simulate_recording
 
     p = get_preset(preset)
     height, width = parse_size(size)
@@ -207,7 +207,10 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     resume: bool = typer.Option(False, "--resume", help="Continue the training checkpointed in --out."),
     encoder_from: Optional[Path] = typer.Option(None, "--encoder-from", help="Reuse (frozen) the encoder of this model package; skips pretraining."),
-    ae_steps: int = typer.Option(1500, "--ae-steps", help="Autoencoder pretraining steps."),
+    warm_from: Optional[str] = typer.Option(None, "--warm-from", help="Start from this model package's weights (name or folder): skips pretraining; a new output layer where shapes differ."),
+    output: Optional[str] = typer.Option(None, "--output", help="Window output: d_grid (a combinable likelihood of D; default) or gaussian (the paper's D ± σ)."),
+    steady_share: Optional[float] = typer.Option(None, "--steady-share", help="Share of training movies with a steady particle density (default 0: the paper's spreading cloud only)."),
+    ae_steps: Optional[int] = typer.Option(None, "--ae-steps", help="Autoencoder pretraining steps (default 1500, or --steps when that is smaller)."),
     cache_movies: int = typer.Option(4096, "--cache-movies", help="Simulated movies kept as latents for the predictor."),
     val_movies: int = typer.Option(512, "--val-movies", help="Held-out movies for the final validation."),
     refresh_movies: int = typer.Option(4, "--refresh-movies", help="New simulated movies added to the latent cache every --refresh-every steps."),
@@ -226,20 +229,21 @@ def train(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from training.trainer import TrainConfig, resolve_device, train as run_training
-    from training.training_setup import config_for
+    from dle_stream.training.trainer import TrainConfig, resolve_device, train as run_training
+    from dle_stream.training.training_setup import config_for
 
     _check_out_folder(out, "--out")
     if threads:
         torch.set_num_threads(threads)
     cfg: TrainConfig = config_for(
         out=out, preset=preset, like=like, d_max=d_max, steps=steps, minutes=minutes,
-        device=resolve_device(device), seed=seed, resume=resume, encoder_from=encoder_from, ae_steps=ae_steps,
+        device=resolve_device(device), seed=seed, resume=resume, encoder_from=encoder_from,
+        ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, name=name, refresh_movies=refresh_movies,
         refresh_every=refresh_every,
         end_to_end={"e2e_steps": e2e_steps, "e2e_minutes": e2e_minutes, "e2e_frames": e2e_frames, "e2e_batch": e2e_batch},
         flags=_timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional),
-        timing_file=timing,
+        timing_file=timing, warm_from=warm_from, steady_share=steady_share, output=output,
     )
     console.print(f"training [bold]{cfg.name}[/]: D {cfg.priors.d_min_um2_s:g}–{cfg.priors.d_max_um2_s:g} µm²/s, "
                   f"dwell {cfg.timing.dwell_us:g} µs, line {cfg.timing.line_period_us:g} µs, "
@@ -250,7 +254,9 @@ def train(
         try:
             folder = run_training(cfg, progress=progress, log=progress.console.print)
         except KeyboardInterrupt:
-            progress.console.print(f"stopped; checkpoint and model package in {cfg.out} (continue with --resume)")
+            package = (cfg.out / "card.json").is_file()
+            progress.console.print(f"stopped; checkpoint {'and model package ' if package else ''}in {cfg.out} "
+                                   f"(continue with --resume)", markup=False)
             raise typer.Exit(130) from None
     import json
 
@@ -333,7 +339,7 @@ def run(
 ) -> None:
     """Estimate live from a microscope (Micro-Manager) or the built-in demo camera."""
     from dle_stream.session import describe_result, run_live
-    from training.recording_sim import parse_size
+    from dle_stream.training.recording_sim import parse_size
 
     if frames is not None and frames < 1:
         raise DleStreamError(f"--frames {frames}: must be at least 1")
@@ -348,7 +354,7 @@ def run(
 @app.command()
 @user_errors
 def bench(
-    suite: str = typer.Option("low", "--suite", help="low (D 0–1.5) or high (D 0–50 µm²/s)."),
+    suite: str = typer.Option("low", "--suite", help="low (D 0–1.5) or high (D 0–50 µm²/s), or combine (combined estimates of K independent windows, inside and beyond the range; --n groups per cell, default 100)."),
     n: int = typer.Option(1000, "--n", help="Movies in the suite."),
     seed: int = typer.Option(20_241_001, "--seed", help="Seed of the suite (identical for every estimator)."),
     estimators: str = typer.Option("dle,classic,rics,oracle", "--estimators", help="Any of dle,classic,rics,oracle."),
@@ -362,6 +368,9 @@ def bench(
 
     names = [e.strip() for e in estimators.split(",") if e.strip()]
     _check_out_folder(out, "--out")
+    if suite == "combine":
+        _bench_combine(model, n if n != 1000 else 100, out)
+        return
     with Progress(TextColumn(f"bench {suite}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True) as prog:
         task = prog.add_task("bench", total=n)
@@ -370,6 +379,24 @@ def bench(
     m = write_results(res, out, command)
     console.print(markdown_table(res, m), highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/results.json, table.md and plots")
+
+
+def _bench_combine(model: str | None, n: int, out: Path) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dle_stream.bench_combine import BEYOND, INSIDE, KS, markdown, run_combine, write
+
+    models = [model] if model else ["brain-qd-low", "beads-high"]
+    for name in models:
+        total = n * max(KS) * len(INSIDE + BEYOND)
+        with Progress(TextColumn(f"combine {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err_console, transient=True) as prog:
+            task = prog.add_task("combine", total=total)
+            doc = run_combine(name, n=n, progress=lambda k: prog.advance(task, k))
+        folder = out / Path(name).name if len(models) > 1 else out
+        write(doc, folder)
+        console.print(markdown(doc), highlight=False, soft_wrap=True, markup=False)
+        console.print(f"wrote {folder}/combine.json, combine.md and combine.png", markup=False)
 
 
 @app.command()
@@ -385,8 +412,8 @@ def demo(
     import tempfile
 
     from dle_stream.session import describe_result, replay as run_replay
-    from training.priors import get_preset
-    from training.recording_sim import simulate_recording
+    from dle_stream.training.priors import get_preset
+    from dle_stream.training.recording_sim import simulate_recording
 
     if out is not None:
         _check_out_folder(out, "--out")

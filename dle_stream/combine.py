@@ -1,10 +1,20 @@
-"""Combining D estimates: inverse-variance weighting across tiles and across windows.
+"""Combining window estimates over time and over the tiles of an ROI, honestly.
 
-Independent estimates D_i ± σ_i combine to D = Σ w_i D_i / Σ w_i with w_i = 1/σ_i² and
-σ = (Σ w_i)^(-1/2) (the paper's red line in Fig. 3E). Only *independent* estimates may be
-combined this way: tiles of a grid are disjoint, but consecutive windows of one tile
-overlap in time when the hop is shorter than the window, so the running estimate of a
-tile combines only non-overlapping windows (every ⌈T/H⌉-th window back from the latest).
+Each window gives a log-likelihood of D on a grid (:mod:`dle_stream.likelihood`).
+*Independent* windows combine exactly by adding them; then D ± σ and the intervals are
+read from the sum. Two rules keep the inputs independent:
+
+- **over time**, a tile's running estimate adds only non-overlapping windows: the latest
+  and every ⌈T/H⌉-th window back (with T = 400 and H = 50, every 8th), at most ``keep``;
+- **over space**, an ROI's tiles are disjoint (:mod:`dle_stream.tiling` places them so), and
+  its running estimate adds the tiles' running log-likelihoods.
+
+Disagreement is a finding, not something to average away: before summing, a likelihood-
+ratio test asks whether the parts are consistent with one D,
+Λ = 2·(Σ_k max ℓ_k − max Σ_k ℓ_k), referred to χ² with K − 1 degrees of freedom; at
+p < :data:`DISAGREE_P` the combination is flagged ``DISAGREE`` (a tile whose successive
+windows disagree: D changed in time; an ROI whose tiles disagree: heterogeneous). The
+false-alarm rate on homogeneous data is measured by ``dle-stream bench --suite combine``.
 """
 
 from __future__ import annotations
@@ -12,11 +22,19 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
+from scipy import stats
+
+from dle_stream.likelihood import DGrid, Posterior, combine, posterior
+
+#: p-value of the likelihood-ratio test below which combined parts are called inconsistent.
+DISAGREE_P = 0.01
 
 
 def inverse_variance(d: np.ndarray, sigma: np.ndarray, axis=None) -> tuple[np.ndarray, np.ndarray]:
     """Inverse-variance weighted mean and its σ, ignoring NaN or non-positive σ entries.
 
+    Only for Gaussian, unbiased inputs (e.g. old logs without likelihoods); window
+    outputs of a model are combined with :func:`dle_stream.likelihood.combine`.
     Returns NaN where nothing is left to combine.
     """
     d = np.asarray(d, dtype=np.float64)
@@ -30,33 +48,94 @@ def inverse_variance(d: np.ndarray, sigma: np.ndarray, axis=None) -> tuple[np.nd
     return mean, sig
 
 
+def disagreement_p(log_likelihoods: np.ndarray, axis: int = 0) -> np.ndarray:
+    """p-value of "the parts along ``axis`` share one D" (likelihood-ratio test).
+
+    ``log_likelihoods`` [..., n] on one grid (each part's own maximum need not be 0);
+    NaN parts are left out. Fewer than two parts give p = 1.
+    """
+    ll = np.moveaxis(np.asarray(log_likelihoods, dtype=np.float64), axis, 0)
+    ok = np.all(np.isfinite(ll), axis=-1)  # [K, ...]
+    safe = np.where(ok[..., None], ll, 0.0)
+    separate = np.where(ok, safe.max(axis=-1), 0.0).sum(axis=0)
+    joint = safe.sum(axis=0).max(axis=-1)
+    lam = np.maximum(2.0 * (separate - joint), 0.0)
+    dof = ok.sum(axis=0) - 1
+    with np.errstate(invalid="ignore"):
+        p = stats.chi2.sf(lam, np.maximum(dof, 1))
+    return np.where(dof >= 1, p, 1.0)
+
+
 class RunningCombination:
-    """Per-tile and per-ROI running estimates from the latest windows.
+    """Per-tile and per-ROI running estimates from the latest independent windows.
 
     Args:
         n_tiles: tiles in the stream.
-        regions: tile indices of each ROI.
+        regions: tile indices of each ROI (disjoint tiles).
         windows_apart: windows between two non-overlapping windows (⌈T/H⌉).
         keep: non-overlapping windows combined per tile (K).
+        grid: the D grid of the window log-likelihoods.
+        d_max_um2_s: top of the operating range in this stream's units.
+
+    After each :meth:`add`: ``tile`` and ``region`` (:class:`~dle_stream.likelihood.Posterior`
+    over tiles / ROIs), ``tile_windows`` (windows combined per tile), ``tile_disagree`` and
+    ``region_disagree`` (bool), ``region_tile_range`` ([n_regions, 2] smallest and largest
+    tile D), and the shortcuts ``tile_d``, ``tile_sigma``, ``region_d``, ``region_sigma``.
     """
 
-    def __init__(self, n_tiles: int, regions: list[list[int]], windows_apart: int, keep: int = 4):
+    def __init__(self, n_tiles: int, regions: list[list[int]], windows_apart: int, keep: int = 8,
+                 grid: DGrid | None = None, d_max_um2_s: float = 1.0):
         self.n_tiles = n_tiles
         self.regions = regions
         self.apart = max(1, int(windows_apart))
         self.keep = max(1, int(keep))
-        self.history: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=self.apart * (self.keep - 1) + 1)
-        self.tile_d = np.full(n_tiles, np.nan)
-        self.tile_sigma = np.full(n_tiles, np.nan)
-        self.region_d = np.full(len(regions), np.nan)
-        self.region_sigma = np.full(len(regions), np.nan)
+        self.grid = grid or DGrid()
+        self.d_max_um2_s = float(d_max_um2_s)
+        self.history: deque[np.ndarray] = deque(maxlen=self.apart * (self.keep - 1) + 1)
+        nan_tiles = np.full((n_tiles, self.grid.n), np.nan)
+        nan_regions = np.full((len(regions), self.grid.n), np.nan)
+        self.tile_log_likelihood = nan_tiles
+        self.region_log_likelihood = nan_regions
+        self.tile: Posterior = posterior(nan_tiles, self.grid, self.d_max_um2_s)
+        self.region: Posterior = posterior(nan_regions, self.grid, self.d_max_um2_s)
+        self.tile_windows = np.zeros(n_tiles, dtype=int)
+        self.tile_disagree = np.zeros(n_tiles, dtype=bool)
+        self.region_disagree = np.zeros(len(regions), dtype=bool)
+        self.region_p = np.ones(len(regions))
+        self.region_tile_range = np.full((len(regions), 2), np.nan)
 
-    def add(self, d: np.ndarray, sigma: np.ndarray) -> None:
-        self.history.append((np.asarray(d, float), np.asarray(sigma, float)))
-        chosen = list(self.history)[::-1][:: self.apart]  # latest, then every `apart` back
-        ds = np.stack([c[0] for c in chosen])
-        ss = np.stack([c[1] for c in chosen])
-        self.tile_d, self.tile_sigma = inverse_variance(ds, ss, axis=0)
+    @property
+    def tile_d(self) -> np.ndarray:
+        return self.tile.d
+
+    @property
+    def tile_sigma(self) -> np.ndarray:
+        return self.tile.sigma
+
+    @property
+    def region_d(self) -> np.ndarray:
+        return self.region.d
+
+    @property
+    def region_sigma(self) -> np.ndarray:
+        return self.region.sigma
+
+    def add(self, log_likelihood: np.ndarray) -> None:
+        """Take one window's log-likelihoods [n_tiles, n_grid] and update every combination."""
+        self.history.append(np.asarray(log_likelihood, dtype=np.float64))
+        chosen = np.stack(list(self.history)[::-1][:: self.apart])  # latest, then every `apart` back
+        self.tile_windows = np.all(np.isfinite(chosen), axis=-1).sum(axis=0)
+        self.tile_log_likelihood = combine(chosen, axis=0)
+        self.tile_disagree = disagreement_p(chosen, axis=0) < DISAGREE_P
+        self.tile = posterior(self.tile_log_likelihood, self.grid, self.d_max_um2_s)
+        parts = []
         for i, tiles in enumerate(self.regions):
-            # tiles are independent: combine each tile's running estimate
-            self.region_d[i], self.region_sigma[i] = inverse_variance(self.tile_d[tiles], self.tile_sigma[tiles])
+            own = self.tile_log_likelihood[tiles]
+            parts.append(combine(own, axis=0))
+            self.region_p[i] = disagreement_p(own, axis=0)
+            with np.errstate(all="ignore"):
+                ds = self.tile.d[tiles]
+                self.region_tile_range[i] = (np.nanmin(ds), np.nanmax(ds)) if np.isfinite(ds).any() else (np.nan, np.nan)
+        self.region_log_likelihood = np.stack(parts) if parts else np.zeros((0, self.grid.n))
+        self.region_disagree = self.region_p < DISAGREE_P
+        self.region = posterior(self.region_log_likelihood, self.grid, self.d_max_um2_s)

@@ -4,7 +4,8 @@ The dashboard shows: a header (source, model, frames in, acquisition and process
 frames/s, windows done and skipped, gaps, latency); a map of the frame's tiles coloured
 by their running D; a table per ROI with D ± σ and a trend sparkline; recent warnings.
 When the output is not a terminal (or with ``--no-dashboard``) it prints one plain line
-per window estimate instead; ``quiet`` prints nothing.
+per window estimate instead; ``quiet`` prints nothing. Estimates are put into words by
+:mod:`dle_stream.report` (intervals, "D > x" above the range, disagreeing tiles).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from dle_stream import report
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -52,14 +55,6 @@ def _colour(fraction: float) -> str:
             r, g, b = (int(a + (b_ - a) * t) for a, b_ in zip(c0, c1))
             return f"rgb({r},{g},{b})"
     return "rgb(253,231,37)"
-
-
-def _fmt(d: float, s: float) -> str:
-    if not math.isfinite(d):
-        return "—"
-    digits = max(2, 1 - int(math.floor(math.log10(abs(s))))) if math.isfinite(s) and s > 0 else 3
-    digits = min(digits, 4)
-    return f"{d:.{digits}f} ± {s:.{digits}f}"
 
 
 class Dashboard:
@@ -102,16 +97,17 @@ class Dashboard:
         if self.mode == "plain":
             parts = []
             for i, region in enumerate(self.runner.layout.regions[:6]):
-                parts.append(f"{region.name} {_fmt(comb.region_d[i], comb.region_sigma[i])}")
+                parts.append(f"{region.name}: " + report.estimate_text(
+                    comb.region, i, disagree=bool(comb.region_disagree[i]), tile_range=tuple(comb.region_tile_range[i])))
             more = "" if len(self.runner.layout.regions) <= 6 else f" (+{len(self.runner.layout.regions) - 6} ROIs)"
             fo = self.frame_offset
             self.console.print(f"window {est.window + self.window_offset} frames {est.frame_start + fo}–{est.frame_stop + fo}: "
-                               + " | ".join(parts) + f" µm²/s{more}", highlight=False)
+                               + " | ".join(parts) + more, highlight=False, markup=False)
         self.refresh(force=True)
 
     def _on_warning(self, message: str) -> None:
         if self.mode == "plain":
-            self.console.print(f"warning: {message}", highlight=False)
+            self.console.print(f"warning: {message}", highlight=False, markup=False)
         self.refresh(force=True)
 
     # -------------------------------------------------------------- drawing
@@ -132,43 +128,61 @@ class Dashboard:
         return Panel(text, title="dle-stream", border_style="blue")
 
     def tile_map(self) -> Panel:
+        """Tiles coloured by their running D; with room, each shows its value and a mark
+        (↑ above range, ? little information, ≠ windows disagree); sized to the terminal."""
         layout = self.runner.layout
         comb = self.runner.combination
         lo, hi = self.runner.est.d_range
         rows = sorted({t.row for t in layout.tiles})
         cols = sorted({t.col for t in layout.tiles})
         cell = {(t.row, t.col): i for i, t in enumerate(layout.tiles)}
+        width = self.console.width - 4
+        cell_w = 6 if len(cols) * 6 <= width else 2
+        max_cols = max(1, width // cell_w)
+        max_rows = max(2, self.console.height - 22) if self.mode == "live" else 40
         text = Text()
-        for r in rows[:40]:
-            for c in cols[:60]:
+        for r in rows[:max_rows]:
+            for c in cols[:max_cols]:
                 i = cell.get((r, c))
                 if i is None:
-                    text.append("  ")
+                    text.append(" " * cell_w)
+                    continue
+                frac = (comb.tile_d[i] - lo) / (hi - lo)
+                style = f"black on {_colour(frac)}" if frac > 0.5 else f"white on {_colour(frac)}"
+                if cell_w == 2:
+                    mark = report.MARK_ABOVE if comb.tile.above_range[i] else ("≠" if comb.tile_disagree[i] else " ")
+                    text.append(mark.ljust(2), style=style)
                 else:
-                    text.append("██", style=_colour((comb.tile_d[i] - lo) / (hi - lo)))
+                    text.append(report.cell_text(comb.tile, i, cell_w, bool(comb.tile_disagree[i])), style=style)
             text.append("\n")
+        hidden = []
+        if len(rows) > max_rows:
+            hidden.append(f"{len(rows) - max_rows} more tile rows")
+        if len(cols) > max_cols:
+            hidden.append(f"{len(cols) - max_cols} more tile columns")
+        if hidden:
+            text.append(f"(+{', '.join(hidden)}: enlarge the terminal)\n", style="dim")
         text.append(f"{lo:g} ", style="dim")
         for f in np.linspace(0, 1, 12):
             text.append("█", style=_colour(f))
-        text.append(f" {hi:g} µm²/s", style="dim")
-        return Panel(text, title="D per tile (running)", border_style="blue", expand=False)
+        text.append(f" {hi:g} µm²/s   ", style="dim")
+        text.append(report.LEGEND, style="dim")
+        windows = int(np.max(comb.tile_windows)) if comb.tile_windows.size else 0
+        return Panel(text, title=f"D per tile (µm²/s; {windows} independent windows combined)",
+                     border_style="blue", expand=False)
 
     def roi_table(self) -> Table:
         comb = self.runner.combination
-        table = Table(title="regions", expand=False)
-        table.add_column("ROI")
+        table = Table(title="regions (running, independent windows and disjoint tiles combined)", expand=False)
+        table.add_column("ROI", overflow="fold")
         table.add_column("tiles", justify="right")
-        table.add_column("D ± σ (µm²/s)", justify="right")
-        if self.truth:
-            table.add_column("true D", justify="right")
+        table.add_column("estimate", overflow="fold")
         table.add_column("trend")
-        for i, region in enumerate(self.runner.layout.regions[:20]):
-            row = [region.name, str(len(region.tiles)), _fmt(comb.region_d[i], comb.region_sigma[i])]
-            if self.truth:
-                t = self.truth.get(region.name)
-                row.append("—" if t is None else f"{t:.3g}")
-            row.append(sparkline(self.history[i]))
-            table.add_row(*row)
+        limit = max(1, self.console.height - 18) if self.mode == "live" else 20
+        for i, region in enumerate(self.runner.layout.regions[:limit]):
+            text = report.estimate_text(comb.region, i, disagree=bool(comb.region_disagree[i]),
+                                        tile_range=tuple(comb.region_tile_range[i]), truth=self.truth.get(region.name))
+            table.add_row(region.name, str(len(region.tiles)), text, sparkline(self.history[i]))
         return table
 
     def warnings(self) -> Text:

@@ -8,7 +8,7 @@
   the streaming path, where each tile-frame is encoded once as it arrives and each
   window costs only the temporal head.
 - :meth:`~DiffusionEstimator.timing_check`: is the model valid for a stream's scan
-  timing, and by which factor are its D values scaled (DESIGN §3)?
+  timing, and by which factor are its D values scaled (docs/design.md §3)?
 
 Example::
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dle_stream.errors import DleStreamError
+from dle_stream.likelihood import DGrid, Posterior, gaussian_log_likelihood, posterior, window_log_likelihood
 from dle_stream.model import DLEModel
 from dle_stream.model_package import ModelCard, load_model_package, resolve_model
 from dle_stream.timing import ScanTiming, TimingComparison
@@ -103,6 +104,21 @@ class DiffusionEstimator:
         (:meth:`timing_check`) and D scaled accordingly. Any window length works; the
         tile must be the model's size.
         """
+        post = self.estimate_posterior(movie, timing)
+        if np.ndim(post.d) == 0:
+            return float(post.d), float(post.sigma)
+        return post.d, post.sigma
+
+    def estimate_posterior(self, movie: ArrayLike, timing: ScanTiming) -> Posterior:
+        """The full window output of a movie [T, H, W] or batch [B, T, H, W]: D (posterior
+        median), σ, 68 %/95 % intervals, out-of-range probability (µm²/s), see
+        :class:`~dle_stream.likelihood.Posterior`; arrays are 0-d for a single movie."""
+        ll, scale = self.window_log_likelihoods_of_movies(movie, timing)
+        post = posterior(ll, self.grid, self.d_max_for(scale))
+        return post
+
+    def window_log_likelihoods_of_movies(self, movie: ArrayLike, timing: ScanTiming) -> tuple[np.ndarray, float]:
+        """(log-likelihoods [n] or [B, n] on :attr:`grid`, the stream's time scale) of movies."""
         comparison = self.timing_check(timing)
         x = self._as_tensor(movie, "movie")
         single = x.dim() == 3
@@ -116,10 +132,8 @@ class DiffusionEstimator:
         b, t = x.shape[:2]
         self._check_length(t)
         latents = self._encode_tensor(x.reshape(b * t, *x.shape[2:])).reshape(b, t, -1)
-        d, sigma = self._head(latents, comparison.time_scale)
-        if single:
-            return float(d[0]), float(sigma[0])
-        return d, sigma
+        ll = self._head(latents)
+        return (ll[0] if single else ll), comparison.time_scale
 
     def encode(self, frames: ArrayLike) -> np.ndarray:
         """Tile-frames [N, H, W] (raw intensities) → latents [N, latent] (float32).
@@ -138,9 +152,27 @@ class DiffusionEstimator:
 
         ``timing_scale`` is the stream's time scale b = :attr:`TimingComparison.time_scale`
         (stream times / model times, from :meth:`timing_check`); D and σ are divided by it.
+        For a grid model they are the posterior median and std on the operating range.
         """
-        if not timing_scale > 0:
-            raise DleStreamError(f"timing_scale {timing_scale!r}: must be a positive number (stream / model times)")
+        return self._summary(self.window_log_likelihoods(latents), timing_scale)
+
+    @property
+    def grid(self) -> DGrid:
+        """The D grid of :meth:`window_log_likelihoods` (units of the card's d_max)."""
+        return self.model.config.grid
+
+    def d_max_for(self, timing_scale: float = 1.0) -> float:
+        """Top of the model's operating range for a stream with this time scale, µm²/s."""
+        return self.d_max_um2_s / timing_scale
+
+    def window_log_likelihoods(self, latents: ArrayLike) -> np.ndarray:
+        """Log-likelihood of D on :attr:`grid` for latent windows [B, T, latent] → [B, grid.n].
+
+        Independent windows (and tiles) combine by adding these
+        (:func:`dle_stream.likelihood.combine`). The grid is in units of d_max, so it holds
+        for any time scale (D scales as 1/b). A "gaussian" (older) model's D̂ ± σ̂ is
+        turned into a Gaussian log-likelihood on the same grid.
+        """
         x = self._as_tensor(latents, "latents")
         latent = self.model.config.latent
         if x.dim() == 2:
@@ -148,7 +180,7 @@ class DiffusionEstimator:
         if x.dim() != 3 or x.shape[-1] != latent:
             raise DleStreamError(f"latents of shape {tuple(x.shape)}: expected [windows, frames, {latent}]")
         self._check_length(int(x.shape[1]))
-        return self._head(x, float(timing_scale))
+        return self._head(x)
 
     # --------------------------------------------------------------- helpers
     def _as_tensor(self, data: ArrayLike, what: str) -> torch.Tensor:
@@ -185,10 +217,17 @@ class DiffusionEstimator:
                 return self.model.encode(frames).float()
             return torch.cat([self.model.encode(c) for c in frames.split(ENCODE_CHUNK)]).float()
 
-    def _head(self, latents: torch.Tensor, time_scale: float) -> tuple[np.ndarray, np.ndarray]:
-        scale = self.d_max_um2_s / time_scale
+    def _head(self, latents: torch.Tensor) -> np.ndarray:
+        """Window log-likelihoods [B, grid.n] on :attr:`grid`."""
         with torch.inference_mode():
-            parts = [self.model.head(c) for c in latents.split(HEAD_CHUNK)]
-            d = torch.cat([p[0] for p in parts]).double().cpu().numpy() * scale
-            sigma = torch.cat([p[1] for p in parts]).double().cpu().numpy() * scale
-        return d, sigma
+            out = torch.cat([self.model.head(c) for c in latents.split(HEAD_CHUNK)]).double().cpu().numpy()
+        config = self.model.config
+        if config.output == "d_grid":
+            return window_log_likelihood(out, config.grid, config.training_prior)
+        return gaussian_log_likelihood(out[:, 0], out[:, 1], config.grid)
+
+    def _summary(self, log_likelihood: np.ndarray, time_scale: float) -> tuple[np.ndarray, np.ndarray]:
+        if not time_scale > 0:
+            raise DleStreamError(f"timing_scale {time_scale!r}: must be a positive number (stream / model times)")
+        post = posterior(log_likelihood, self.grid, self.d_max_for(time_scale))
+        return post.d, post.sigma

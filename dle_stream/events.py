@@ -38,11 +38,17 @@ class EstimateFlag(enum.IntFlag):
     """Why an estimate deserves a second look (a bit mask, stored as uint8)."""
 
     NONE = 0
-    LITTLE_INFORMATION = 1   # σ̂ large relative to the prior, or the window looks empty
-    AT_PRIOR_EDGE = 2        # D̂ near the edge of the model's D range
+    LITTLE_INFORMATION = 1   # the posterior is nearly the prior, or in/above range cannot be told
+    ABOVE_RANGE = 2          # the data say D is above the model's range (shown as "D > x")
     TIMING_ASSUMED = 4       # scan timing taken from the model card, not read or given
     SPANS_GAP = 8            # the window spans dropped frames
     NO_ESTIMATE = 16         # the estimator returned nothing usable (NaN)
+    DISAGREE = 32            # combined estimates that are not consistent with one D (heterogeneous)
+
+
+def flag_names(bits: int) -> list[str]:
+    """Readable names of the set bits, e.g. ``["above range", "little information"]``."""
+    return [f.name.lower().replace("_", " ") for f in EstimateFlag if f.value and bits & f.value]
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,16 @@ class WindowEstimate:
         frame_start, frame_stop: frames [start, stop) the window covers.
         t_start_s, t_stop_s: the window's span in acquisition time, s (from the scan timing).
         wall_time: Unix time when the estimate was made, s.
-        d_um2_s: [n_tiles] D̂, µm²/s (NaN for tiles not estimated in this window).
-        sigma_um2_s: [n_tiles] σ̂, µm²/s.
+        d_um2_s: [n_tiles] D̂, µm²/s: posterior median on the model's operating range
+            (NaN for tiles not estimated in this window).
+        sigma_um2_s: [n_tiles] posterior std, µm²/s.
         flags: [n_tiles] uint8 :class:`EstimateFlag` bits.
+        interval68_um2_s, interval95_um2_s: [n_tiles, 2] highest-density intervals, µm²/s
+            (asymmetric near D = 0).
+        p_above: [n_tiles] probability that D is above the model's range.
+        lower95_um2_s: [n_tiles] the "D > x" bound shown when a tile is above the range.
+        log_likelihood: [n_tiles, n_grid] log-likelihood of D on the estimator's grid
+            (:mod:`dle_stream.likelihood`): what independent windows combine by adding.
     """
 
     window: int
@@ -68,3 +81,8 @@ class WindowEstimate:
     d_um2_s: np.ndarray
     sigma_um2_s: np.ndarray
     flags: np.ndarray
+    interval68_um2_s: np.ndarray | None = None
+    interval95_um2_s: np.ndarray | None = None
+    p_above: np.ndarray | None = None
+    lower95_um2_s: np.ndarray | None = None
+    log_likelihood: np.ndarray | None = None

@@ -1,10 +1,13 @@
-"""What a run log says: per-tile and per-ROI D ± σ, a CSV export, a table for the terminal.
+"""What a run log says: per-tile and per-ROI D with intervals, a CSV export, a table for the terminal.
 
-Estimates are combined by inverse-variance weighting: with w = 1/σ², the combined
-D = Σ w·D / Σ w and σ = (Σ w)^(-1/2), over the finite estimates with σ > 0 (NaN, i.e. no
-estimate, is ignored). Note that overlapping windows of one tile share frames, so their
-estimates are correlated and the combined σ over all windows is optimistic: read it as
-the spread of a running estimate, not as an independent-sample error bar.
+Estimates are combined as the live runner combines them (:mod:`dle_stream.combine`): by
+adding the windows' log-likelihoods of D, and only over *independent* data: for each tile
+the non-overlapping windows (going back from its last window, every window whose frames
+do not overlap the one taken after it), and for an ROI its (disjoint) tiles. D, σ and the
+68 %/95 % intervals are read from the sum (:func:`dle_stream.likelihood.posterior`); a tile
+whose windows disagree (D changed) or an ROI whose tiles disagree (heterogeneous) is
+flagged rather than averaged. A window logged without a likelihood (a log from before
+likelihoods were logged, or written by hand) enters as a Gaussian of its D ± σ.
 """
 
 from __future__ import annotations
@@ -16,17 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
+from dle_stream import report
+from dle_stream.combine import DISAGREE_P, disagreement_p
 from dle_stream.errors import DleStreamError
+from dle_stream.likelihood import DGrid, combine, gaussian_log_likelihood, posterior
 from dle_stream.zarr_log import WINDOW_CHUNK, LogView, open_log
 
 __all__ = ["inverse_variance_mean", "summarize_log", "export_csv", "render_summary", "CSV_COLUMNS"]
 
 CSV_COLUMNS = ["window", "frame_start", "frame_stop", "t_start_s", "t_stop_s", "wall_time",
-               "tile", "row", "col", "d_um2_s", "sigma_um2_s", "flags"]
+               "tile", "row", "col", "d_um2_s", "sigma_um2_s", "lo68_um2_s", "hi68_um2_s", "lo95_um2_s",
+               "hi95_um2_s", "p_above", "flags"]
 
 
 def inverse_variance_mean(d: np.ndarray, sigma: np.ndarray) -> tuple[float, float, int]:
-    """Inverse-variance weighted mean of estimates ``d`` ± ``sigma`` (µm²/s).
+    """Inverse-variance weighted mean of Gaussian estimates ``d`` ± ``sigma`` (µm²/s).
 
     Returns (mean D, combined σ, number of estimates used); (NaN, NaN, 0) if none is
     usable (finite D, finite σ > 0).
@@ -41,48 +48,80 @@ def inverse_variance_mean(d: np.ndarray, sigma: np.ndarray) -> tuple[float, floa
     return float(np.sum(w * d[ok]) / np.sum(w)), float(np.sum(w) ** -0.5), n
 
 
-def _usable(d: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return np.isfinite(d) & np.isfinite(s) & (s > 0)
+def _log_likelihoods(view: LogView, grid: DGrid, d_max: float) -> np.ndarray:
+    """[window, tile, n] log-likelihoods; rows logged without one as a Gaussian of D ± σ."""
+    ll = view.array("log_likelihood").astype(np.float64)
+    missing = ~np.all(np.isfinite(ll), axis=-1)
+    if missing.any():
+        gauss = gaussian_log_likelihood(view.d.astype(np.float64) / d_max, view.sigma.astype(np.float64) / d_max, grid)
+        ll = np.where(missing[..., None], gauss, ll)
+    return ll
 
 
-def _summary_row(kind: str, name: str, tiles: list[int], bbox: list[int],
-                 d: np.ndarray, s: np.ndarray, f: np.ndarray) -> dict:
-    """Summary of the [window, tile-subset] block ``d``, ``s``, ``f``."""
-    ok = _usable(d, s)
-    has = ok.any(axis=1)                       # windows with at least one estimate
-    last_d = last_s = math.nan
-    last_window_row = -1
-    if has.any():
-        last_window_row = int(np.flatnonzero(has)[-1])
-        last_d, last_s, _ = inverse_variance_mean(d[last_window_row], s[last_window_row])
-    mean_d, mean_s, n_est = inverse_variance_mean(d, s)
-    n_total = f.size
+def independent_windows(frame_start: np.ndarray, frame_stop: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Rows of non-overlapping windows, going back from the last usable one (a bool mask)."""
+    keep = np.zeros(usable.shape, dtype=bool)
+    next_start = np.inf
+    for row in np.flatnonzero(usable)[::-1]:
+        if frame_stop[row] <= next_start:
+            keep[row] = True
+            next_start = frame_start[row]
+    return keep
+
+
+def _summary_row(kind: str, name: str, tiles: list[int], bbox: list[int], ll: np.ndarray, flags: np.ndarray,
+                 windows: int, last_ll: np.ndarray, parts_p: float, tile_range: tuple[float, float],
+                 grid: DGrid, d_max: float) -> dict:
+    post = posterior(ll, grid, d_max)
+    last = posterior(last_ll, grid, d_max)
+    n_total = flags.size
     return {
-        "kind": kind,
-        "name": name,
-        "tiles": tiles,
-        "bbox": bbox,
-        "n_windows": int(has.sum()),
-        "n_estimates": n_est,
-        "last_window_row": last_window_row,
-        "last_d_um2_s": last_d,
-        "last_sigma_um2_s": last_s,
-        "mean_d_um2_s": mean_d,
-        "mean_sigma_um2_s": mean_s,
-        "flagged_share": float(np.count_nonzero(f) / n_total) if n_total else math.nan,
+        "kind": kind, "name": name, "tiles": tiles, "bbox": bbox,
+        "n_windows": windows,
+        "last_d_um2_s": float(last.d), "last_sigma_um2_s": float(last.sigma),
+        "d_um2_s": float(post.d), "sigma_um2_s": float(post.sigma),
+        "lo68_um2_s": float(post.lo68), "hi68_um2_s": float(post.hi68),
+        "lo95_um2_s": float(post.lo95), "hi95_um2_s": float(post.hi95),
+        "p_above": float(post.p_above), "above_range": bool(post.above_range),
+        "lower95_um2_s": float(post.lower95_wide),
+        "little_information": bool(post.little_information) and math.isfinite(float(post.d)),
+        "disagree_p": float(parts_p), "disagree": bool(parts_p < DISAGREE_P),
+        "tile_range_um2_s": [float(v) for v in tile_range],
+        "flagged_share": float(np.count_nonzero(flags) / n_total) if n_total else math.nan,
+        "posterior": post,
     }
 
 
 def _summarize(view: LogView) -> list[dict]:
-    d, s, f = view.d, view.sigma, view.flags
+    grid, d_max = view.grid()
+    ll = _log_likelihoods(view, grid, d_max)  # [W, T, n]
+    f = view.flags
+    start, stop = view.frame_start, view.frame_stop
+    usable = np.all(np.isfinite(ll), axis=-1)  # [W, T]
+    tile_ll = np.full((view.n_tiles, grid.n), np.nan)
+    tile_d = np.full(view.n_tiles, np.nan)
     rows = []
     for t in range(view.n_tiles):
-        rows.append(_summary_row("tile", f"tile {t}", [t], [int(v) for v in view.tile_bbox[t]],
-                                 d[:, t:t + 1], s[:, t:t + 1], f[:, t:t + 1]))
+        keep = independent_windows(start, stop, usable[:, t])
+        chosen = ll[keep, t]
+        tile_ll[t] = combine(chosen, axis=0) if keep.any() else np.nan
+        last = ll[np.flatnonzero(usable[:, t])[-1], t] if usable[:, t].any() else np.full(grid.n, np.nan)
+        row = _summary_row("tile", f"tile {t}", [t], [int(v) for v in view.tile_bbox[t]], tile_ll[t], f[:, t],
+                           int(keep.sum()), last, float(disagreement_p(chosen)) if keep.any() else 1.0,
+                           (math.nan, math.nan), grid, d_max)
+        tile_d[t] = row["d_um2_s"]
+        rows.append(row)
     for roi in view.rois:
         tiles = [int(t) for t in roi["tiles"]]
-        rows.append(_summary_row("roi", str(roi["name"]), tiles, [int(v) for v in roi["bbox"]],
-                                 d[:, tiles], s[:, tiles], f[:, tiles]))
+        own = tile_ll[tiles]
+        last_rows = [r for r in range(view.n_windows) if usable[r, tiles].any()]
+        last = combine(ll[last_rows[-1], tiles], axis=0) if last_rows else np.full(grid.n, np.nan)
+        with np.errstate(all="ignore"):
+            ds = tile_d[tiles]
+            spread = (float(np.nanmin(ds)), float(np.nanmax(ds))) if np.isfinite(ds).any() else (math.nan, math.nan)
+        rows.append(_summary_row("roi", str(roi["name"]), tiles, [int(v) for v in roi["bbox"]], combine(own, axis=0),
+                                 f[:, tiles], max((r["n_windows"] for r in rows if r["tiles"][0] in tiles), default=0),
+                                 last, float(disagreement_p(own)), spread, grid, d_max))
     return rows
 
 
@@ -90,13 +129,17 @@ def summarize_log(path: str | os.PathLike) -> list[dict]:
     """Per-tile, then per-ROI summary of the committed windows of the log at ``path``.
 
     Each dict: ``kind`` ("tile" or "roi"), ``name``, ``tiles``, ``bbox`` [row, col, h, w],
-    ``n_windows`` (windows with at least one usable estimate), ``n_estimates`` (usable
-    tile-window estimates), ``last_window_row`` (-1 if none), ``last_d_um2_s`` ±
-    ``last_sigma_um2_s`` (the last window with an estimate; for an ROI its tiles combined
-    by inverse variance), ``mean_d_um2_s`` ± ``mean_sigma_um2_s`` (inverse-variance
-    combination over all windows, and for an ROI all its tiles), ``flagged_share``
-    (share of tile-windows with any :class:`~dle_stream.events.EstimateFlag` set, out of
-    all committed windows). Values are µm²/s; NaN where there is nothing to combine.
+    ``n_windows`` (independent windows combined; for an ROI, the most of any of its
+    tiles), ``last_d_um2_s`` ± ``last_sigma_um2_s`` (the last window alone; for an ROI its
+    tiles combined), ``d_um2_s`` ± ``sigma_um2_s`` with ``lo68/hi68/lo95/hi95_um2_s``
+    (independent windows, and for an ROI its tiles, combined), ``p_above``,
+    ``above_range`` and ``lower95_um2_s`` (report "D > lower95" when above the range),
+    ``little_information``, ``disagree`` and ``disagree_p`` (a tile's windows, or an ROI's
+    tiles, inconsistent with one D), ``tile_range_um2_s`` (an ROI's smallest and largest
+    tile D), ``flagged_share`` (share of tile-windows with any
+    :class:`~dle_stream.events.EstimateFlag` set), ``posterior``
+    (:class:`~dle_stream.likelihood.Posterior`). Values are µm²/s; NaN where there is
+    nothing to combine.
     """
     return _summarize(open_log(path))
 
@@ -110,7 +153,8 @@ def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike) -> int:
     """Write one CSV row per (window, tile) of the log at ``path``; returns the row count.
 
     Columns: :data:`CSV_COLUMNS` (``window`` is the stored window number, ``row``/``col``
-    the tile's top-left pixel, D and σ in µm²/s). Missing values (NaN) are empty cells.
+    the tile's top-left pixel, D, σ and the intervals in µm²/s). Missing values (NaN) are
+    empty cells.
     """
     view = open_log(path)
     csv_path = Path(csv_path)
@@ -125,17 +169,17 @@ def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike) -> int:
                 stop = min(start + WINDOW_CHUNK, view.n_windows)
                 block = {name: view.array(name, start, stop) for name in
                          ("window", "frame_start", "frame_stop", "t_start_s", "t_stop_s", "wall_time",
-                          "d", "sigma", "flags")}
+                          "d", "sigma", "lo68", "hi68", "lo95", "hi95", "p_above", "flags")}
                 for i in range(stop - start):
                     head = [int(block["window"][i]), int(block["frame_start"][i]), int(block["frame_stop"][i]),
                             _fmt(float(block["t_start_s"][i])), _fmt(float(block["t_stop_s"][i])),
                             _fmt(float(block["wall_time"][i]))]
                     # str() of a float32 is its shortest round-trip text (0.3, not 0.30000001)
-                    d_txt = ["" if not np.isfinite(v) else str(v) for v in block["d"][i]]
-                    s_txt = ["" if not np.isfinite(v) else str(v) for v in block["sigma"][i]]
+                    values = [["" if not np.isfinite(v) else str(v) for v in block[name][i]]
+                              for name in ("d", "sigma", "lo68", "hi68", "lo95", "hi95", "p_above")]
                     fl = block["flags"][i].tolist()
                     for t in range(view.n_tiles):
-                        writer.writerow([*head, t, rows_px[t], cols_px[t], d_txt[t], s_txt[t], fl[t]])
+                        writer.writerow([*head, t, rows_px[t], cols_px[t], *(v[t] for v in values), fl[t]])
                     n_rows += view.n_tiles
     except OSError as exc:
         raise DleStreamError(f"cannot write the CSV file {csv_path} ({exc.strerror or exc}); "
@@ -191,21 +235,22 @@ def render_summary(path: str | os.PathLike):
         t.add_column(kind.upper() if kind == "roi" else "tile")
         t.add_column("bbox (r, c, h, w)")
         t.add_column("windows", justify="right")
-        t.add_column("last D ± σ (µm²/s)", justify="right")
-        t.add_column("mean D ± σ (µm²/s)", justify="right")
+        t.add_column("last window D ± σ (µm²/s)", justify="right")
+        t.add_column("combined (independent windows" + (", tiles)" if kind == "roi" else ")"), overflow="fold")
         t.add_column("flagged", justify="right")
         for r in rows:
             if r["kind"] != kind:
                 continue
             name = r["name"] if kind == "roi" else str(r["tiles"][0])
             flagged = "–" if not math.isfinite(r["flagged_share"]) else f"{100 * r['flagged_share']:.0f}%"
+            combined = report.estimate_text(r["posterior"], (), disagree=r["disagree"],
+                                            tile_range=tuple(r["tile_range_um2_s"]) if kind == "roi" else None)
             t.add_row(name, ", ".join(str(v) for v in r["bbox"]), str(r["n_windows"]),
-                      _pm(r["last_d_um2_s"], r["last_sigma_um2_s"]),
-                      _pm(r["mean_d_um2_s"], r["mean_sigma_um2_s"]), flagged)
+                      _pm(r["last_d_um2_s"], r["last_sigma_um2_s"]), combined, flagged)
         return t
 
     parts = [facts]
     if view.rois:
-        parts.append(table("roi", "ROIs (tiles combined by inverse variance)"))
+        parts.append(table("roi", "ROIs (disjoint tiles' likelihoods combined)"))
     parts.append(table("tile", "Tiles"))
     return Group(*parts)

@@ -1,6 +1,6 @@
 """The deep-learning estimator (DLE) network: frame encoder, temporal ResNet, MLP head.
 
-Architecture (the paper's §2.4, DESIGN §5), with widths chosen by measurement:
+Architecture (the paper's §2.4, docs/design.md §5), with widths chosen by measurement:
 
 - ``encoder``: five conv layers with GELU mapping one normalised tile-frame [H, W] to a
   latent vector (128). The fifth layer covers the whole remaining feature map (a dense
@@ -67,6 +67,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dle_stream.errors import DleStreamError
+from dle_stream.likelihood import DGrid, TrainingPrior
+
+#: Kinds of window output (see :attr:`ModelConfig.output`).
+OUTPUTS = ("d_grid", "gaussian")
 
 #: 1.4826 · MAD is the standard deviation of Gaussian noise.
 MAD_TO_STD = 1.4826
@@ -140,6 +144,19 @@ class ModelConfig:
         head_hidden: hidden width of the MLP head.
         decoder_channels: channels of the decoder's feature maps (pretraining only).
         sigma_eps: added to σ̂ (units of d_max) so the likelihood never divides by zero.
+        output: what the head gives per window: "d_grid" (the log-density of p(D | window)
+            at the knots of a :class:`~dle_stream.likelihood.DGrid` plus the log-mass
+            beyond it: combinable, see :mod:`dle_stream.likelihood`) or "gaussian" (the
+            paper's D̂ and σ̂; older packages).
+        grid_intervals, grid_top: the D grid of a "d_grid" head (knot intervals on the
+            operating range; top of the grid in units of d_max).
+        grid_basis: the head gives this many cubic B-spline coefficients, from which the
+            knot log-densities follow (smooth over a few knots; 0: one free value per knot,
+            which measured jagged: ±2 nats between neighbouring knots).
+        grid_prior_in_range, grid_prior_beyond: the training prior of a "d_grid" head,
+            divided out to turn its output into a likelihood: these shares of the training
+            movies had D uniform on [0, d_max] and on [d_max, top·d_max]; the rest on
+            [top·d_max, 2·top·d_max] (the overflow entry).
     """
 
     tile_height: int = 20
@@ -153,6 +170,12 @@ class ModelConfig:
     head_hidden: int = 64
     decoder_channels: int = 32
     sigma_eps: float = 1e-3
+    output: str = "d_grid"
+    grid_intervals: int = 96
+    grid_top: float = 2.0
+    grid_prior_in_range: float = 0.55
+    grid_prior_beyond: float = 0.30
+    grid_basis: int = 48
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -172,6 +195,14 @@ class ModelConfig:
             problems.append("encoder strides must be 1 or 2 and channels ≥ 1")
         if not self.sigma_eps > 0:
             problems.append("sigma_eps must be > 0")
+        if self.output not in OUTPUTS:
+            problems.append(f"output must be one of {OUTPUTS}")
+        if self.grid_intervals < 4 or not self.grid_top > 1:
+            problems.append("grid_intervals must be ≥ 4 and grid_top > 1")
+        if self.grid_basis and not 4 <= self.grid_basis <= self.grid.knots.size:
+            problems.append("grid_basis must be 0 or between 4 and the number of knots")
+        if not (0 < self.grid_prior_in_range <= 1 and 0 <= self.grid_prior_beyond <= 1 - self.grid_prior_in_range):
+            problems.append("grid_prior_in_range must be in (0, 1] and grid_prior_beyond in [0, 1 − in_range]")
         if problems:
             raise DleStreamError(f"model architecture: {'; '.join(problems)}")
 
@@ -182,6 +213,23 @@ class ModelConfig:
         for s in self.encoder_strides:
             h, w = (h - 1) // s + 1, (w - 1) // s + 1
         return h, w
+
+    @property
+    def grid(self) -> DGrid:
+        """The D grid of a "d_grid" head (units of d_max)."""
+        return DGrid(self.grid_intervals, self.grid_top)
+
+    @property
+    def training_prior(self) -> TrainingPrior:
+        """The D prior a "d_grid" head was trained under (divided out of its output)."""
+        return TrainingPrior(self.grid_prior_in_range, self.grid_prior_beyond)
+
+    @property
+    def outputs(self) -> int:
+        """Numbers the head gives per window."""
+        if self.output != "d_grid":
+            return 2
+        return (self.grid_basis or self.grid.knots.size) + 1
 
     @property
     def time_reduction(self) -> int:
@@ -208,6 +256,10 @@ class ModelConfig:
                 f"{source}: unknown architecture field(s) {', '.join(unknown)}; "
                 f"this model needs a newer dle-stream (known: {', '.join(sorted(names))})"
             )
+        if "output" not in data:  # packages written before the grid head existed
+            data = {**data, "output": "gaussian"}
+        if data.get("output") == "d_grid" and "grid_basis" not in data:
+            data = {**data, "grid_basis": 0}
         try:
             return cls(**data)
         except (TypeError, ValueError) as exc:
@@ -307,9 +359,21 @@ class DLEModel(nn.Module):
         self.decoder = FrameDecoder(cfg)
         self.temporal = TemporalResNet(cfg)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.temporal_channels, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, 2)
+            nn.Linear(cfg.temporal_channels, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.outputs)
         )
         self._channels_last = False
+        if cfg.output == "d_grid":
+            grid = cfg.grid
+            basis = grid.spline_basis(cfg.grid_basis) if cfg.grid_basis else np.eye(grid.knots.size)
+            self.register_buffer("grid_basis", torch.tensor(basis, dtype=torch.float32), persistent=False)
+            # start from the training prior: small weights, the prior's log-density as bias,
+            # so that an untrained head says "no information" (a flat likelihood)
+            prior = cfg.training_prior.log_density(grid)
+            coef = np.linalg.lstsq(basis, prior[:-1], rcond=None)[0]
+            last = self.mlp[-1]
+            with torch.no_grad():
+                last.weight.mul_(0.1)
+                last.bias.copy_(torch.as_tensor(np.concatenate([coef, prior[-1:]]), dtype=torch.float32))
 
     def optimize_for_cpu_inference(self) -> "DLEModel":
         """Eval mode with a channels-last encoder (same outputs; faster on CPU). Returns self."""
@@ -342,8 +406,13 @@ class DLEModel(nn.Module):
         return self.decoder(self.encoder(target.unsqueeze(1))), target
 
     # ------------------------------------------------------------------- head
-    def head(self, latents: Tensor) -> tuple[Tensor, Tensor]:
-        """Latent sequences [B, T, latent] → (d_norm [B], sigma_norm [B]), units of d_max."""
+    def head(self, latents: Tensor) -> Tensor:
+        """Latent sequences [B, T, latent] → window outputs [B, outputs].
+
+        "d_grid": log-density of p(D | window) (units of d_max, up to a constant) at the
+        grid's knots, then the log-mass of D beyond the grid. "gaussian": (D̂, σ̂) in units
+        of d_max, both made positive with 1 + ELU.
+        """
         if latents.dim() != 3 or latents.shape[-1] != self.config.latent:
             raise DleStreamError(
                 f"latents of shape {tuple(latents.shape)} are not [windows, frames, {self.config.latent}]"
@@ -351,17 +420,53 @@ class DLEModel(nn.Module):
         features = self.temporal(latents.transpose(1, 2))
         pooled = features.mean(dim=-1)  # adaptive average pooling over time
         out = self.mlp(pooled)
+        if self.config.output == "d_grid":
+            return torch.cat([out[:, :-1] @ self.grid_basis.T, out[:, -1:]], dim=1)
         d_norm = 1.0 + F.elu(out[:, 0])
         sigma_norm = 1.0 + F.elu(out[:, 1]) + self.config.sigma_eps
-        return d_norm, sigma_norm
+        return torch.stack([d_norm, sigma_norm], dim=1)
 
-    def forward(self, movies: Tensor) -> tuple[Tensor, Tensor]:
-        """Movies [B, T, H, W] → (d_norm [B], sigma_norm [B]), units of d_max."""
+    def forward(self, movies: Tensor) -> Tensor:
+        """Movies [B, T, H, W] → window outputs [B, outputs] (see :meth:`head`)."""
         if movies.dim() != 4:
             raise DleStreamError(f"movies must be [B, T, H, W], got shape {tuple(movies.shape)}")
         b, t = movies.shape[:2]
         latents = self.encode(movies.reshape(b * t, *movies.shape[2:]))
         return self.head(latents.reshape(b, t, -1))
+
+
+class GridLoss(nn.Module):
+    """Exact negative log-likelihood of the true D under a "d_grid" window output.
+
+    The output's knot values are a piecewise-linear log-density on [0, top] (units of
+    d_max) and its last entry the log-mass beyond ``top``; the loss is
+    ``log Z − log p(D)`` with Z the total mass (trapezoid rule on the grid's fine points),
+    so it is the continuous density's NLL, not a classification into bins.
+    """
+
+    def __init__(self, grid: DGrid):
+        super().__init__()
+        self.register_buffer("knots", torch.tensor(grid.knots, dtype=torch.float32))
+        self.register_buffer("interp", torch.tensor(grid.interp_matrix, dtype=torch.float32))
+        self.register_buffer("log_w", torch.tensor(np.log(grid.fine_weights + 1e-30), dtype=torch.float32))
+        self.top = float(grid.top)
+
+    def log_z(self, out: Tensor) -> Tensor:
+        fine = out[:, :-1] @ self.interp + self.log_w
+        return torch.logsumexp(torch.cat([fine, out[:, -1:]], dim=1), dim=1)
+
+    def log_density_at(self, out: Tensor, d_norm: Tensor) -> Tensor:
+        """Unnormalised log-density at ``d_norm`` [B] (units of d_max); the overflow's log-mass beyond top."""
+        k = self.knots
+        x = d_norm.to(out.dtype).clamp(0, self.top)
+        i = torch.clamp(torch.searchsorted(k, x, right=True) - 1, 0, k.numel() - 2)
+        t = (x - k[i]) / (k[i + 1] - k[i])
+        f = out[:, :-1]
+        inside = torch.gather(f, 1, i[:, None])[:, 0] * (1 - t) + torch.gather(f, 1, (i + 1)[:, None])[:, 0] * t
+        return torch.where(d_norm >= self.top, out[:, -1], inside)
+
+    def forward(self, out: Tensor, d_norm: Tensor) -> Tensor:
+        return (self.log_z(out) - self.log_density_at(out, d_norm)).mean()
 
 
 def gaussian_nll(d_hat: Tensor, sigma_hat: Tensor, d_true: Tensor) -> Tensor:

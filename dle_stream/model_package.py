@@ -275,6 +275,10 @@ def _write_atomic(path: Path, write) -> None:
         write(tmp_path)
         with tmp_path.open("rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes the file private (0600); a package is shared like any file: 0666 & ~umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""The oracle: what tracking could know at best (DESIGN §7).
+"""The oracle: what tracking could know at best (docs/design.md §7).
 
 Given the simulator's *true* positions of the particles at each frame's mid-time, the
 oracle keeps only what a perfect tracker could see: a particle is *visible* in a frame
@@ -23,7 +23,7 @@ a grid (a coarse pass over the whole range, then 2049 points where the posterior
 within e⁻³⁰ of its peak); D̂ is the posterior median and σ the posterior standard
 deviation. With no visible step at all (not a single visible → visible pair), D̂ and
 σ are NaN with the flag ``"no_visible_steps"``, even if some particles were seen to
-leave (the benchmark decides how to score such windows: DESIGN §7 counts them as a
+leave (the benchmark decides how to score such windows: docs/design.md §7 counts them as a
 floor under every estimator's L1).
 
 Positions of a periodic-box simulation are wrapped into the box; a step that wraps
@@ -151,7 +151,7 @@ def oracle_estimate(positions_um, timing: ScanTiming, tile_h: int, tile_w: int, 
 
 
 def oracle_batch(batch, d_min: float, d_max: float, with_flags: bool = False):
-    """The oracle for every movie of a :class:`training.simulator.SimulatedBatch`:
+    """The oracle for every movie of a :class:`dle_stream.training.simulator.SimulatedBatch`:
     (D̂ [B], σ [B]) in µm²/s, plus the flags per movie when ``with_flags``."""
     B = len(batch)
     tile_h, tile_w = int(batch.movies.shape[-2]), int(batch.movies.shape[-1])

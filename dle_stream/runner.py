@@ -3,8 +3,9 @@
 For every frame the runner cuts the tiles, turns each tile-frame into a feature once
 (batched: the DLE encodes a whole batch of tile-frames in one call), and pushes the
 features into the per-tile rolling windows. Every hop frames, once the windows are full,
-it estimates all tiles in one batch, flags the estimates, updates the running per-tile
-and per-ROI combinations, writes them to the log and emits them (psygnal signal
+it estimates all tiles in one batch (a log-likelihood of D per tile, summarised as
+D ± σ, intervals and flags), updates the running per-tile and per-ROI combinations
+(:mod:`dle_stream.combine`: independent windows and disjoint tiles only), writes them to the log and emits them (psygnal signal
 ``events.estimated``) for the dashboard.
 
 Gaps (a jump in the camera's image number; without image numbers, a step in the
@@ -27,14 +28,11 @@ from psygnal import Signal
 from dle_stream.combine import RunningCombination
 from dle_stream.errors import DleStreamError
 from dle_stream.events import EstimateFlag, FrameEvent, WindowEstimate
+from dle_stream.likelihood import posterior
 from dle_stream.tiling import TileLayout
 from dle_stream.timing import ScanTiming
 from dle_stream.windows import RollingWindows
 
-#: σ̂ at or above this fraction of the prior's std marks an estimate as "little information".
-LITTLE_INFORMATION_FRACTION = 0.8
-#: D̂ above this fraction of the prior range marks an estimate as "at the edge of the prior".
-PRIOR_EDGE_FRACTION = 0.95
 #: A timestamp step beyond this many frame periods counts as a gap.
 GAP_FRAME_PERIODS = 1.5
 
@@ -90,7 +88,7 @@ class StreamRunner:
     """
 
     def __init__(self, estimator, layout: TileLayout, timing: ScanTiming, *, window: int | None = None, hop: int = 50,
-                 log=None, live: bool = False, timing_assumed: bool = False, combine_windows: int = 4,
+                 log=None, live: bool = False, timing_assumed: bool = False, combine_windows: int = 8,
                  encode_every: int = 10):
         self.est = estimator
         self.layout = layout
@@ -114,7 +112,8 @@ class StreamRunner:
         n = len(layout.tiles)
         self.windows = RollingWindows(n, self.window, self.hop)
         self.combination = RunningCombination(n, [r.tiles for r in layout.regions],
-                                              windows_apart=math.ceil(self.window / self.hop), keep=combine_windows)
+                                              windows_apart=math.ceil(self.window / self.hop), keep=combine_windows,
+                                              grid=estimator.grid, d_max_um2_s=estimator.d_max_um2_s)
         self.events = RunnerEvents()
         self.stats = RunStats()
         self._pending: list[np.ndarray] = []
@@ -124,9 +123,6 @@ class StreamRunner:
         self._last_ts: float | None = None
         self._window_number = 0
         self.latest: WindowEstimate | None = None
-        d_lo, d_hi = estimator.d_range
-        self._prior_std = (d_hi - d_lo) / math.sqrt(12)
-        self._edge = d_lo + PRIOR_EDGE_FRACTION * (d_hi - d_lo)
 
     # ------------------------------------------------------------------ frames
     def process(self, event: FrameEvent, backlog: int = 0) -> list[WindowEstimate]:
@@ -207,12 +203,13 @@ class StreamRunner:
     # --------------------------------------------------------------- estimates
     def _estimate(self) -> WindowEstimate:
         windows = self.windows.current()
-        d, sigma = self.est.estimate(windows)
+        log_likelihood = self.est.estimate(windows)
+        post = posterior(log_likelihood, self.est.grid, self.est.d_max_um2_s)
+        d, sigma = post.d, post.sigma
         flags = np.zeros(d.shape, dtype=np.uint8)
         flags[~np.isfinite(d)] |= np.uint8(EstimateFlag.NO_ESTIMATE)
-        with np.errstate(invalid="ignore"):
-            flags[sigma >= LITTLE_INFORMATION_FRACTION * self._prior_std] |= np.uint8(EstimateFlag.LITTLE_INFORMATION)
-            flags[d >= self._edge] |= np.uint8(EstimateFlag.AT_PRIOR_EDGE)
+        flags[post.little_information & np.isfinite(d)] |= np.uint8(EstimateFlag.LITTLE_INFORMATION)
+        flags[post.above_range & np.isfinite(d)] |= np.uint8(EstimateFlag.ABOVE_RANGE)
         if self.timing_assumed:
             flags |= np.uint8(EstimateFlag.TIMING_ASSUMED)
         stop = self.windows.last_frame + 1
@@ -222,9 +219,13 @@ class StreamRunner:
             window=self._window_number, frame_start=start, frame_stop=stop, t_start_s=start * period_s,
             t_stop_s=stop * period_s, wall_time=time.time(), d_um2_s=d.astype(np.float32),
             sigma_um2_s=sigma.astype(np.float32), flags=flags,
+            interval68_um2_s=np.stack([post.lo68, post.hi68], axis=-1).astype(np.float32),
+            interval95_um2_s=np.stack([post.lo95, post.hi95], axis=-1).astype(np.float32),
+            p_above=post.p_above.astype(np.float32), lower95_um2_s=post.lower95_wide.astype(np.float32),
+            log_likelihood=log_likelihood.astype(np.float32),
         )
         self._window_number += 1
-        self.combination.add(d, sigma)
+        self.combination.add(log_likelihood)
         if self.log is not None:
             # committed before it is reported: a kill never loses an estimate already shown
             self.log.add_estimate(est)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from dle_stream import __version__
+from dle_stream import __version__, report
+from dle_stream.combine import RunningCombination
 from dle_stream.dashboard import Dashboard
 from dle_stream.errors import DleStreamError
 from dle_stream.runner import RunStats, StreamRunner
@@ -47,7 +48,7 @@ class StreamOptions:
     timing_file: Path | None = None
     device: str = "cpu"
     dashboard: str = "plain"  # live | plain | quiet
-    combine_windows: int = 4
+    combine_windows: int = 8
 
 
 @dataclass
@@ -62,6 +63,7 @@ class StreamResult:
     log_path: Path | None
     warnings: list[str]
     truth: dict
+    combination: RunningCombination | None = None
 
 
 def make_layout(height: int, width: int, tile_shape: tuple[int, int], opts: StreamOptions) -> TileLayout:
@@ -121,13 +123,14 @@ def region_truth(layout: TileLayout, d_map: np.ndarray) -> dict:
     return out
 
 
-def _open_log(opts: StreamOptions, layout: TileLayout, attrs: dict):
+def _open_log(opts: StreamOptions, layout: TileLayout, attrs: dict, est):
     if opts.log is None:
         return None
     from dle_stream.zarr_log import ZarrLog
 
     return ZarrLog.create(opts.log, tile_bboxes=layout.bboxes, rois=[r.to_dict() for r in layout.regions],
-                          attrs=attrs, overwrite=opts.overwrite, append=opts.append)
+                          attrs=attrs, overwrite=opts.overwrite, append=opts.append, grid=est.grid,
+                          d_max_um2_s=est.d_max_um2_s)
 
 
 def _run(runner: StreamRunner, events, dashboard: Dashboard, backlog=lambda: 0) -> None:
@@ -185,7 +188,7 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
                 + "; re-export or re-acquire the recording" * (rec.n_frames == 0))
         attrs = _attrs("replay", str(recording), est, timing, timing_source, layout, window, opts.hop, warnings)
         attrs["timing_comparison"] = comparison.explain()
-        log = _open_log(opts, layout, attrs)
+        log = _open_log(opts, layout, attrs, est)
         runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, log=log, live=False,
                               timing_assumed=any("ASSUMED" in w for w in warnings),
                               combine_windows=opts.combine_windows)
@@ -211,7 +214,7 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         rec.close()
     c = runner.combination
     return StreamResult(runner.stats, layout, timing, c.region_d.copy(), c.region_sigma.copy(), c.tile_d.copy(),
-                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth)
+                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth, c)
 
 
 def _check_window(opts: StreamOptions) -> None:
@@ -234,12 +237,13 @@ def describe_result(result: StreamResult, console: Console) -> None:
                   + (f", {st.windows_skipped} skipped" if st.windows_skipped else "")
                   + (f", {st.gaps} gaps" if st.gaps else "")
                   + (f"; log: {result.log_path}" if result.log_path else ""), highlight=False, markup=False)
+    c = result.combination
     for i, region in enumerate(result.layout.regions[:30]):
-        d, s = result.region_d[i], result.region_sigma[i]
-        line = f"  {region.name}: D = " + ("—" if not math.isfinite(d) else f"{d:.3g} ± {s:.2g} µm²/s")
-        if region.name in result.truth:
-            line += f"   (true {result.truth[region.name]:.3g})"
-        console.print(line, highlight=False, markup=False)
+        if c is None:
+            continue
+        text = report.estimate_text(c.region, i, disagree=bool(c.region_disagree[i]),
+                                    tile_range=tuple(c.region_tile_range[i]), truth=result.truth.get(region.name))
+        console.print(f"  {region.name}: {text}", highlight=False, markup=False)
 
 
 def _fits(timing: ScanTiming, height: int, width: int) -> bool:
@@ -294,12 +298,14 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
         fallback_label=f"the model card of {opts.model}")
     warnings = notes + warnings
     est, comparison = make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
+    if demo and not opts.roi and opts.rois_file is None:  # the demo's two halves, as two ROIs
+        opts.roi = [f"left=0,0,{w // 2},{h}", f"right={w // 2},0,{w - w // 2},{h}"]
     layout = make_layout(h, w, est.tile_shape, opts)
     window = opts.window or est.window_frames
     source_desc = "demo camera (simulated)" if demo else f"Micro-Manager {mm_config or core.getCameraDevice()}"
     attrs = _attrs("live", source_desc, est, timing, timing_source, layout, window, opts.hop, warnings)
     attrs["timing_comparison"] = comparison.explain()
-    log = _open_log(opts, layout, attrs)
+    log = _open_log(opts, layout, attrs, est)
     runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, log=log, live=True,
                           timing_assumed=any("ASSUMED" in x for x in warnings), combine_windows=opts.combine_windows)
     _warnings_to_stderr(runner, opts)
@@ -333,7 +339,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
             log.close()
     c = runner.combination
     return StreamResult(runner.stats, layout, timing, c.region_d.copy(), c.region_sigma.copy(), c.tile_d.copy(),
-                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth)
+                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth, c)
 
 
 def _load_mm_config(path: Path):

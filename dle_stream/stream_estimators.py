@@ -2,8 +2,10 @@
 
 A stream estimator has two steps, so that each tile-frame is processed exactly once:
 ``features(tiles [N, h, w]) -> [N, ...]`` runs as frames arrive, and
-``estimate(windows [B, T, ...]) -> (D [B], σ [B])`` (µm²/s) runs every hop frames on the
-rolling windows of features. For the DLE the feature is the encoder's latent vector and
+``estimate(windows [B, T, ...]) -> log-likelihood [B, grid.n]`` runs every hop frames on
+the rolling windows of features. The log-likelihood is of D on ``grid`` (units of
+``d_max_um2_s``, the top of the operating range in this stream's units): independent
+windows and tiles combine by adding it (:mod:`dle_stream.likelihood`). For the DLE the feature is the encoder's latent vector and
 the estimate costs only the temporal head; an estimator that needs pixels (the classic
 tracker) keeps the raw tile as its feature.
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dle_stream.errors import DleStreamError
+from dle_stream.likelihood import DGrid, gaussian_log_likelihood
 from dle_stream.timing import ScanTiming
 
 ESTIMATORS = ("dle", "classic", "rics")
@@ -46,12 +49,19 @@ class DLEStream:
         c = self.estimator.card
         return c.d_min_um2_s / self.timing_scale, c.d_max_um2_s / self.timing_scale
 
+    @property
+    def d_max_um2_s(self) -> float:
+        return self.d_range[1]
+
+    @property
+    def grid(self) -> DGrid:
+        return self.estimator.grid
+
     def features(self, tiles: np.ndarray) -> np.ndarray:
         return np.asarray(self.estimator.encode(tiles), dtype=np.float32)
 
-    def estimate(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d, s = self.estimator.estimate_latents(windows, timing_scale=self.timing_scale)
-        return np.asarray(d, dtype=np.float64), np.asarray(s, dtype=np.float64)
+    def estimate(self, windows: np.ndarray) -> np.ndarray:
+        return self.estimator.window_log_likelihoods(windows)
 
 
 @dataclass
@@ -62,15 +72,22 @@ class ClassicStream:
     tile_shape: tuple[int, int]
     window_frames: int
     d_range: tuple[float, float]
+    grid: DGrid = DGrid()
     min_frames: int = 10
     name: str = "classic"
+
+    @property
+    def d_max_um2_s(self) -> float:
+        return self.d_range[1]
 
     def features(self, tiles: np.ndarray) -> np.ndarray:
         return np.asarray(tiles, dtype=np.float32)
 
-    def estimate(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(self, windows: np.ndarray) -> np.ndarray:
+        """D ± σ of the pixel-based estimator as a Gaussian log-likelihood on the grid."""
         d, s, _ = self.estimator.estimate_batch(windows)
-        return np.asarray(d, dtype=np.float64), np.asarray(s, dtype=np.float64)
+        scale = self.d_max_um2_s
+        return gaussian_log_likelihood(np.asarray(d, float) / scale, np.asarray(s, float) / scale, self.grid)
 
 
 def make_stream_estimator(kind: str, model: str, timing: ScanTiming, device: str = "cpu"):
@@ -101,4 +118,4 @@ def make_stream_estimator(kind: str, model: str, timing: ScanTiming, device: str
 
         pixel_est = ClassicEstimator(timing, psf_sigma_xy_um=float(psf), d_max_um2_s=d_range[1], d_min_um2_s=d_range[0])
     return ClassicStream(pixel_est, (card.tile_height, card.tile_width), int(card.window_frames), d_range,
-                         name=kind), comparison
+                         grid=dle.grid, name=kind), comparison

@@ -2,10 +2,12 @@
 
 A model reads tiles of a fixed size (20×20 px by default). ``grid`` covers the frame
 with non-overlapping tiles (leftover pixels at the right and bottom edges are not
-covered, and reported). A user's ROI of any size is covered by model tiles: as many as
-needed in each direction, spread evenly over the ROI (they overlap when the ROI is not a
-multiple of the tile size; an ROI smaller than a tile gets one tile centred on it), and
-kept inside the frame. Tiles shared by several ROIs are estimated once.
+covered, and reported). A user's ROI of any size is covered by *disjoint* model tiles: as
+many whole tiles as fit in each direction, side by side and centred (the leftover
+border pixels, less than a tile, are not covered; an ROI smaller than a tile gets one tile
+centred on it), kept inside the frame. Disjoint tiles share no pixels, so their
+likelihoods combine as independent (:mod:`dle_stream.combine`). Tiles shared by several
+ROIs are estimated once.
 
 Geometry is in pixels of the full frame: ``(row, col, height, width)``; ROIs given as
 ``x,y,w,h`` on the command line use x = column, y = row, as image viewers do.
@@ -72,12 +74,12 @@ class TileLayout:
 
 
 def _positions(start: int, length: int, tile: int, limit: int) -> list[int]:
-    """Tile starts covering [start, start+length) evenly, kept inside [0, limit)."""
-    n = max(1, -(-length // tile))
-    if n == 1:
-        starts = [start + (length - tile) // 2]
-    else:
-        starts = np.linspace(start, start + length - tile, n).round().astype(int).tolist()
+    """Starts of disjoint tiles covering [start, start+length): as many whole tiles as fit,
+    side by side and centred (the few leftover pixels at both ends are not covered); one
+    tile centred on a span shorter than a tile. Kept inside [0, limit)."""
+    n = max(1, length // tile)
+    first = start + (length - n * tile) // 2
+    starts = [first + i * tile for i in range(n)]
     return [int(min(max(s, 0), limit - tile)) for s in starts]
 
 

@@ -16,6 +16,12 @@ Layout of a log (``<path>/``, a Zarr v3 group; open it with plain ``zarr`` or wi
     d           float32 [window, tile]   D̂, µm²/s (NaN: no estimate)
     sigma       float32 [window, tile]   σ̂, µm²/s
     flags       uint8   [window, tile]   EstimateFlag bits
+    lo68, hi68  float32 [window, tile]   68 % highest-density interval, µm²/s
+    lo95, hi95  float32 [window, tile]   95 % highest-density interval, µm²/s
+    p_above     float32 [window, tile]   probability that D is above the model's range
+    log_likelihood float16 [window, tile, d_grid]  log-likelihood of D at ``d_grid``
+                                         (max 0); independent windows add
+    d_grid      float64 [d_grid]         D at the grid's knots, µm²/s (last: inf = beyond)
     frame_start int64   [window]         first frame of the window
     frame_stop  int64   [window]         frame after the last one (half-open)
     t_start_s   float64 [window]         window span in acquisition time, s
@@ -53,10 +59,11 @@ import zarr
 
 from dle_stream.errors import DleStreamError
 from dle_stream.events import WindowEstimate
+from dle_stream.likelihood import DGrid
 
 __all__ = ["LogView", "ZarrLog", "open_log", "LOG_FORMAT_VERSION"]
 
-LOG_FORMAT_VERSION = 1
+LOG_FORMAT_VERSION = 2
 _MARKER = {"kind": "run_log", "format_version": LOG_FORMAT_VERSION}
 _RESERVED_ATTRS = ("dle_stream", "committed_windows", "committed_frames", "committed_gaps",
                    "rois", "segments")
@@ -81,13 +88,22 @@ _WINDOW_TILES: dict[str, tuple[str, Any, str | None, str]] = {
     "d": ("float32", math.nan, UNITS_D, "diffusion coefficient estimate D̂ (NaN: no estimate)"),
     "sigma": ("float32", math.nan, UNITS_D, "standard deviation σ̂ of the estimate"),
     "flags": ("uint8", 0, None, "dle_stream.events.EstimateFlag bits"),
+    "lo68": ("float32", math.nan, UNITS_D, "lower end of the 68 % highest-density interval"),
+    "hi68": ("float32", math.nan, UNITS_D, "upper end of the 68 % highest-density interval"),
+    "lo95": ("float32", math.nan, UNITS_D, "lower end of the 95 % highest-density interval"),
+    "hi95": ("float32", math.nan, UNITS_D, "upper end of the 95 % highest-density interval"),
+    "p_above": ("float32", math.nan, None, "probability that D is above the model's range"),
 }
+#: the window log-likelihood of D on the grid ``d_grid`` (what independent windows combine by adding)
+_LIKELIHOOD = ("float16", math.nan, None,
+               "log-likelihood of D at d_grid (maximum 0, floor -60; NaN: no estimate); add over independent windows")
 _FRAME_ARRAYS: dict[str, tuple[str, Any, str | None, str]] = {
     "frame_index": ("int64", -1, None, "position of the frame in the stream"),
     "timestamp_s": ("float64", math.nan, "s", "acquisition timestamp from the source (NaN: unknown)"),
     "image_number": ("int64", -1, None, "camera frame counter, e.g. Micro-Manager ImageNumber (-1: unknown)"),
 }
-_ALL_ARRAYS = (*_WINDOW_SCALARS, *_WINDOW_TILES, *_FRAME_ARRAYS, "gaps", "tile_bbox")
+_WINDOW_ARRAYS = (*_WINDOW_SCALARS, *_WINDOW_TILES, "log_likelihood")
+_ALL_ARRAYS = (*_WINDOW_ARRAYS, *_FRAME_ARRAYS, "gaps", "tile_bbox", "d_grid")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -204,6 +220,8 @@ class ZarrLog:
         overwrite: bool = False,
         append: bool = False,
         flush_interval_s: float = 1.0,
+        grid: DGrid | None = None,
+        d_max_um2_s: float = 1.0,
     ) -> "ZarrLog":
         """Start the log of a run at ``path`` (a folder; ``.zarr`` suffix customary).
 
@@ -219,6 +237,9 @@ class ZarrLog:
                 records; its tile geometry must match. A missing ``path`` is created.
             flush_interval_s: flush buffered records at the next add once this long has
                 passed since the last flush (0: at every add).
+            grid, d_max_um2_s: the estimator's D grid and the top of its operating range
+                in this stream's units (the grid of ``log_likelihood``, stored as ``d_grid``
+                in µm²/s; its last entry, +inf, stands for D beyond the grid).
 
         Raises:
             DleStreamError: the path exists and neither flag is given, it is not a log,
@@ -254,7 +275,8 @@ class ZarrLog:
             if append:
                 return cls._reopen(group, path, bboxes, rois_n, user_attrs, flush_interval_s)
         try:
-            group = cls._new_store(path, bboxes, rois_n, user_attrs, overwrite=exists)
+            group = cls._new_store(path, bboxes, rois_n, user_attrs, grid or DGrid(), float(d_max_um2_s),
+                                   overwrite=exists)
         except DleStreamError:
             raise
         except OSError as exc:
@@ -264,8 +286,8 @@ class ZarrLog:
         return cls(group, path, flush_interval_s=flush_interval_s)
 
     @staticmethod
-    def _new_store(path: Path, bboxes: np.ndarray, rois: list[dict], user_attrs: dict,
-                   *, overwrite: bool) -> zarr.Group:
+    def _new_store(path: Path, bboxes: np.ndarray, rois: list[dict], user_attrs: dict, grid: DGrid,
+                   d_max_um2_s: float, *, overwrite: bool) -> zarr.Group:
         # The marker and committed counts go in last: a store whose creation was cut
         # short is not taken for a log.
         group = zarr.open_group(store=str(path), mode="w" if overwrite else "w-",
@@ -284,6 +306,17 @@ class ZarrLog:
             make(name, spec, (0,), (WINDOW_CHUNK,), ("window",))
         for name, spec in _WINDOW_TILES.items():
             make(name, spec, (0, n_tiles), (WINDOW_CHUNK, n_tiles), ("window", "tile"))
+        d_grid = np.concatenate([grid.knots * d_max_um2_s, [np.inf]])
+        n_grid = d_grid.size
+        make("log_likelihood", _LIKELIHOOD, (0, n_tiles, n_grid), (WINDOW_CHUNK // 8, n_tiles, n_grid),
+             ("window", "tile", "d_grid"))
+        grid_arr = group.create_array(
+            "d_grid", shape=d_grid.shape, chunks=d_grid.shape, dtype="float64", fill_value=0.0,
+            dimension_names=("d_grid",),
+            attributes={"description": "D at the knots of log_likelihood (log-linear between knots); "
+                                       "the last entry (inf) stands for D beyond the grid", "units": UNITS_D,
+                        "grid": grid.to_dict(), "d_max_um2_s": d_max_um2_s})
+        grid_arr[...] = d_grid
         for name, spec in _FRAME_ARRAYS.items():
             make(name, spec, (0,), (FRAME_CHUNK,), ("frame",))
         group.create_array(
@@ -323,7 +356,7 @@ class ZarrLog:
             cf = int(group.attrs["committed_frames"])
             cg = int(group.attrs.get("committed_gaps", 0))
             # Drop anything a killed flush wrote past the committed rows.
-            for name in (*_WINDOW_SCALARS, *_WINDOW_TILES):
+            for name in _WINDOW_ARRAYS:
                 arr = group[name]
                 if arr.shape[0] != cw:
                     arr.resize((cw, *arr.shape[1:]))
@@ -391,6 +424,10 @@ class ZarrLog:
             shape = np.shape(getattr(est, name))
             if shape != (self.n_tiles,):
                 raise ValueError(f"WindowEstimate.{name} has shape {shape}, the log has {self.n_tiles} tiles")
+        n_grid = self._arrays["d_grid"].shape[0]
+        if est.log_likelihood is not None and np.shape(est.log_likelihood) != (self.n_tiles, n_grid):
+            raise ValueError(f"WindowEstimate.log_likelihood has shape {np.shape(est.log_likelihood)}, "
+                             f"the log has {self.n_tiles} tiles × {n_grid} grid points")
         self._estimates.append(est)
         self._maybe_flush()
 
@@ -459,6 +496,7 @@ class ZarrLog:
                 "d": np.stack([np.asarray(e.d_um2_s, dtype=np.float32) for e in ests]),
                 "sigma": np.stack([np.asarray(e.sigma_um2_s, dtype=np.float32) for e in ests]),
                 "flags": np.stack([np.asarray(e.flags).astype(np.uint8) for e in ests]),
+                **self._interval_columns(ests),
             }
             for name, block in cols.items():
                 self._write_rows(name, cw, block)
@@ -474,6 +512,24 @@ class ZarrLog:
                 gaps.update_attributes({"kinds": list(self._gap_kinds)})
                 self._gap_kinds_written = len(self._gap_kinds)
             self._write_rows("gaps", self._committed["gaps"], np.array(self._gaps, dtype=np.int64))
+
+    def _interval_columns(self, ests: list[WindowEstimate]) -> dict[str, np.ndarray]:
+        n, n_grid = self.n_tiles, self._arrays["d_grid"].shape[0]
+        nan = np.full(n, np.nan, dtype=np.float32)
+
+        def col(get) -> np.ndarray:
+            return np.stack([np.asarray(v, dtype=np.float32) if (v := get(e)) is not None else nan for e in ests])
+
+        ll = [np.asarray(e.log_likelihood, dtype=np.float16) if e.log_likelihood is not None
+              else np.full((n, n_grid), np.nan, dtype=np.float16) for e in ests]
+        return {
+            "lo68": col(lambda e: None if e.interval68_um2_s is None else np.asarray(e.interval68_um2_s)[:, 0]),
+            "hi68": col(lambda e: None if e.interval68_um2_s is None else np.asarray(e.interval68_um2_s)[:, 1]),
+            "lo95": col(lambda e: None if e.interval95_um2_s is None else np.asarray(e.interval95_um2_s)[:, 0]),
+            "hi95": col(lambda e: None if e.interval95_um2_s is None else np.asarray(e.interval95_um2_s)[:, 1]),
+            "p_above": col(lambda e: e.p_above),
+            "log_likelihood": np.stack(ll),
+        }
 
     def _write_commit(self) -> None:
         """Write the committed counts (one metadata write, after all the data)."""
@@ -531,9 +587,14 @@ class LogView:
         self.gap_kinds: list[str] = list(group["gaps"].attrs.get("kinds", []))
         self._cache: dict[str, np.ndarray] = {}
 
+    def grid(self) -> tuple[DGrid, float]:
+        """The D grid of ``log_likelihood`` and the top of the operating range (µm²/s)."""
+        attrs = self._group["d_grid"].attrs
+        return DGrid.from_dict(attrs.get("grid")), float(attrs.get("d_max_um2_s", 1.0))
+
     def array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Committed rows [start, stop) of the array ``name`` (all committed by default)."""
-        if name in _WINDOW_SCALARS or name in _WINDOW_TILES:
+        if name in _WINDOW_ARRAYS:
             n = self.n_windows
         elif name in _FRAME_ARRAYS:
             n = self.n_frames
@@ -541,6 +602,8 @@ class LogView:
             n = self.n_gaps
         elif name == "tile_bbox":
             return self.tile_bbox
+        elif name == "d_grid":
+            return np.asarray(self._group["d_grid"][:])
         else:
             raise KeyError(f"the run log has no array {name!r}")
         stop = n if stop is None else min(int(stop), n)

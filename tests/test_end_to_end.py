@@ -12,8 +12,8 @@ from dle_stream.cli import app
 from dle_stream.model_package import list_models
 from dle_stream.session import StreamOptions, demo_timing, replay, run_live
 from dle_stream.zarr_log import open_log
-from training.priors import get_preset
-from training.recording_sim import simulate_recording
+from dle_stream.training.priors import get_preset
+from dle_stream.training.recording_sim import simulate_recording
 
 pytestmark = pytest.mark.skipif(
     not any(card.name == "brain-qd-low" for _, card in list_models()), reason="shipped model brain-qd-low missing"
@@ -71,3 +71,25 @@ def test_demo_command_prints_estimates_next_to_the_truth(tmp_path):
     assert "left: D = " in result.output and "(true 0.3)" in result.output
     assert "right: D = " in result.output and "(true 1.2)" in result.output
     assert (tmp_path / "demo.zarr").is_dir()
+
+
+def test_intervals_hold_the_truth_and_a_mixed_roi_is_reported_heterogeneous(two_region_recording, tmp_path):
+    """With the shipped model: each half's combined 95 % interval holds its true D, and an
+    ROI spanning both halves is flagged (tiles disagree) and shown as a range, not one D."""
+    opts = StreamOptions(model="brain-qd-low", roi=["left=0,0,60,40", "right=60,0,60,40", "both=0,0,120,40"],
+                         hop=100, dashboard="quiet")
+    result = replay(two_region_recording, opts)
+    c = result.combination
+    names = [r.name for r in result.layout.regions]
+    for name, truth in (("left", LEFT), ("right", RIGHT)):
+        i = names.index(name)
+        assert c.region.lo95[i] <= truth <= c.region.hi95[i], (name, c.region.lo95[i], c.region.hi95[i])
+        assert not c.region_disagree[i] and not c.region.above_range[i]
+    both = names.index("both")
+    assert c.region_disagree[both]
+    lo, hi = c.region_tile_range[both]
+    assert lo < 0.6 < 0.9 < hi
+    from dle_stream import report
+
+    text = report.estimate_text(c.region, both, disagree=True, tile_range=(lo, hi))
+    assert text.startswith("tiles disagree:") and "±" not in text

@@ -31,8 +31,8 @@ from dle_stream.errors import DleStreamError
 from dle_stream.model_package import list_models
 from dle_stream.timing import ScanTiming
 from dle_stream.zarr_log import open_log
-from training.priors import get_preset
-from training.recording_sim import simulate_recording
+from dle_stream.training.priors import get_preset
+from dle_stream.training.recording_sim import simulate_recording
 
 pytestmark = pytest.mark.skipif(
     not any(card.name == "brain-qd-low" for _, card in list_models()), reason="shipped model brain-qd-low missing"
@@ -126,7 +126,11 @@ def check_log(log: Path, reported: list[tuple[int, int, int]], *, replay: bool, 
             return None
     else:
         view = open_log(log)
-    assert view.n_tiles == (HEIGHT // 20) * (WIDTH // 20)
+    if replay:  # the whole frame in 20-px tiles
+        assert view.n_tiles == (HEIGHT // 20) * (WIDTH // 20)
+    else:  # the demo camera's left and right halves as two ROIs of disjoint 20-px tiles
+        assert [r["name"] for r in view.rois] == ["left", "right"]
+        assert view.n_tiles == 2 * (HEIGHT // 20) * ((WIDTH // 2) // 20)
     n = view.n_windows
     window = np.asarray(view.window)
     d, sigma = np.asarray(view.d), np.asarray(view.sigma)

@@ -104,7 +104,10 @@ def test_cpu_median_matches_torch():
 def test_shapes_and_positive_outputs():
     model = make_model()
     frames = torch.from_numpy(movie(32, batch=2))
-    d, s = model(frames)
+    out = model(frames)
+    assert out.shape == (2, SMALL.grid.n) and torch.isfinite(out).all()
+    gaussian = make_model(ModelConfig(**{**SMALL.to_dict(), "output": "gaussian"}))
+    d, s = gaussian(frames).T
     assert d.shape == s.shape == (2,)
     assert (d > 0).all() and (s > 0).all()
     recon, target = model.autoencode(frames[0])
@@ -118,8 +121,10 @@ def test_default_config_runs_and_is_json_able():
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     model = DLEModel(config).eval()
     with torch.inference_mode():
-        d, s = model(torch.from_numpy(movie(64, batch=1)))
-    assert d.shape == (1,) and torch.isfinite(d).all() and (s > 0).all()
+        out = model(torch.from_numpy(movie(64, batch=1)))
+    assert out.shape == (1, config.grid.n) and torch.isfinite(out).all()
+    old = {k: v for k, v in config.to_dict().items() if not k.startswith(("output", "grid"))}
+    assert ModelConfig.from_dict(old).output == "gaussian"  # packages from before the grid head
     with pytest.raises(DleStreamError, match="unknown architecture"):
         ModelConfig.from_dict({**config.to_dict(), "bogus": 1})
 
@@ -140,8 +145,21 @@ def test_round_trip_identical_outputs(tmp_path: Path):
     x = torch.from_numpy(movie(40, batch=2))
     with torch.inference_mode():
         a, b = model(x), loaded(x)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a, b)
     assert sorted(p.name for p in folder.iterdir()) == [CARD_FILE, WEIGHTS_FILE]  # no temp files left
+
+
+def test_package_files_are_readable_like_any_other_file(tmp_path: Path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = save_model_package(tmp_path / "pkg", make_model(), make_card())
+    finally:
+        os.umask(old)
+    for name in (CARD_FILE, WEIGHTS_FILE):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644  # not 0600 (a private temp file)
 
 
 def _edit_card(folder: Path, **changes) -> None:

@@ -8,9 +8,10 @@ import pytest
 from rich.console import Console
 
 from dle_stream import DleStreamError, ScanTiming
-from dle_stream.combine import RunningCombination, inverse_variance
+from dle_stream.combine import DISAGREE_P, RunningCombination, disagreement_p, inverse_variance
 from dle_stream.dashboard import Dashboard, sparkline
 from dle_stream.events import EstimateFlag, FrameEvent
+from dle_stream.likelihood import DGrid, gaussian_log_likelihood
 from dle_stream.runner import StreamRunner
 from dle_stream.tiling import Region, grid_layout, parse_roi, roi_layout
 from dle_stream.zarr_log import ZarrLog, open_log
@@ -20,17 +21,23 @@ TIMING = ScanTiming(0.15, 8.0, 1508.0, 61652.0, 60, 40)
 
 class FrameNumberEstimator:
     """A transparent estimator: the feature of a tile-frame is its mean (the frame
-    number, in these tests), and a window's 'D' is its first feature and 'σ' the number
-    of frames it spans, so window content and order can be checked exactly."""
+    number, in these tests); each window's first feature and the number of frames it
+    spans are recorded in ``seen``, so window content and order can be checked exactly.
+    Its likelihood is a Gaussian at D = ``d`` ± ``sigma`` µm²/s (range 0–10; ``d=None``:
+    D = 2 + first frame / 20)."""
 
     name = "frame-number"
     tile_shape = (20, 20)
     window_frames = 40
     min_frames = 4
-    d_range = (0.0, 1000.0)
+    d_range = (0.0, 10.0)
+    d_max_um2_s = 10.0
+    grid = DGrid()
 
-    def __init__(self):
+    def __init__(self, d=3.0, sigma=1.0):
         self.encoded = 0
+        self.seen = []
+        self.d, self.sigma = d, sigma
 
     def features(self, tiles):
         self.encoded += len(tiles)
@@ -38,7 +45,9 @@ class FrameNumberEstimator:
 
     def estimate(self, windows):
         first, last = windows[:, 0, 0], windows[:, -1, 0]
-        return first.astype(float), (last - first + 1).astype(float)
+        self.seen.append((first.copy(), (last - first + 1).copy()))
+        d = 2 + first / 20 if self.d is None else np.broadcast_to(np.asarray(self.d, float), first.shape)
+        return gaussian_log_likelihood(d / 10.0, np.full(first.shape, self.sigma / 10.0), self.grid)
 
 
 def frames(n, start=0, image_numbers=None, h=40, w=60):
@@ -54,10 +63,14 @@ def test_windows_follow_the_hop_and_hold_their_frames_in_order():
     out = [e for ev in frames(130) for e in runner.process(ev)]
     assert [e.frame_start for e in out] == [0, 20, 40, 60, 80]
     assert [e.frame_stop for e in out] == [40, 60, 80, 100, 120]
-    for e in out:
-        assert np.all(e.d_um2_s == e.frame_start)  # the window starts with its first frame
-        assert np.all(e.sigma_um2_s == 40)  # and spans exactly 40 consecutive frames
+    assert len(est.seen) == len(out)
+    for e, (first, span) in zip(out, est.seen):
+        assert np.all(first == e.frame_start)  # the window starts with its first frame
+        assert np.all(span == 40)  # and spans exactly 40 consecutive frames
         assert e.t_start_s == pytest.approx(e.frame_start * 0.061652)
+        assert np.allclose(e.d_um2_s, 3.0, atol=0.01) and np.allclose(e.sigma_um2_s, 1.0, rtol=0.02)
+        lo, hi = e.interval68_um2_s.T  # Gaussian: ±1σ
+        assert np.allclose(lo, 2.0, atol=0.02) and np.allclose(hi, 4.0, atol=0.02)
     assert est.encoded == 130 * len(layout.tiles)  # each tile-frame encoded exactly once
     assert runner.stats.windows_done == 5
 
@@ -93,15 +106,23 @@ def test_late_frames_with_consecutive_image_numbers_are_not_a_gap():
 
 def test_runner_writes_every_window_and_frame_to_the_log(tmp_path):
     layout = grid_layout(40, 60, 20, 20)
+    est = FrameNumberEstimator(d=None, sigma=0.2)
     log = ZarrLog.create(tmp_path / "run.zarr", tile_bboxes=layout.bboxes, rois=[r.to_dict() for r in layout.regions],
-                         attrs={"source": "test"})
-    runner = StreamRunner(FrameNumberEstimator(), layout, TIMING, window=40, hop=20, log=log, timing_assumed=True)
+                         attrs={"source": "test"}, grid=est.grid, d_max_um2_s=est.d_max_um2_s)
+    runner = StreamRunner(est, layout, TIMING, window=40, hop=20, log=log, timing_assumed=True)
     runner.run(frames(100))
     log.close()
     view = open_log(tmp_path / "run.zarr")
     assert view.n_windows == 4 and view.n_frames == 100
     np.testing.assert_array_equal(np.asarray(view.frame_start), [0, 20, 40, 60])
-    np.testing.assert_array_equal(np.asarray(view.d)[:, 0], [0, 20, 40, 60])
+    np.testing.assert_allclose(np.asarray(view.d)[:, 0], [2, 3, 4, 5], atol=0.01)
+    # ±1σ of a Gaussian; σ is about one knot spacing here, so within 5 %
+    np.testing.assert_allclose(view.array("hi68")[:, 0] - view.array("lo68")[:, 0], 0.4, rtol=0.05)
+    ll = view.array("log_likelihood")
+    assert ll.shape == (4, 6, est.grid.n) and np.all(ll.max(axis=-1) == 0)
+    grid_um2_s = view.array("d_grid")
+    assert grid_um2_s[-1] == np.inf and grid_um2_s[np.argmax(ll[2, 0])] == pytest.approx(4.0, abs=0.1)
+    assert view.grid()[1] == 10.0
     assert np.all(np.asarray(view.flags) & EstimateFlag.TIMING_ASSUMED)
     np.testing.assert_array_equal(np.asarray(view.image_number), np.arange(100))
 
@@ -131,12 +152,21 @@ def test_bad_frames_and_flags_are_refused():
 
 
 def test_rois_are_covered_by_model_tiles_inside_the_frame():
-    layout = roi_layout(100, 100, 20, 20, [parse_roi("10,10,30,30", "a"), Region("b", (90, 90, 10, 10))])
-    a, b = layout.regions
-    assert len(a.tiles) == 4  # 30 px need two 20-px tiles per direction
-    for i in a.tiles:
-        r, c, h, w = layout.tiles[i].bbox
-        assert 10 <= r and r + h <= 40 and 10 <= c and c + w <= 40
+    layout = roi_layout(100, 100, 20, 20, [parse_roi("10,10,30,30", "a"), Region("b", (90, 90, 10, 10)),
+                                           parse_roi("0,0,70,45", "c")])
+    a, b, c = layout.regions
+    assert len(a.tiles) == 1  # 30 px hold one whole 20-px tile per direction, centred
+    assert layout.tiles[a.tiles[0]].bbox == (15, 15, 20, 20)
+    assert len(c.tiles) == 3 * 2  # 70 × 45 px: 3 × 2 tiles, side by side
+    for roi in (a, c):
+        r0, c0, h0, w0 = roi.bbox
+        boxes = [layout.tiles[i].bbox for i in roi.tiles]
+        for r, col, h, w in boxes:
+            assert r0 <= r and r + h <= r0 + h0 and c0 <= col and col + w <= c0 + w0
+        covered = np.zeros((100, 100), int)
+        for r, col, h, w in boxes:
+            covered[r:r + h, col:col + w] += 1
+        assert covered.max() == 1  # disjoint: no pixel in two tiles, so they combine as independent
     (tb,) = b.tiles  # an ROI at the corner, smaller than a tile: one tile, kept inside the frame
     assert layout.tiles[tb].bbox == (80, 80, 20, 20)
     with pytest.raises(DleStreamError, match="outside"):
@@ -151,13 +181,36 @@ def test_inverse_variance_combination():
     d, s = inverse_variance(np.array([1.0, 2.0, np.nan]), np.array([1.0, 2.0, 1.0]))
     # weights 1 and 1/4: (1 + 0.5) / 1.25 = 1.2; σ = 1/√1.25
     assert d == pytest.approx(1.2) and s == pytest.approx(1 / np.sqrt(1.25))
-    comb = RunningCombination(2, [[0, 1]], windows_apart=2, keep=2)
-    comb.add(np.array([1.0, 3.0]), np.array([1.0, 1.0]))
-    comb.add(np.array([5.0, 5.0]), np.array([1.0, 1.0]))  # overlaps the first: not combined with it
-    assert comb.tile_d[0] == pytest.approx(5.0)
-    comb.add(np.array([3.0, 1.0]), np.array([1.0, 1.0]))  # two windows after the first: combined
-    assert comb.tile_d[0] == pytest.approx(2.0) and comb.tile_sigma[0] == pytest.approx(1 / np.sqrt(2))
-    assert comb.region_d[0] == pytest.approx(2.0) and comb.region_sigma[0] == pytest.approx(0.5)
+    grid = DGrid()
+
+    def gauss(d, s):  # µm²/s, range 0–10
+        return gaussian_log_likelihood(np.asarray(d) / 10, np.asarray(s) / 10, grid)
+
+    comb = RunningCombination(2, [[0, 1]], windows_apart=2, keep=2, grid=grid, d_max_um2_s=10.0)
+    comb.add(gauss([4.0, 6.0], [1.0, 1.0]))
+    comb.add(gauss([7.0, 7.0], [1.0, 1.0]))  # overlaps the first: not combined with it
+    assert comb.tile_d[0] == pytest.approx(7.0, abs=0.01)
+    comb.add(gauss([6.0, 4.0], [1.0, 1.0]))  # two windows after the first: combined
+    # two Gaussian measurements 4 and 6 (σ 1): 5 ± 1/√2; two such tiles: 5 ± 1/2
+    assert comb.tile_d[0] == pytest.approx(5.0, abs=0.01) and comb.tile_sigma[0] == pytest.approx(1 / np.sqrt(2), rel=0.02)
+    assert comb.region_d[0] == pytest.approx(5.0, abs=0.01) and comb.region_sigma[0] == pytest.approx(0.5, rel=0.02)
+    assert comb.tile_windows.tolist() == [2, 2] and not comb.region_disagree[0]
+
+
+def test_disagreeing_tiles_are_flagged_and_homogeneous_ones_rarely():
+    grid = DGrid()
+    comb = RunningCombination(4, [[0, 1], [2, 3]], windows_apart=1, keep=1, grid=grid, d_max_um2_s=10.0)
+    comb.add(gaussian_log_likelihood(np.array([0.30, 0.31, 0.30, 0.70]), np.full(4, 0.02), grid))
+    assert comb.region_disagree.tolist() == [False, True]
+    assert comb.region_tile_range[1] == pytest.approx([3.0, 7.0], abs=0.02)
+    # false alarms on homogeneous data: 16 parts with random widths, one true D
+    rng = np.random.default_rng(3)
+    alarms = []
+    for _ in range(400):
+        s = rng.uniform(0.03, 0.2, 16)
+        y = 0.5 + s * rng.standard_normal(16)
+        alarms.append(disagreement_p(gaussian_log_likelihood(y, s, grid)) < DISAGREE_P)
+    assert np.mean(alarms) <= 0.03  # the test's level is 1 %
 
 
 def test_dashboard_renders_map_table_and_warnings():
@@ -172,7 +225,8 @@ def test_dashboard_renders_map_table_and_warnings():
         runner.warn("camera stalled for 2.0 s")
         dash.refresh(force=True)
     text = buf.getvalue()
-    for expected in ("test source", "frame-number", "left", "right", "D ± σ", "camera stalled", "██", "0.3"):
+    for expected in ("test source", "frame-number", "left", "right", "D = 3.0", "68 %", "camera stalled",
+                     "3.00", "above the model's range", "true 0.3"):
         assert expected in text, expected
     assert sparkline([0, 1, 2, 3]) == "▁▃▆█"
 

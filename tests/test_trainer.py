@@ -10,9 +10,9 @@ import torch
 from dle_stream import DleStreamError
 from dle_stream.estimator import DiffusionEstimator
 from dle_stream.model import ModelConfig
-from training.priors import SimulatorPriors, get_preset
-from training.simulator import Simulator
-from training.trainer import TrainConfig, Trainer, train
+from dle_stream.training.priors import SimulatorPriors, get_preset
+from dle_stream.training.simulator import Simulator
+from dle_stream.training.trainer import TrainConfig, Trainer, train
 
 SMALL = ModelConfig(temporal_channels=16, head_hidden=32)
 
@@ -118,3 +118,29 @@ def test_the_end_to_end_stage_trains_the_encoder_with_the_head(trained, tmp_path
     assert rows and int(rows[-1]["step"]) == 60
     assert float(rows[-1]["l1_um2_s"]) < 0.8 * card["validation"]["prior_baseline"]["l1"]
     assert card["validation"]["dle"]["l1"] < 0.8 * card["validation"]["prior_baseline"]["l1"]
+
+
+def test_a_short_step_budget_also_shortens_pretraining(tmp_path):
+    from dle_stream.training.training_setup import config_for
+
+    common = dict(out=tmp_path / "m", preset="low", like=None, d_max=None, minutes=None, device="cpu", seed=0,
+                  resume=False, encoder_from=None, cache_movies=64, val_movies=64, name=None, flags={},
+                  timing_file=None)
+    assert config_for(steps=40, ae_steps=None, **common).ae_steps == 40
+    assert config_for(steps=5000, ae_steps=None, **common).ae_steps == 1500
+    assert config_for(steps=40, ae_steps=300, **common).ae_steps == 300
+    assert config_for(steps=None, ae_steps=None, **{**common, "minutes": 2.0}).ae_steps == 1500
+
+
+def test_train_refuses_absurd_timing_from_metadata(tmp_path):
+    """A frame period of 1e9 s (metadata misread) is refused before any training starts."""
+    import json as _json
+
+    from dle_stream.training.training_setup import config_for
+
+    timing_file = tmp_path / "t.json"
+    _json.dump({"frame_period_us": 1e15}, timing_file.open("w"))
+    with pytest.raises(DleStreamError, match="frame period 1e\\+15 µs outside"):
+        config_for(out=tmp_path / "m", preset="low", like=None, d_max=None, steps=10, minutes=None, device="cpu",
+                   seed=0, resume=False, encoder_from=None, ae_steps=None, cache_movies=64, val_movies=64, name=None,
+                   flags={}, timing_file=timing_file)

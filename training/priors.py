@@ -2,7 +2,7 @@
 
 Every number that the simulator draws per movie (D, particle count, PSF, brightness,
 background, noise, detector gain) comes from a :class:`SimulatorPriors`. The presets
-carry the numbers of the paper's reference simulator (DESIGN §4).
+carry the numbers of the paper's reference simulator (docs/design.md §4).
 
 Units: D in µm²/s, lengths in µm, intensities in photons per pixel (background) or
 photons integrated over the in-plane PSF (brightness). ``(mean, std)`` pairs are
@@ -46,6 +46,13 @@ class SimulatorPriors:
         read_noise_photons: (low, high) std of the additive Gaussian noise, redrawn per frame.
         gain: (mean, std) detector gain, fixed per movie.
         subtract_offset: subtract an offset near the background (as a detector's baseline).
+        d_beyond: (share in [d_max, top·d_max], share in [top·d_max, 2·top·d_max]) of movies
+            whose D is drawn beyond the range, uniformly (training a "d_grid" head, so
+            that out-of-range D is recognised); the rest follow ``d_prior``.
+        d_grid_top: top of that grid, units of d_max.
+        box_fraction: share of movies simulated with a steady density ("box") while
+            ``density`` is "cloud" (a mixed training prior); used by
+            :class:`dle_stream.training.mixture.MixedSimulator`.
     """
 
     d_min_um2_s: float = 0.0
@@ -66,6 +73,9 @@ class SimulatorPriors:
     read_noise_photons: tuple[float, float] = (0.5, 2.5)
     gain: tuple[float, float] = (1.0, 0.1)
     subtract_offset: bool = True
+    d_beyond: tuple[float, float] = (0.0, 0.0)
+    d_grid_top: float = 2.0
+    box_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> DleStreamError:
@@ -99,6 +109,10 @@ class SimulatorPriors:
         lo, hi = self.read_noise_photons
         if lo < 0 or hi < lo:
             raise bad("read_noise_photons", f"needs 0 ≤ low ≤ high, got {(lo, hi)}")
+        if min(self.d_beyond) < 0 or sum(self.d_beyond) >= 1 or not self.d_grid_top > 1:
+            raise bad("d_beyond", f"needs shares ≥ 0 summing below 1 and d_grid_top > 1, got {self.d_beyond}, {self.d_grid_top}")
+        if not 0 <= self.box_fraction <= 1:
+            raise bad("box_fraction", f"must be in [0, 1], got {self.box_fraction}")
         if self.cloud_axial_std_um <= 0 or self.box_margin_um < 0 or self.box_half_depth_um <= 0:
             raise bad("density geometry", "needs positive cloud_axial_std_um and box_half_depth_um, non-negative box_margin_um")
 
@@ -118,6 +132,11 @@ class SimulatorPriors:
             return (hi - lo) / math.sqrt(12)
         second = (hi**2 - lo**2) / (2 * math.log(hi / lo))
         return math.sqrt(max(second - self.d_mean_um2_s**2, 0.0))
+
+    def operating(self) -> "SimulatorPriors":
+        """The same priors with D only in the operating range and the paper's cloud density
+        (what validation and the accuracy suites use)."""
+        return replace(self, d_beyond=(0.0, 0.0), box_fraction=0.0)
 
     def with_(self, **changes) -> "SimulatorPriors":
         return replace(self, **changes)

@@ -1,6 +1,6 @@
 """Batched simulator of raster-scanned two-photon movies of diffusing nanoparticles.
 
-Physics (DESIGN §4), per movie:
+Physics (docs/design.md §4), per movie:
 
 1. Free 3D Brownian motion of every particle, *sampled at every pixel time* of the tile.
    Exactly, but cheaply: positions are first drawn at the start of every tile row
@@ -34,7 +34,7 @@ import torch
 
 from dle_stream.errors import DleStreamError
 from dle_stream.timing import ScanTiming
-from training.priors import SimulatorPriors
+from dle_stream.training.priors import SimulatorPriors
 
 #: PSF standard deviations beyond which a particle's light is ignored (e^-8 ≈ 3e-4 of peak).
 CUTOFF_SIGMAS = 4.0
@@ -140,9 +140,16 @@ class Simulator:
     def draw_d(self, n: int, g: torch.Generator) -> torch.Tensor:
         p = self.priors
         if p.d_prior == "uniform":
-            return self._uniform(n, p.d_min_um2_s, p.d_max_um2_s, g)
-        lo, hi = math.log(p.d_min_um2_s), math.log(p.d_max_um2_s)
-        return torch.exp(self._uniform(n, lo, hi, g))
+            d = self._uniform(n, p.d_min_um2_s, p.d_max_um2_s, g)
+        else:
+            lo, hi = math.log(p.d_min_um2_s), math.log(p.d_max_um2_s)
+            d = torch.exp(self._uniform(n, lo, hi, g))
+        if sum(p.d_beyond) > 0:  # a share of movies beyond the range (training a "d_grid" head)
+            top = p.d_grid_top * p.d_max_um2_s
+            u = self._uniform(n, 0.0, 1.0, g)
+            d = torch.where(u < p.d_beyond[0], self._uniform(n, p.d_max_um2_s, top, g), d)
+            d = torch.where((u >= p.d_beyond[0]) & (u < sum(p.d_beyond)), self._uniform(n, top, 2 * top, g), d)
+        return d
 
     def draw_particle_counts(self, n: int, g: torch.Generator) -> torch.Tensor:
         p = self.priors

@@ -6,7 +6,7 @@ Stages (the paper's §2.4, adapted to a CPU budget by measurement):
    simulated tile-frames (L2 loss, Adam 5e-4, as the paper).
 2. **latent cache**: the encoder is frozen; simulated movies (raster-time reversal as
    the only geometric augmentation) are encoded once and kept as latents
-   (:mod:`training.latent_cache`).
+   (:mod:`dle_stream.training.latent_cache`).
 2b. **end-to-end** (optional, ``e2e_steps``/``e2e_minutes``): encoder, temporal ResNet and
    head trained together with the Gaussian NLL on raw simulated movies of ``e2e_frames``
    frames (short windows keep it affordable on a CPU; the encoder's features are
@@ -38,13 +38,15 @@ import torch
 from dle_stream import __version__
 from dle_stream.errors import DleStreamError
 from dle_stream.metrics import json_safe, prior_baseline, summarize
-from dle_stream.model import DLEModel, ModelConfig, gaussian_nll
+from dle_stream.likelihood import posterior, window_log_likelihood
+from dle_stream.model import DLEModel, GridLoss, ModelConfig, gaussian_nll
 from dle_stream.timing import ScanTiming
-from training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
-from training.augment import random_raster_augment
-from training.latent_cache import LatentCache, simulate_latents
-from training.priors import SimulatorPriors
-from training.simulator import Simulator
+from dle_stream.training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
+from dle_stream.training.augment import random_raster_augment
+from dle_stream.training.latent_cache import LatentCache, simulate_latents
+from dle_stream.training.priors import SimulatorPriors
+from dle_stream.training.mixture import MixedSimulator
+from dle_stream.training.simulator import Simulator
 
 #: Seed of the held-out validation movies; training draws from its own seeded stream.
 VALIDATION_SEED = 20_240_917
@@ -85,6 +87,7 @@ class TrainConfig:
     sim_batch: int = 32
     resume: bool = False
     encoder_from: Path | None = None
+    warm_from: Path | None = None
     e2e_steps: int = 0
     e2e_minutes: float = 0.0
     e2e_frames: int = 64
@@ -115,7 +118,7 @@ def resolve_device(device: str) -> str:
 
 
 class Trainer:
-    """Runs the stages of :mod:`training.trainer` with a live progress display."""
+    """Runs the stages of :mod:`dle_stream.training.trainer` with a live progress display."""
 
     def __init__(self, config: TrainConfig, progress=None, log=print):
         self.cfg = config
@@ -126,8 +129,18 @@ class Trainer:
         self.gen = torch.Generator(device=self.device).manual_seed(config.seed)
         self.cpu_gen = torch.Generator().manual_seed(config.seed + 1)
         self.model = DLEModel(config.architecture).to(self.device)
-        self.sim = Simulator(config.priors, config.timing, config.tile_height, config.tile_width,
-                             config.frames, self.device)
+        arch = config.architecture
+        self.grid_loss = GridLoss(arch.grid).to(self.device) if arch.output == "d_grid" else None
+        #: training draws: for a grid head a share of D beyond the range (its prior, divided out later)
+        self.train_priors = config.priors
+        if self.grid_loss is not None:
+            prior = arch.training_prior
+            self.train_priors = config.priors.with_(d_beyond=(prior.beyond, prior.overflow), d_grid_top=arch.grid_top)
+        self.sim = MixedSimulator(self.train_priors, config.timing, config.tile_height, config.tile_width,
+                                  config.frames, self.device)
+        #: validation: the operating range and the paper's density, as the accuracy suites
+        self.val_sim = Simulator(config.priors.operating(), config.timing, config.tile_height, config.tile_width,
+                                 config.frames, self.device)
         self.d_max = config.priors.d_max_um2_s
         self.state: dict = {"stage": "autoencoder", "ae_step": 0, "head_step": 0, "elapsed_s": 0.0,
                             "movies_simulated": 0, "curve": [], "runs": 0, "e2e_step": 0}
@@ -174,6 +187,8 @@ class Trainer:
             self.gen.manual_seed(cfg.seed + 7919 * self.state["runs"])
             self.log(f"resumed {self.checkpoint_dir}: stage {self.state['stage']}, "
                      f"head step {self.state['head_step']}, {self._elapsed_before / 60:.1f} min trained before")
+        elif cfg.warm_from is not None:
+            self._warm_start(cfg.warm_from)
         elif cfg.encoder_from is not None:
             from dle_stream.model_package import load_model_package
 
@@ -185,6 +200,21 @@ class Trainer:
             self.state["stage"] = "predictor"
             self.state["encoder_from"] = card.name
             self.log(f"encoder taken from {cfg.encoder_from} (frozen); skipping the autoencoder stage")
+
+    def _warm_start(self, folder: Path) -> None:
+        """Start from a package's weights: every tensor whose shape matches (encoder, decoder,
+        temporal ResNet, the head's hidden layer); a new output layer where the shapes differ."""
+        from dle_stream.model_package import load_model_package
+
+        donor, card = load_model_package(folder)
+        own = self.model.state_dict()
+        taken = {k: v for k, v in donor.state_dict().items() if k in own and own[k].shape == v.shape}
+        self.model.load_state_dict(taken, strict=False)
+        fresh = sorted(set(own) - set(taken))
+        self.state["stage"] = "predictor"
+        self.state["warm_from"] = card.name
+        self.log(f"warm start from {folder}: {len(taken)} tensors taken"
+                 + (f", new {', '.join(fresh)}" if fresh else "") + "; skipping the autoencoder stage")
 
     def checkpoint(self, write_package: bool = True) -> None:
         self.state["elapsed_s"] = self.elapsed()
@@ -244,7 +274,7 @@ class Trainer:
         self.model.eval()
         for i in range(0, n, self.cfg.sim_batch):
             m = min(self.cfg.sim_batch, n - i)
-            latents, dd, _ = simulate_latents(self.sim, self.model, m, g, augment=False)
+            latents, dd, _ = simulate_latents(self.val_sim, self.model, m, g, augment=False)
             lat.append(latents)
             d.append(dd)
         return torch.cat(lat), torch.cat(d)
@@ -303,7 +333,7 @@ class Trainer:
             parts.append(self.run_elapsed() / (0.6 * cfg.minutes * 60))
         return min(1.0, max(parts)) if parts else 1.0
 
-    def _e2e_movies(self, sim: Simulator, n: int, generator: torch.Generator, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _e2e_movies(self, sim: Simulator | MixedSimulator, n: int, generator: torch.Generator, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             batch = sim.simulate(n, generator=generator)
         movies = batch.movies
@@ -329,9 +359,12 @@ class Trainer:
         start_step, t_start = self.state["e2e_step"], time.monotonic()
         if self._e2e_done(start_step, t_start):
             return
-        sim = Simulator(cfg.priors, cfg.timing, cfg.tile_height, cfg.tile_width, cfg.e2e_frames, self.device)
+        sim = MixedSimulator(self.train_priors, cfg.timing, cfg.tile_height, cfg.tile_width, cfg.e2e_frames,
+                             self.device)
+        val_sim = Simulator(cfg.priors.operating(), cfg.timing, cfg.tile_height, cfg.tile_width, cfg.e2e_frames,
+                            self.device)
         val_gen = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + 1)
-        val = self._e2e_movies(sim, CURVE_VALIDATION_MOVIES, val_gen, augment=False)
+        val = self._e2e_movies(val_sim, CURVE_VALIDATION_MOVIES, val_gen, augment=False)
         params = [p for group in self.opt_e2e.param_groups for p in group["params"]]
         self.model.encoder.requires_grad_(True)
         task = self._task("end-to-end", cfg.e2e_steps or None, 0)
@@ -341,15 +374,15 @@ class Trainer:
             movies, d = self._e2e_movies(sim, cfg.e2e_batch, self.gen, augment=True)
             self.state["movies_simulated"] += cfg.e2e_batch
             self.model.train()
-            loss, l1 = self._nll_step(self.opt_e2e, params, *self.model(movies), d)
+            loss, l1 = self._nll_step(self.opt_e2e, params, self.model(movies), d)
             self.state["e2e_step"] += 1
             recent_loss.append(loss)
             recent_l1.append(l1)
             if self.state["e2e_step"] % 25 == 0:
-                self._curve("end-to-end", self.state["e2e_step"], np.mean(recent_loss), np.mean(recent_l1), math.nan, lr)
+                self._curve("end-to-end", self.state["e2e_step"], np.mean(recent_loss), np.nanmean(recent_l1), math.nan, lr)
                 recent_loss, recent_l1 = [], []
             self._advance(task, f"step {self.state['e2e_step']} loss {np.mean(recent_loss or [loss]):.3f} "
-                                f"L1 {np.mean(recent_l1 or [0]):.3g} µm²/s ({cfg.e2e_frames}-frame windows)")
+                                f"L1 {np.nanmean(recent_l1 or [0]):.3g} µm²/s ({cfg.e2e_frames}-frame windows)")
             if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
                 self._e2e_checkpoint(sim, val, lr)
         self._e2e_checkpoint(sim, val, math.nan)
@@ -369,24 +402,47 @@ class Trainer:
         return self._score(lambda x: self.model.head(x.float()), latents, d_true, 64)
 
     def _score(self, forward, inputs: torch.Tensor, d_true: torch.Tensor, chunk: int) -> dict:
-        """Metrics of ``forward`` (→ D̂, σ̂ in units of d_max) over ``inputs`` in chunks."""
-        d_hat, sig = [], []
-        for i in range(0, inputs.shape[0], chunk):
-            a, b = forward(inputs[i:i + chunk].to(self.device))
-            d_hat.append(a.cpu() * self.d_max)
-            sig.append(b.cpu() * self.d_max)
-        return summarize(d_true.cpu().numpy(), torch.cat(d_hat).numpy(), torch.cat(sig).numpy())
+        """Metrics of ``forward`` (→ window outputs) over ``inputs`` in chunks."""
+        outs = [forward(inputs[i:i + chunk].to(self.device)).cpu() for i in range(0, inputs.shape[0], chunk)]
+        d_hat, sig, interval = self._read_out(torch.cat(outs))
+        metrics = summarize(d_true.cpu().numpy(), d_hat, sig)
+        if interval is not None:
+            truth = d_true.cpu().numpy()
+            metrics["interval68_coverage"] = float(np.mean((interval[0] <= truth) & (truth <= interval[1])))
+        return metrics
 
-    def _nll_step(self, opt: torch.optim.Optimizer, clip: list, d_hat: torch.Tensor, sigma: torch.Tensor,
+    def _read_out(self, out: torch.Tensor) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """Window outputs → (D̂, σ̂, 68 % interval or None), µm²/s; for a grid head the
+        posterior median, std and highest-density interval on the operating range."""
+        out = out.detach().double().cpu().numpy()
+        if self.grid_loss is None:
+            return out[:, 0] * self.d_max, out[:, 1] * self.d_max, None
+        arch = self.cfg.architecture
+        post = posterior(window_log_likelihood(out, arch.grid, arch.training_prior), arch.grid, self.d_max)
+        return post.d, post.sigma, (post.lo68, post.hi68)
+
+    def _nll_step(self, opt: torch.optim.Optimizer, clip: list, out: torch.Tensor,
                   d_um2_s: torch.Tensor) -> tuple[float, float]:
-        """One Gaussian-NLL step (gradient norm of ``clip`` limited to 5); (loss, L1 µm²/s)."""
+        """One likelihood step (gradient norm of ``clip`` limited to 5); (loss, L1 µm²/s).
+
+        The loss is the exact NLL of the true D under a grid output, or the paper's
+        Gaussian NLL (Eq. 2) for a "gaussian" head. The L1 of a grid head counts only
+        movies inside the operating range (where its number is read).
+        """
         target = (d_um2_s / self.d_max).to(self.device)
-        loss = gaussian_nll(d_hat, sigma, target)
+        if self.grid_loss is not None:
+            loss = self.grid_loss(out, target)
+        else:
+            loss = gaussian_nll(out[:, 0], out[:, 1], target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip, 5.0)
         opt.step()
-        return loss.item(), float((d_hat.detach() - target).abs().mean()) * self.d_max
+        d_hat = self._read_out(out)[0]
+        truth = d_um2_s.cpu().numpy()
+        inside = truth <= self.d_max
+        l1 = float(np.mean(np.abs(d_hat - truth)[inside])) if inside.any() else math.nan
+        return loss.item(), l1
 
     def train_predictor(self, cache: LatentCache, val: tuple[torch.Tensor, torch.Tensor], reserve_s: float) -> None:
         cfg = self.cfg
@@ -409,7 +465,7 @@ class Trainer:
             self.model.mlp.train()
             lat, d = cache.sample(cfg.batch, self.cpu_gen)
             loss, l1 = self._nll_step(self.opt_head, list(self.model.temporal.parameters()),
-                                      *self.model.head(lat.to(self.device)), d)
+                                      self.model.head(lat.to(self.device)), d)
             self.state["head_step"] += 1
             recent_loss.append(loss)
             recent_l1.append(l1)
@@ -419,10 +475,10 @@ class Trainer:
                 self.state["movies_simulated"] += cfg.refresh_movies
                 cache.add(lat_new, d_new, vis_new)
             if self.state["head_step"] % 50 == 0:
-                self._curve("predictor", self.state["head_step"], np.mean(recent_loss), np.mean(recent_l1), math.nan, lr)
+                self._curve("predictor", self.state["head_step"], np.mean(recent_loss), np.nanmean(recent_l1), math.nan, lr)
                 recent_loss, recent_l1 = [], []
             self._advance(task, f"step {self.state['head_step']} loss {np.mean(recent_loss or [loss]):.3f} "
-                                f"L1 {np.mean(recent_l1 or [0]):.3g} µm²/s")
+                                f"L1 {np.nanmean(recent_l1 or [0]):.3g} µm²/s")
             if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
                 self.recalibrate_batchnorm(cache)
                 metrics = self.evaluate(*val)
@@ -460,7 +516,9 @@ class Trainer:
             reserve = per_movie * self.val_movies * 1.3 + 5
             self.train_predictor(cache, val_curve, reserve)
         except KeyboardInterrupt:
-            self.log("interrupted: writing a checkpoint and a usable model package")
+            usable = self.state["head_step"] > 0
+            self.log("interrupted: writing a checkpoint" + (" and a usable model package" if usable else
+                     " (no model package yet: the head has not been trained; continue with --resume)"))
             if self.cache is not None:
                 self.recalibrate_batchnorm(self.cache)
             self.checkpoint()
@@ -505,6 +563,10 @@ class Trainer:
                 "end_to_end_batch": cfg.e2e_batch,
                 "cache_movies": cfg.cache_movies, "curve": "training_curve.csv",
                 "encoder_from": self.state.get("encoder_from"),
+                "warm_from": self.state.get("warm_from"),
+                "training_d_prior": (self.cfg.architecture.training_prior.to_dict()
+                                     if self.grid_loss is not None else None),
+                "steady_density_share": self.train_priors.box_fraction,
             },
             validation=validation or {"note": "not yet validated (checkpoint during training)"},
             weights_sha256="", software_version=__version__,
@@ -562,6 +624,7 @@ def _config_json(cfg: TrainConfig) -> dict:
     data["architecture"] = cfg.architecture.to_dict()
     data["out"] = str(cfg.out)
     data["encoder_from"] = str(cfg.encoder_from) if cfg.encoder_from else None
+    data["warm_from"] = str(cfg.warm_from) if cfg.warm_from else None
     return data
 
 

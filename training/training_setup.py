@@ -1,4 +1,4 @@
-"""Turn `dle-stream train` flags into a :class:`~training.trainer.TrainConfig`.
+"""Turn `dle-stream train` flags into a :class:`~dle_stream.training.trainer.TrainConfig`.
 
 Scan timing, in order of precedence: timing flags, a timing file, the metadata of the
 recording given with ``--like``, the preset's reference timing. On ``--resume`` the
@@ -13,17 +13,45 @@ from pathlib import Path
 from dle_stream.errors import DleStreamError
 from dle_stream.model import ModelConfig
 from dle_stream.timing import ScanTiming
-from training.priors import SimulatorPriors, get_preset
-from training.trainer import TrainConfig
+from dle_stream.training.priors import SimulatorPriors, get_preset
+from dle_stream.training.trainer import TrainConfig
+
+#: Autoencoder pretraining steps unless --ae-steps (or a smaller --steps) says otherwise.
+DEFAULT_AE_STEPS = 1500
+
+
+#: (field, lowest, highest, unit) of scan timings worth training for; outside, the metadata is
+#: almost surely misread (e.g. a frame interval in ms read as s).
+PLAUSIBLE = (("pixel_size_um", 0.005, 50.0, "µm"), ("dwell_us", 0.01, 1000.0, "µs"),
+             ("line_period_us", 0.1, 1e6, "µs"), ("frame_period_us", 1.0, 60e6, "µs"))
+
+
+def implausible(timing: ScanTiming) -> list[str]:
+    """What is out of :data:`PLAUSIBLE` in ``timing`` (empty: plausible)."""
+    out = []
+    for name, lo, hi, unit in PLAUSIBLE:
+        value = getattr(timing, name)
+        if not lo <= value <= hi:
+            out.append(f"{name.removesuffix('_um').removesuffix('_us').replace('_', ' ')} {value:g} {unit} "
+                       f"outside {lo:g}–{hi:g} {unit}")
+    return out
 
 
 def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None, steps: int | None,
                minutes: float | None, device: str, seed: int, resume: bool, encoder_from: Path | None,
-               ae_steps: int, cache_movies: int, val_movies: int, name: str | None, flags: dict,
+               ae_steps: int | None, cache_movies: int, val_movies: int, name: str | None, flags: dict,
                timing_file: Path | None, refresh_movies: int = 4, refresh_every: int = 2,
-               end_to_end: dict | None = None) -> TrainConfig:
-    """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch."""
+               end_to_end: dict | None = None, warm_from: Path | None = None,
+               steady_share: float | None = None, output: str | None = None) -> TrainConfig:
+    """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch.
+
+    ``warm_from``: a model package whose weights start the training (its architecture, with
+    the window output ``output`` when given). ``steady_share``: share of training movies
+    with a steady particle density (the rest: the paper's spreading cloud).
+    """
     e2e = {k: v for k, v in (end_to_end or {}).items() if v is not None}
+    if ae_steps is None:  # a short --steps budget should not pretrain for 1500 steps
+        ae_steps = min(DEFAULT_AE_STEPS, steps) if steps is not None else DEFAULT_AE_STEPS
     if refresh_movies < 0 or refresh_every < 1:
         raise DleStreamError("--refresh-movies must be ≥ 0 and --refresh-every ≥ 1")
     out = Path(out)
@@ -43,6 +71,20 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         )
     p = get_preset(preset)
     priors = p.priors
+    if steady_share is not None:
+        if not 0 <= steady_share <= 1:
+            raise DleStreamError(f"--steady-share {steady_share}: must be between 0 and 1")
+        priors = priors.with_(box_fraction=float(steady_share))
+    architecture = ModelConfig()
+    if warm_from is not None:
+        from dle_stream.model_package import load_model_package, resolve_model
+
+        _, parent = load_model_package(resolve_model(warm_from))
+        architecture = ModelConfig.from_dict({**parent.architecture, "output": output or "d_grid"})
+        if parent.d_max_um2_s and d_max is None:
+            priors = priors.with_(d_max_um2_s=float(parent.d_max_um2_s))
+    elif output is not None:
+        architecture = ModelConfig(output=output)
     if d_max is not None:
         if not d_max > priors.d_min_um2_s:
             raise DleStreamError(f"--d-max {d_max}: must exceed the prior's lower end {priors.d_min_um2_s} µm²/s")
@@ -61,6 +103,11 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         finally:
             if rec is not None:
                 rec.close()
+    problems = implausible(timing)
+    if problems:
+        raise DleStreamError(f"the scan timing from {source} is not that of a laser-scanning microscope "
+                             f"({'; '.join(problems)}); check the recording's metadata or give the timing "
+                             f"with --dwell-us, --line-period-us, --frame-period-us, --pixel-size-um")
     if timing.height_px < p.tile_height or timing.width_px < p.tile_width:
         raise DleStreamError(f"the scan's frame ({timing.height_px}×{timing.width_px} px) is smaller than a "
                              f"{p.tile_height}×{p.tile_width} px tile; check the timing source ({source})")
@@ -70,5 +117,6 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         description=f"{p.description}; timing from {source}", tile_height=p.tile_height, tile_width=p.tile_width,
         frames=p.frames, seed=seed, device=device, steps=steps, minutes=minutes, ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, encoder_from=encoder_from,
-        refresh_movies=refresh_movies, refresh_every=refresh_every, **e2e,
+        refresh_movies=refresh_movies, refresh_every=refresh_every, architecture=architecture,
+        warm_from=None if warm_from is None else Path(resolve_model(warm_from)), **e2e,
     )

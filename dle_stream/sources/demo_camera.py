@@ -5,7 +5,7 @@ The camera is a Python device for pymmcore-plus's ``UniMMCore`` (a
 camera (snaps, sequence and live acquisition, MDA), so ``dle-stream run`` can be tried
 and tested end to end without a microscope.
 
-Its frames come from the project's simulator (DESIGN §4): the full frame (e.g. 128×128 px)
+Its frames come from the project's simulator (docs/design.md §4): the full frame (e.g. 128×128 px)
 is covered by 20×20 px tiles, each simulated as its own movie at its raster offset with
 the *full frame's* scan timing (as ``dle-stream simulate`` does), D per tile from a D map
 ("0.3,1.2": left half 0.3, right half 1.2 µm²/s). Frames are simulated ahead in chunks
@@ -70,7 +70,7 @@ def _close_scans() -> None:
 
 
 def default_demo_timing(height: int = 128, width: int = 128) -> ScanTiming:
-    """The reference scan (DESIGN §4: 0.15 µm pixels, 8 µs dwell, 1.348 ms line retrace,
+    """The reference scan (docs/design.md §4: 0.15 µm pixels, 8 µs dwell, 1.348 ms line retrace,
     33 ms frame flyback) for a full frame of ``height`` × ``width`` px."""
     return ScanTiming.reference().with_frame_size(height, width)
 
@@ -105,8 +105,8 @@ class SimulatedScan:
         tile_px: int = 20, chunk_frames: int | None = None, repeat_frames: int | None = None,
         density: str | None = None, priors: dict | None = None, device: str = "cpu",
     ) -> None:
-        from training.priors import get_preset
-        from training.recording_sim import tile_grid
+        from dle_stream.training.priors import get_preset
+        from dle_stream.training.recording_sim import tile_grid
 
         self.timing = timing
         self.height, self.width = timing.height_px, timing.width_px
@@ -145,7 +145,7 @@ class SimulatedScan:
     def _chunks(self) -> Iterator[np.ndarray]:
         import torch
 
-        from training.simulator import Simulator
+        from dle_stream.training.simulator import Simulator
 
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -438,7 +438,7 @@ def quiet_pymmcore_logging(handler: "Any | None" = None, level: str | int = "WAR
                            log_file: str | Path | None = None) -> None:
     """Stop pymmcore-plus printing to stderr (it would tear a live dashboard).
 
-    pymmcore-plus installs its own stderr handler on import (DESIGN §9); this removes
+    pymmcore-plus installs its own stderr handler on import (docs/design.md §9); this removes
     it and, when ``handler`` is given (e.g. a ``rich.logging.RichHandler`` on the
     dashboard's console), routes its messages there at ``level``. ``log_file`` keeps a
     debug log file, if wanted.
@@ -482,7 +482,7 @@ def create_demo_core(
     The camera instance (for its ground truth: ``.d_map``, ``.ground_truth()``, and the
     ``stall()`` test hook) is ``get_demo_camera(core)``.
     """
-    from training.recording_sim import parse_d_map
+    from dle_stream.training.recording_sim import parse_d_map
 
     if quiet_logging:
         quiet_pymmcore_logging()

@@ -1,0 +1,332 @@
+"""The combinable window output: a log-likelihood of D on a grid, and posteriors from it.
+
+Why (docs/design.md §7b): a network trained under a prior π(D) reports
+a posterior summary, pulled toward π's middle near the ends of the range and for
+uninformative windows. Such summaries must not be averaged: the pull stays while σ
+shrinks. Independent windows combine exactly through their likelihoods,
+
+    p(D | w₁…w_K) ∝ π₀(D) · Π_k p(D | w_k) / π_train(D),
+
+so a model with ``output="d_grid"`` gives, per window, the log-density of p(D | w) at the
+knots of a :class:`DGrid` (plus the log-mass of D beyond the grid), trained with the exact
+negative log-likelihood of the true D; dividing by the training prior turns it into a
+log-likelihood that adds over independent windows and tiles.
+
+Grid (in units of the model's d_max, the top of its operating range): knots spaced as
+x = (j/m)² on [0, 1] (fine near D = 0, where windows are most precise) and then evenly, at
+the spacing reached at x = 1, up to ``top`` (2 by default); one more entry holds D > top
+(the "overflow"). Between knots the log-density is linear.
+
+Priors (documented, used everywhere a number is shown):
+
+- **numbers** (D, σ, 68 %/95 % intervals) are posterior summaries under a flat prior on the
+  operating range [0, d_max]: the range the user chose the model for;
+- **out of range** is judged with prior odds 1:1 for "D in [0, d_max]" against "D above
+  it", the latter uniform on [d_max, 2·top·d_max] (the overflow standing for the part
+  beyond the grid): ``p_above`` is the posterior probability that D > d_max, a Bayes
+  factor B read as B / (1 + B). A window that says nothing has p_above = 0.5.
+
+All functions here are numpy (no torch), vectorised over leading axes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+#: Fine points per knot interval used for integrals and quantiles.
+SUBDIVISIONS = 8
+#: Log-likelihoods are stored relative to their maximum and clipped here (float16-safe).
+LOG_FLOOR = -60.0
+#: p_above at or beyond which a D is reported as above the model's range (Bayes factor ≥ 9).
+P_ABOVE_FLAG = 0.9
+#: p_above below which D ≤ d_max is established (otherwise, with little information, "cannot tell").
+P_ABOVE_RULED_OUT = 0.05
+#: Operating-range posterior std, as a fraction of d_max, above which a window says little:
+#: a flat prior on [0, d_max] has std 0.289·d_max.
+LITTLE_INFORMATION_STD = 0.2
+
+
+@dataclass(frozen=True)
+class DGrid:
+    """Knots of the window log-likelihood, in units of d_max.
+
+    Attributes:
+        intervals: knot intervals on [0, 1] (spaced as (j/m)²).
+        top: upper end of the grid, units of d_max (> 1); D above it is one "overflow" entry.
+    """
+
+    intervals: int = 96
+    top: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.intervals < 4 or not self.top > 1.0:
+            raise ValueError("DGrid needs at least 4 intervals and top > 1")
+
+    @cached_property
+    def knots(self) -> np.ndarray:
+        """Knot positions [n], units of d_max."""
+        m = self.intervals
+        inner = (np.arange(m + 1) / m) ** 2
+        step = 2.0 / m  # d(x)/dj at x = 1
+        extra = int(math.ceil((self.top - 1.0) / step - 1e-9))
+        outer = 1.0 + step * np.arange(1, extra + 1)
+        outer[-1] = self.top
+        return np.concatenate([inner, outer])
+
+    @property
+    def n(self) -> int:
+        """Entries of a window output: knots + 1 overflow."""
+        return self.knots.size + 1
+
+    @cached_property
+    def fine(self) -> np.ndarray:
+        """Fine points [F] (units of d_max) where densities are evaluated."""
+        k = self.knots
+        s = np.linspace(0.0, 1.0, SUBDIVISIONS + 1)[:-1]
+        pts = (k[:-1, None] + s[None, :] * np.diff(k)[:, None]).reshape(-1)
+        return np.concatenate([pts, k[-1:]])
+
+    @cached_property
+    def interp_matrix(self) -> np.ndarray:
+        """[knots, F]: log-values at the fine points = knot log-values @ this (linear)."""
+        k, f = self.knots, self.fine
+        idx = np.clip(np.searchsorted(k, f, side="right") - 1, 0, k.size - 2)
+        t = (f - k[idx]) / (k[idx + 1] - k[idx])
+        mat = np.zeros((k.size, f.size))
+        mat[idx, np.arange(f.size)] = 1 - t
+        mat[idx + 1, np.arange(f.size)] += t
+        return mat
+
+    @cached_property
+    def fine_weights(self) -> np.ndarray:
+        """Trapezoid weights [F] for ∫ over [0, top] on the fine points."""
+        f = self.fine
+        w = np.zeros_like(f)
+        d = np.diff(f)
+        w[:-1] += d / 2
+        w[1:] += d / 2
+        return w
+
+    def spline_basis(self, controls: int) -> np.ndarray:
+        """[knots, controls]: cubic B-splines, evenly spaced over the knot *index*.
+
+        A head that outputs ``controls`` coefficients gives knot log-densities
+        ``basis @ c``: smooth on the scale of a few knots (no knot-to-knot noise, which
+        adding many windows would amplify into spikes), while any locally quadratic
+        log-likelihood, i.e. a Gaussian of any width, is still represented exactly.
+        """
+        from scipy.interpolate import BSpline
+
+        n = self.knots.size
+        degree = 3
+        inner = np.linspace(0.0, n - 1.0, controls - degree + 1)
+        step = inner[1] - inner[0]
+        t = np.concatenate([inner[0] - step * np.arange(degree, 0, -1), inner, inner[-1] + step * np.arange(1, degree + 1)])
+        return BSpline.design_matrix(np.arange(n, dtype=float), t, degree).toarray()
+
+    def to_dict(self) -> dict:
+        return {"intervals": self.intervals, "top": self.top}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "DGrid":
+        data = data or {}
+        return cls(intervals=int(data.get("intervals", 96)), top=float(data.get("top", 2.0)))
+
+
+@dataclass(frozen=True)
+class TrainingPrior:
+    """The D prior a grid model was trained under (units of d_max), to be divided out.
+
+    ``in_range`` of the movies had D uniform on [0, 1], ``beyond`` uniform on [1, top],
+    and the rest uniform on [top, 2·top] (the overflow entry).
+    """
+
+    in_range: float = 0.55
+    beyond: float = 0.30
+
+    @property
+    def overflow(self) -> float:
+        return max(0.0, 1.0 - self.in_range - self.beyond)
+
+    def log_density(self, grid: DGrid) -> np.ndarray:
+        """[n]: log π at the knots (densities per unit of d_max) and log mass of the overflow."""
+        k = grid.knots
+        dens = np.where(k <= 1.0, self.in_range, self.beyond / (grid.top - 1.0))
+        over = max(self.overflow, 1e-12)
+        with np.errstate(divide="ignore"):
+            return np.concatenate([np.log(dens), [math.log(over)]])
+
+    def to_dict(self) -> dict:
+        return {"in_range": self.in_range, "beyond": self.beyond, "overflow": self.overflow}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "TrainingPrior":
+        data = data or {}
+        return cls(in_range=float(data.get("in_range", 0.55)), beyond=float(data.get("beyond", 0.30)))
+
+
+def window_log_likelihood(log_density: np.ndarray, grid: DGrid, prior: TrainingPrior) -> np.ndarray:
+    """Network output (log p(D | w) at the knots + log P(overflow), any constant) → log-likelihood.
+
+    Divides out the training prior and subtracts the maximum; clipped at :data:`LOG_FLOOR`.
+    Shape [..., n] → [..., n].
+    """
+    ll = np.asarray(log_density, dtype=np.float64) - prior.log_density(grid)
+    ll = ll - np.max(ll, axis=-1, keepdims=True)
+    return np.maximum(ll, LOG_FLOOR)
+
+
+def gaussian_log_likelihood(d: np.ndarray, sigma: np.ndarray, grid: DGrid) -> np.ndarray:
+    """A Gaussian D ± σ (units of d_max, arrays [...]) as a log-likelihood on ``grid`` → [..., n].
+
+    For estimators that give only D ± σ (the classic tracker, RICS, "gaussian" models);
+    the overflow entry is the value at 1.5·top. NaN inputs give NaN rows.
+    """
+    d = np.asarray(d, dtype=np.float64)[..., None]
+    s = np.asarray(sigma, dtype=np.float64)[..., None]
+    x = np.concatenate([grid.knots, [1.5 * grid.top]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ll = -0.5 * ((x - d) / s) ** 2
+        ll = ll - np.max(ll, axis=-1, keepdims=True)
+    ll = np.maximum(ll, LOG_FLOOR)
+    return np.where(np.isfinite(d) & np.isfinite(s) & (s > 0), ll, np.nan)
+
+
+def combine(log_likelihoods: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Sum of independent log-likelihoods along ``axis``, NaN rows skipped; max subtracted.
+
+    A slice with no finite row stays all-NaN.
+    """
+    ll = np.asarray(log_likelihoods, dtype=np.float64)
+    ok = np.all(np.isfinite(ll), axis=-1, keepdims=True)
+    total = np.where(ok, ll, 0.0).sum(axis=axis)
+    any_ok = np.any(ok, axis=axis)
+    total = total - np.max(total, axis=-1, keepdims=True)
+    return np.where(any_ok, total, np.nan)
+
+
+@dataclass
+class Posterior:
+    """Summaries of combined log-likelihoods (arrays over the leading axes), µm²/s.
+
+    ``d`` is the posterior median and ``sigma`` the posterior std under a flat prior on
+    the operating range; ``lo68..hi95`` are highest-density intervals under that prior
+    (asymmetric near D = 0); ``p_above`` is the probability that D exceeds the range
+    (prior odds 1:1, see the module's docstring); ``lower95_wide`` the 5 % quantile under
+    that prior (the "D > x" shown when out of range).
+    """
+
+    d: np.ndarray
+    sigma: np.ndarray
+    lo68: np.ndarray
+    hi68: np.ndarray
+    lo95: np.ndarray
+    hi95: np.ndarray
+    p_above: np.ndarray
+    lower95_wide: np.ndarray
+    d_max: float
+
+    @property
+    def above_range(self) -> np.ndarray:
+        """The data say D is at or above the top of the range (report "D > lower95_wide")."""
+        return self.p_above >= P_ABOVE_FLAG
+
+    @property
+    def little_information(self) -> np.ndarray:
+        """Too little information: the range cannot be told apart, or the posterior is nearly the prior."""
+        undecided = (self.p_above >= P_ABOVE_RULED_OUT) & ~self.above_range
+        return undecided | (self.sigma > LITTLE_INFORMATION_STD * self.d_max)
+
+
+def posterior(log_likelihood: np.ndarray, grid: DGrid, d_max_um2_s: float) -> Posterior:
+    """Posterior summaries of (combined) log-likelihoods [..., n] on ``grid``; D in µm²/s.
+
+    ``d_max_um2_s`` is the operating range's top in the stream's units (the card's d_max
+    divided by the stream's time scale).
+    """
+    ll = np.asarray(log_likelihood, dtype=np.float64)
+    lead = ll.shape[:-1]
+    flat = ll.reshape(-1, ll.shape[-1])
+    bad = ~np.all(np.isfinite(flat), axis=-1)
+    flat = np.where(bad[:, None], 0.0, flat)
+    fine_ll = flat[:, :-1] @ grid.interp_matrix  # [N, F]
+    over_ll = flat[:, -1]
+    x = grid.fine
+    w = grid.fine_weights
+    m = np.maximum(fine_ll.max(axis=1), over_ll)
+    dens = np.exp(fine_ll - m[:, None])
+
+    # out of range: prior odds 1:1 for D in [0, 1] against D above it, the latter uniform on
+    # [1, 2·top] (the beyond part of the grid, then the overflow standing for [top, 2·top])
+    in_w = np.where(x <= 1.0, 0.5, 0.5 / (2 * grid.top - 1.0)) * w
+    mass = dens * in_w
+    over_mass = np.exp(over_ll - m) * 0.5 * grid.top / (2 * grid.top - 1.0)
+    total = mass.sum(axis=1) + over_mass
+    above = mass[:, x > 1.0].sum(axis=1) + over_mass
+    p_above = above / total
+    lower95 = _quantile(_cdf(dens * np.where(x <= 1.0, 0.5, 0.5 / (2 * grid.top - 1.0)), x) / total[:, None], x, 0.05)
+
+    # operating range [0, 1]
+    inr = x <= 1.0 + 1e-12
+    xo = x[inr]
+    wo = _operating_weights(xo)
+    mo = dens[:, inr] * wo
+    zo = mo.sum(axis=1)
+    po = mo / zo[:, None]
+    median = _quantile(_cdf(dens[:, inr], xo) / zo[:, None], xo, 0.5)
+    mean = (po * xo).sum(axis=1)
+    std = np.sqrt(np.maximum((po * xo**2).sum(axis=1) - mean**2, 0.0))
+    lo68, hi68 = _hpd(po, dens[:, inr], xo, 0.6827)
+    lo95, hi95 = _hpd(po, dens[:, inr], xo, 0.9545)
+
+    def out(a: np.ndarray, scale: float = d_max_um2_s) -> np.ndarray:
+        a = np.where(bad, np.nan, a * scale)
+        return a.reshape(lead)
+
+    return Posterior(
+        d=out(median), sigma=out(std), lo68=out(lo68), hi68=out(hi68), lo95=out(lo95), hi95=out(hi95),
+        p_above=out(p_above, 1.0), lower95_wide=out(lower95), d_max=float(d_max_um2_s),
+    )
+
+
+def _operating_weights(x: np.ndarray) -> np.ndarray:
+    w = np.zeros_like(x)
+    d = np.diff(x)
+    w[:-1] += d / 2
+    w[1:] += d / 2
+    return w
+
+
+def _cdf(density: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Cumulative trapezoid integral of ``density`` [N, F] over ``x`` [F], 0 at x[0]."""
+    steps = 0.5 * (density[:, 1:] + density[:, :-1]) * np.diff(x)[None]
+    return np.concatenate([np.zeros((density.shape[0], 1)), np.cumsum(steps, axis=1)], axis=1)
+
+
+def _quantile(cdf: np.ndarray, x: np.ndarray, q: float) -> np.ndarray:
+    """x where each row's cdf (non-decreasing, ending ≤ 1) first reaches q, linearly interpolated."""
+    idx = np.clip((cdf < q).sum(axis=1), 0, x.size - 1)
+    prev = np.clip(idx - 1, 0, x.size - 1)
+    c1 = cdf[np.arange(cdf.shape[0]), idx]
+    c0 = np.where(idx > 0, cdf[np.arange(cdf.shape[0]), prev], 0.0)
+    x1 = x[idx]
+    x0 = np.where(idx > 0, x[prev], x[0])
+    t = np.where(c1 > c0, (q - c0) / np.where(c1 > c0, c1 - c0, 1.0), 0.0)
+    return x0 + np.clip(t, 0, 1) * (x1 - x0)
+
+
+def _hpd(p: np.ndarray, dens: np.ndarray, x: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Highest-density interval: the points of highest density holding ``level`` of the
+    mass; returned as [min, max] of those points (one interval; exact for unimodal rows)."""
+    order = np.argsort(-dens, axis=1, kind="stable")
+    sorted_p = np.take_along_axis(p, order, axis=1)
+    cum = np.cumsum(sorted_p, axis=1)
+    keep_sorted = (cum - sorted_p) < level
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=1)
+    xs = np.where(keep, x[None, :], np.nan)
+    return np.nanmin(xs, axis=1), np.nanmax(xs, axis=1)

@@ -1,0 +1,73 @@
+"""How a (combined) estimate is put into words: the same text on the dashboard, in the
+final summary and in ``dle-stream log show``.
+
+A number is a claim, so it is shown only when the data support one: "D > x" when the
+data say D is above the model's range, the range of tile values when an ROI's tiles
+disagree, and a note when a window says little. Values in µm²/s.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dle_stream.likelihood import Posterior
+
+#: Marks used in the tile map (one character each).
+MARK_ABOVE = "↑"
+MARK_LITTLE = "?"
+MARK_DISAGREE = "≠"
+
+
+def _digits(value: float, scale: float) -> int:
+    """Decimals that resolve ``scale`` (2–4)."""
+    if not (math.isfinite(scale) and scale > 0):
+        return 3
+    return int(min(4, max(2, 1 - math.floor(math.log10(scale)))))
+
+
+def number(value: float, scale: float) -> str:
+    """``value`` with as many decimals as ``scale`` (its uncertainty) deserves."""
+    return "—" if not math.isfinite(value) else f"{value:.{_digits(value, scale)}f}"
+
+
+def estimate_text(post: Posterior, i: int, *, disagree: bool = False, tile_range: tuple[float, float] | None = None,
+                  truth: float | None = None) -> str:
+    """One line for entry ``i`` of ``post``: "D = 0.302 µm²/s (68 %: 0.289–0.316; 95 %: …)",
+    "D > 41.2 µm²/s: above the model's range (0–50)", or "tiles disagree: 0.29–1.21 µm²/s"."""
+    d, s = float(post.d[i]), float(post.sigma[i])
+    lo68, hi68, lo95, hi95 = (float(a[i]) for a in (post.lo68, post.hi68, post.lo95, post.hi95))
+    tail = "" if truth is None or not math.isfinite(truth) else f"   (true {truth:.3g})"
+    if not math.isfinite(d):
+        return "no estimate yet" + tail
+    if bool(post.above_range[i]):
+        x = float(post.lower95_wide[i])
+        return (f"D > {number(x, s)} µm²/s: above the model's range (0–{post.d_max:g}), "
+                f"P = {float(post.p_above[i]):.2f}" + tail)
+    if disagree and tile_range is not None:
+        lo, hi = tile_range
+        return (f"tiles disagree: {number(lo, s)}–{number(hi, s)} µm²/s (heterogeneous; "
+                f"not one D)" + tail)
+    text = (f"D = {number(d, s)} µm²/s (68 %: {number(lo68, s)}–{number(hi68, s)}; "
+            f"95 %: {number(lo95, s)}–{number(hi95, s)})")
+    notes = []
+    if disagree:
+        notes.append("windows disagree: D changed")
+    if bool(post.little_information[i]):
+        notes.append("little information")
+    return text + (f" [{'; '.join(notes)}]" if notes else "") + tail
+
+
+def cell_text(post: Posterior, i: int, width: int, disagree: bool = False) -> str:
+    """A tile-map cell of ``width`` characters: the value and a one-character mark."""
+    d, s = float(post.d[i]), float(post.sigma[i])
+    if not math.isfinite(d):
+        return "·".center(width)
+    if bool(post.above_range[i]):
+        body, mark = f">{post.d_max:.3g}", MARK_ABOVE
+    else:
+        body = f"{d:.{max(0, min(3, width - 3 - len(str(int(d)))))}f}"
+        mark = MARK_DISAGREE if disagree else (MARK_LITTLE if bool(post.little_information[i]) else " ")
+    return (body[: width - 1] + mark).rjust(width)
+
+
+LEGEND = f"{MARK_ABOVE} above the model's range   {MARK_LITTLE} little information   {MARK_DISAGREE} windows disagree"

@@ -1,0 +1,85 @@
+"""A training prior that mixes particle densities: the paper's spreading cloud and a steady density.
+
+The paper's simulator starts particles in a Gaussian cloud around the tile; at high D the
+cloud disperses within a few frames, so most windows are nearly empty. A real sample
+(beads in water, dots in the extracellular space) has a steady density: particles always
+enter and leave. :class:`MixedSimulator` draws, per batch, a binomial share
+``priors.box_fraction`` of the movies with a stationary density (a periodic box much
+larger than the tile, see :class:`~dle_stream.training.priors.SimulatorPriors`) and the
+rest as clouds (priors whose density is already "box" give only steady movies).
+
+For a **bidirectional** scan every tile position has its own row-to-row time gaps (odd
+lines run backwards), so the movies are simulated at random tile offsets (r0, c0) in the
+full frame, and the model learns every position (a unidirectional scan's tiles all share
+one pattern: they are simulated at (0, 0)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from dle_stream.timing import ScanTiming
+from dle_stream.training.priors import SimulatorPriors
+from dle_stream.training.simulator import Simulator
+
+
+@dataclass
+class MixedBatch:
+    """Movies [B, T, H, W], true D [B] µm²/s and visible transitions [B] of a mixed batch."""
+
+    movies: torch.Tensor
+    d_um2_s: torch.Tensor
+    visible_transitions: torch.Tensor
+    steady: torch.Tensor  # [B] bool: simulated with a steady density
+    offsets: torch.Tensor  # [B, 2] (r0, c0) of each tile in the full frame
+
+    def __len__(self) -> int:
+        return int(self.d_um2_s.numel())
+
+
+class MixedSimulator:
+    """Cloud and steady-density movies in one batch (``priors.box_fraction`` of them steady)."""
+
+    def __init__(self, priors: SimulatorPriors, timing: ScanTiming, tile_height: int = 20, tile_width: int = 20,
+                 frames: int = 400, device: str | torch.device = "cpu"):
+        self.priors = priors
+        self.frames = int(frames)
+        self.device = torch.device(device)
+        #: the priors' own density; with a "cloud" density, a share ``box_fraction`` is steady
+        self.main = Simulator(priors, timing, tile_height, tile_width, frames, device)
+        self.box = Simulator(replace(priors, density="box"), timing, tile_height, tile_width, frames, device)
+        self.share = priors.box_fraction if priors.density == "cloud" else 0.0
+        self.timing = timing
+        self.tile = (int(tile_height), int(tile_width))
+
+    def draw_offsets(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """[n, 2] random tile offsets (r0, c0) for a bidirectional scan; None otherwise."""
+        if not self.timing.bidirectional:
+            return None
+        rows = self.timing.height_px - self.tile[0] + 1
+        cols = self.timing.width_px - self.tile[1] + 1
+        r0 = torch.randint(0, rows, (n,), generator=generator, device=self.device)
+        c0 = torch.randint(0, cols, (n,), generator=generator, device=self.device)
+        return torch.stack([r0, c0], dim=1).cpu()
+
+    def simulate(self, n_movies: int, generator: torch.Generator) -> MixedBatch:
+        n_box = 0
+        if self.share > 0:
+            n_box = int((torch.rand(n_movies, generator=generator, device=self.device) < self.share).sum())
+        parts = []
+        if n_movies - n_box:
+            offsets = self.draw_offsets(n_movies - n_box, generator)
+            parts.append((self.main.simulate(n_movies - n_box, generator=generator, offsets=offsets),
+                          self.priors.density == "box"))
+        if n_box:
+            offsets = self.draw_offsets(n_box, generator)
+            parts.append((self.box.simulate(n_box, generator=generator, offsets=offsets), True))
+        return MixedBatch(
+            movies=torch.cat([b.movies for b, _ in parts]),
+            d_um2_s=torch.cat([b.d_um2_s for b, _ in parts]),
+            visible_transitions=torch.cat([b.visible_transitions for b, _ in parts]),
+            steady=torch.cat([torch.full((len(b.d_um2_s),), s, device=self.device) for b, s in parts]),
+            offsets=torch.cat([b.offsets for b, _ in parts]),
+        )
