@@ -145,6 +145,8 @@ def decile_coverage(res: SuiteResult, name: str) -> list[dict]:
     rows = []
     for i in range(10):
         sel = (res.d_true >= edges[i]) & ((res.d_true < edges[i + 1]) if i < 9 else (res.d_true <= edges[i + 1]))
+        if not sel.any():
+            continue
         err = d[sel] - res.d_true[sel]
         row = {"d_lo": float(edges[i]), "d_hi": float(edges[i + 1]), "n": int(sel.sum()),
                "l1": float(np.mean(np.abs(err))), "bias": float(np.mean(err)),

@@ -289,6 +289,8 @@ def _dashboard_mode(dashboard: bool, quiet: bool) -> str:
 
 def _stream_options(model, estimator, tiles, roi, rois, window, hop, log, overwrite, append, dashboard, quiet,
                     flags, timing, device="cpu"):
+    if append and log is None:
+        raise DleStreamError("--append continues a run log: give it with --log RUN.zarr")
     from dle_stream.session import StreamOptions
 
     return StreamOptions(model=model, estimator=estimator, tiles=tiles, roi=list(roi or []), rois_file=rois,

@@ -161,7 +161,11 @@ def _attrs(kind: str, source: str, est, timing: ScanTiming, timing_source: str, 
 
 def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, channel: int | None = None,
            console: Console | None = None) -> StreamResult:
-    """Replay a recording (TIFF family or Zarr) through the estimator."""
+    """Replay a recording (TIFF family or Zarr) through the estimator.
+
+    With ``opts.append`` the log of an earlier (e.g. killed) replay of the same recording
+    with the same settings is continued from the first window it does not hold: no window
+    or frame is logged twice."""
     from dle_stream.recording import open_recording, resolve_timing
     from dle_stream.sources.file_source import FileSource
 
@@ -201,8 +205,13 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         if opts.dashboard == "plain":
             for w in warnings:
                 console.print(f"warning: {w}", highlight=False, markup=False)
+        start = getattr(log, "resume_frame", 0) if log is not None else 0
+        if start + window > rec.n_frames:  # a resumed replay with nothing left to estimate
+            runner.warn(f"{opts.log} already holds every window of {recording.name}; nothing to add")
+            start = rec.n_frames
         try:
-            _run(runner, FileSource(rec, realtime=realtime, frame_period_s=timing.frame_period_us * 1e-6), dashboard)
+            _run(runner, FileSource(rec, realtime=realtime, frame_period_s=timing.frame_period_us * 1e-6,
+                                    start=start), dashboard)
         except DleStreamError as exc:
             if str(recording) in str(exc) or recording.name in str(exc):
                 raise

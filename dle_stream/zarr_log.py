@@ -151,6 +151,28 @@ def _normalize_rois(rois: list[dict] | None, n_tiles: int) -> list[dict]:
     return out
 
 
+#: run attributes that must match to --append to a log, and how the user sets each
+_SAME_SETTINGS = (("estimator", "the estimator (--estimator)"), ("window_frames", "the window (--window)"),
+                  ("hop_frames", "the hop (--hop)"), ("mode", "the kind of run (replay or run)"))
+
+
+def _model_identity(attrs: dict) -> tuple | None:
+    card = attrs.get("model_card") or {}
+    return (card.get("name"), card.get("weights_sha256")) if card else None
+
+
+def _check_same_settings(path: Path, old: dict, new: dict) -> None:
+    """Refuse to append a run whose settings differ from the log's (naming which)."""
+    differ = [label for key, label in _SAME_SETTINGS if key in old and key in new and old[key] != new[key]]
+    if _model_identity(old) != _model_identity(new) and _model_identity(old) and _model_identity(new):
+        differ.append(f"the model ({_model_identity(old)[0]} then, {_model_identity(new)[0]} now, or other weights)")
+    if old.get("mode") == "replay" and new.get("mode") == "replay" and old.get("source") != new.get("source"):
+        differ.append(f"the recording ({old.get('source')} then, {new.get('source')} now)")
+    if differ:
+        raise DleStreamError(f"run log {path} was written with other settings: {'; '.join(differ)} differ; "
+                             f"--append needs the same ones, or choose another --log path")
+
+
 def _is_log(group: zarr.Group) -> bool:
     marker = group.attrs.get("dle_stream")
     return isinstance(marker, dict) and marker.get("kind") == "run_log"
@@ -207,6 +229,10 @@ class ZarrLog:
         self._gaps: list[tuple[int, int, int]] = []
         self._last_flush = time.monotonic()
         self._closed = False
+        #: replaying the same recording into its log again (--append): the first frame to
+        #: read, and frames below ``logged_until`` are already in the log (not logged twice)
+        self.resume_frame = 0
+        self.logged_until = 0
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -365,12 +391,21 @@ class ZarrLog:
                     group[name].resize((cf,))
             if group["gaps"].shape[0] != cg:
                 group["gaps"].resize((cg, 3))
+            _check_same_settings(path, group.attrs.asdict(), user_attrs)
             window_offset = int(group["window"][cw - 1]) + 1 if cw else 0
-            frame_offset = 0
-            if cf:
-                frame_offset = int(group["frame_index"][cf - 1]) + 1
-            if cw:
-                frame_offset = max(frame_offset, int(np.max(group["frame_stop"][:cw])))
+            logged_until = int(group["frame_index"][cf - 1]) + 1 if cf else 0
+            last_stop = int(np.max(group["frame_stop"][:cw])) if cw else 0
+            resume_frame = 0
+            if user_attrs.get("mode") == "replay":
+                # the same recording again: continue it where the committed windows end (frame
+                # numbers are the recording's own, so they need no offset)
+                frame_offset = 0
+                hop, window = int(user_attrs.get("hop_frames", 1)), int(user_attrs.get("window_frames", 1))
+                resume_frame = max(0, last_stop + hop - window) if cw else 0
+            else:
+                # a new acquisition continues the log: its frames are numbered on after the old ones
+                frame_offset = max(logged_until, last_stop)
+                logged_until = 0
             segments = list(group.attrs.get("segments", []))
             segments.append({"opened": _now_iso(), "first_window_row": cw, "first_frame_row": cf,
                              "window_offset": window_offset, "frame_offset": frame_offset,
@@ -383,8 +418,11 @@ class ZarrLog:
             raise DleStreamError(
                 f"cannot write the run log at {path} ({exc.strerror or exc}); "
                 f"choose a writable location with --log") from exc
-        return cls(group, path, flush_interval_s=flush_interval_s,
-                   window_offset=window_offset, frame_offset=frame_offset)
+        log = cls(group, path, flush_interval_s=flush_interval_s,
+                  window_offset=window_offset, frame_offset=frame_offset)
+        log.resume_frame = resume_frame
+        log.logged_until = logged_until
+        return log
 
     # ------------------------------------------------------------------ state
     @property
@@ -408,8 +446,11 @@ class ZarrLog:
 
     # ------------------------------------------------------------------ adding
     def add_frame(self, index: int, timestamp_s: float | None = None, image_number: int | None = None) -> None:
-        """Buffer one frame's index, source timestamp (s) and camera frame counter."""
+        """Buffer one frame's index, source timestamp (s) and camera frame counter
+        (skipped when a resumed replay re-reads a frame the log already holds)."""
         self._check_open()
+        if int(index) + self.frame_offset < self.logged_until:
+            return
         self._frames.append((
             int(index) + self.frame_offset,
             math.nan if timestamp_s is None else float(timestamp_s),

@@ -83,6 +83,27 @@ def test_existing_log_is_refused_unless_overwrite(recording, small_model, tmp_pa
     assert again.exit_code == 0, again.output
 
 
+def test_append_needs_a_log_and_the_same_recording(recording, small_model, tmp_path):
+    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--append"]),
+                   "--append", "--log")
+    log = tmp_path / "run.zarr"
+    ok = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
+                             "--log", str(log), "--no-dashboard"])
+    assert ok.exit_code == 0, ok.output
+    other = write_recording(tmp_path / "other.tif", np.random.default_rng(1).poisson(100, (60, 40, 40)).astype(np.uint16),
+                            ScanTiming(**{**MODEL_TIMING.to_dict(), "width_px": 40, "height_px": 40}))
+    one_line_error(runner.invoke(app, ["replay", str(other), "--model", str(small_model), "--window", "20", "--hop",
+                                       "20", "--log", str(log), "--append"]), "other settings", "recording")
+    # the same recording again: nothing left to add, nothing duplicated
+    again = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
+                                "--log", str(log), "--append", "--no-dashboard"])
+    assert again.exit_code == 0, again.output
+    from dle_stream.zarr_log import open_log
+
+    view = open_log(log)
+    assert view.n_windows == 3 and list(view.frame_start) == [0, 20, 40] and view.n_frames == 60
+
+
 def test_roi_outside_the_frame(recording, small_model):
     one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--roi", "30,30,20,20"]),
                    "outside", "--roi")

@@ -229,26 +229,29 @@ def test_replay_killed_at_random_moments_keeps_every_reported_window(recording, 
     assert any(0 < o[4] < N_WINDOWS for o in outcomes), outcomes
     assert partial, outcomes
 
-    # --append continues a killed run's log: numbering and frames go on after its rows
-    log, n = partial[0]
-    before = open_log(log)
-    d_before = np.asarray(before.d).copy()
-    frames_before = before.n_frames
-    rc, out, err = Trial(_replay_args(recording, log, "--append"), tmp_path).finish()
-    assert rc == 0, err
-    reported = _windows(out)
-    # the screen numbers windows and frames as the log does: on after the killed run's rows
-    assert [w for w, _, _ in reported] == list(range(n, n + N_WINDOWS))
-    view = open_log(log)
-    assert view.n_windows == n + N_WINDOWS
-    np.testing.assert_array_equal(view.window, np.arange(n + N_WINDOWS))   # ... and on after the old rows in the log
-    np.testing.assert_array_equal(np.asarray(view.d)[:n], d_before)
-    assert np.isfinite(np.asarray(view.d)[n:]).all()
-    assert view.n_frames == frames_before + FRAMES
-    np.testing.assert_array_equal(view.frame_index, np.arange(view.n_frames))
-    assert (np.asarray(view.frame_start)[n:] >= frames_before).all()
-    np.testing.assert_array_equal([a for _, a, _ in reported], np.asarray(view.frame_start)[n:])
-    assert len(view.attrs["segments"]) == 2
+    # --append resumes each killed run (up to 10): the log ends up holding every window of the
+    # recording exactly once, in order, and every frame once; the old rows are untouched
+    for log, n in partial[:10]:
+        before = open_log(log)
+        d_before = np.asarray(before.d).copy()
+        rc, out, err = Trial(_replay_args(recording, log, "--append"), tmp_path).finish()
+        assert rc == 0, err
+        reported = _windows(out)
+        # the screen numbers windows and frames as the log does: on from the killed run's last window
+        assert [w for w, _, _ in reported] == list(range(n, N_WINDOWS))
+        view = open_log(log)
+        assert view.n_windows == N_WINDOWS
+        np.testing.assert_array_equal(view.window, np.arange(N_WINDOWS))
+        np.testing.assert_array_equal(view.frame_start, HOP * np.arange(N_WINDOWS))   # none twice, none missing
+        np.testing.assert_array_equal(np.asarray(view.d)[:n], d_before)
+        assert np.isfinite(np.asarray(view.d)).all()
+        np.testing.assert_array_equal(view.frame_index, np.arange(FRAMES))
+        assert len(view.attrs["segments"]) == 2
+    # a log of this recording cannot be continued with other settings or another recording
+    log, _ = partial[0]
+    rc, out, err = Trial(_command("replay", str(recording), "--log", str(log), "--window", str(WINDOW), "--hop", "20",
+                                  "--no-dashboard", "--append"), tmp_path).finish()
+    assert rc == 2 and "other settings" in err and "--hop" in err and "Traceback" not in err
 
 
 def test_live_demo_killed_at_random_moments_keeps_every_reported_window(tmp_path):

@@ -39,7 +39,8 @@ class FileSource:
         realtime: pace frames by their timestamps / the frame period.
         frame_period_s: frame period in s for timestamps and pacing; overrides the
             recorded timestamps and the scan timing.
-        start, stop: replay frames ``start:stop`` only.
+        start, stop: replay frames ``start:stop`` only; events keep the frames' numbers in the file
+            (the first event of ``start=100`` has index 100).
     """
 
     def __init__(
@@ -110,7 +111,7 @@ class FileSource:
         if numbers is not None and not np.all(np.diff(numbers) > 0):
             numbers = None
         t0_wall = time.perf_counter()
-        t0_rec = None if stamps is None else float(stamps[self.start])
+        t0_rec = None if stamps is None or self.start >= self.stop_frame else float(stamps[self.start])
         for offset, frame in enumerate(self.recording.frames(self.start, self.stop_frame)):
             if self._stopping.is_set():
                 return
@@ -120,7 +121,7 @@ class FileSource:
                 if delay > 0 and self._stopping.wait(delay):
                     return
             yield FrameEvent(
-                frame=frame, index=offset, timestamp_s=None if stamps is None else float(stamps[k]),
+                frame=frame, index=k, timestamp_s=None if stamps is None else float(stamps[k]),
                 image_number=None if numbers is None else int(numbers[k]), metadata={"frame_in_file": k},
             )
             self.frames_delivered += 1
