@@ -215,6 +215,7 @@ def train(
     val_movies: int = typer.Option(512, "--val-movies", help="Held-out movies for the final validation."),
     refresh_movies: int = typer.Option(4, "--refresh-movies", help="New simulated movies added to the latent cache every --refresh-every steps."),
     refresh_every: int = typer.Option(2, "--refresh-every", help="Predictor steps between cache refreshes."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the predictor stage (default 2e-3; a third of it when resuming a trained head)."),
     e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="End-to-end steps (encoder trained with the head on raw movies) before the predictor stage; default none."),
     e2e_minutes: Optional[float] = typer.Option(None, "--e2e-minutes", help="Budget of the end-to-end stage, wall minutes."),
     e2e_frames: Optional[int] = typer.Option(None, "--e2e-frames", help="Frames per movie in the end-to-end stage (short keeps it affordable; default 64)."),
@@ -243,7 +244,7 @@ def train(
         refresh_every=refresh_every,
         end_to_end={"e2e_steps": e2e_steps, "e2e_minutes": e2e_minutes, "e2e_frames": e2e_frames, "e2e_batch": e2e_batch},
         flags=_timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional),
-        timing_file=timing, warm_from=warm_from, steady_share=steady_share, output=output,
+        timing_file=timing, warm_from=warm_from, steady_share=steady_share, output=output, lr=lr,
     )
     console.print(f"training [bold]{cfg.name}[/]: D {cfg.priors.d_min_um2_s:g}–{cfg.priors.d_max_um2_s:g} µm²/s, "
                   f"dwell {cfg.timing.dwell_us:g} µs, line {cfg.timing.line_period_us:g} µs, "

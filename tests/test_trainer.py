@@ -144,3 +144,30 @@ def test_train_refuses_absurd_timing_from_metadata(tmp_path):
         config_for(out=tmp_path / "m", preset="low", like=None, d_max=None, steps=10, minutes=None, device="cpu",
                    seed=0, resume=False, encoder_from=None, ae_steps=None, cache_movies=64, val_movies=64, name=None,
                    flags={}, timing_file=timing_file)
+
+
+def test_the_best_validated_weights_are_kept_when_the_curve_turns_up(tmp_path):
+    """Validation every step; scores fall, then rise (overfitting): the run ends with the
+    weights of its best validation, and the card says which step they are from."""
+    cfg = easy_config(tmp_path, steps=6, ae_steps=5, cache_movies=64, val_movies=32, checkpoint_minutes=0)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    scores = iter([3.0, 2.0, 1.0, 5.0, 6.0, 7.0, 8.0, 9.0, 9.5, 9.9])
+    snapshots = {}
+    real_evaluate = trainer.evaluate
+
+    def scripted(latents, d_true):
+        metrics = real_evaluate(latents, d_true)
+        metrics["grid_nll"] = next(scores)
+        # the first validation at each step (the run's final validation comes after the restore)
+        snapshots.setdefault(trainer.state["head_step"], {k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return metrics
+
+    trainer.evaluate = scripted
+    trainer.run()
+    best = trainer.state["best_step"]
+    assert best == 3  # the third validation (score 1.0) came after step 3
+    kept = {k: v for k, v in trainer.model.state_dict().items() if "running_" not in k and "num_batches" not in k}
+    assert all(torch.equal(kept[k], snapshots[best][k]) for k in kept)  # BatchNorm statistics are re-estimated
+    changed = [k for k in kept if not torch.equal(snapshots[3][k], snapshots[6][k])]
+    assert changed, sorted(snapshots)  # training went on after step 3, yet its weights were not kept
+    assert json.loads((tmp_path / "card.json").read_text())["training"]["kept_weights_of_step"] == 3

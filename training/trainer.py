@@ -156,6 +156,8 @@ class Trainer:
         self._last_ckpt = time.monotonic()
         self.cache: LatentCache | None = None
         self.val_movies = config.val_movies
+        #: (validation score, weights, step) of the best validation so far in this run
+        self._best: tuple[float, dict, int] | None = None
 
     # ------------------------------------------------------------------ time
     def elapsed(self) -> float:
@@ -406,6 +408,9 @@ class Trainer:
         outs = [forward(inputs[i:i + chunk].to(self.device)).cpu() for i in range(0, inputs.shape[0], chunk)]
         d_hat, sig, interval = self._read_out(torch.cat(outs))
         metrics = summarize(d_true.cpu().numpy(), d_hat, sig)
+        if self.grid_loss is not None:  # the exact NLL of the true D under the window output
+            out = torch.cat(outs).float().to(self.device)
+            metrics["grid_nll"] = float(self.grid_loss(out, (d_true.float() / self.d_max).to(self.device)))
         if interval is not None:
             truth = d_true.cpu().numpy()
             metrics["interval68_coverage"] = float(np.mean((interval[0] <= truth) & (truth <= interval[1])))
@@ -480,12 +485,30 @@ class Trainer:
             self._advance(task, f"step {self.state['head_step']} loss {np.mean(recent_loss or [loss]):.3f} "
                                 f"L1 {np.nanmean(recent_l1 or [0]):.3g} µm²/s")
             if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
-                self.recalibrate_batchnorm(cache)
-                metrics = self.evaluate(*val)
-                self._curve("validation", self.state["head_step"], metrics["nll"], metrics["l1"], metrics["best_half_l1"], lr)
-                self.log(f"step {self.state['head_step']}: validation L1 {metrics['l1']:.4g} µm²/s "
-                         f"(best half {metrics['best_half_l1']:.4g}), NLL {metrics['nll']:.3f}")
+                self._validate_and_keep_best(cache, val, lr)
                 self.checkpoint()
+        if self._best is not None:
+            score = self._validate_and_keep_best(cache, val, math.nan)
+            best_score, best_state, best_step = self._best
+            if best_score < score:
+                # the held-out curve got worse since its best: the head started fitting the
+                # cache (measured: validation NLL rising while the training loss fell)
+                self.model.load_state_dict(best_state)
+                self.state["best_step"] = best_step
+                self.log(f"kept the weights of step {best_step} (validation NLL {best_score:.3f} < {score:.3f} now)")
+
+    def _validate_and_keep_best(self, cache: LatentCache, val: tuple[torch.Tensor, torch.Tensor], lr: float) -> float:
+        """Validate on the held-out curve movies; remember the best weights. Returns the score."""
+        self.recalibrate_batchnorm(cache)
+        metrics = self.evaluate(*val)
+        score = metrics.get("grid_nll", metrics["nll"])
+        self._curve("validation", self.state["head_step"], score, metrics["l1"], metrics["best_half_l1"], lr)
+        self.log(f"step {self.state['head_step']}: validation L1 {metrics['l1']:.4g} µm²/s "
+                 f"(best half {metrics['best_half_l1']:.4g}), NLL {score:.3f}")
+        if self._best is None or score < self._best[0]:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._best = (score, state, self.state["head_step"])
+        return score
 
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
@@ -564,6 +587,7 @@ class Trainer:
                 "cache_movies": cfg.cache_movies, "curve": "training_curve.csv",
                 "encoder_from": self.state.get("encoder_from"),
                 "warm_from": self.state.get("warm_from"),
+                "kept_weights_of_step": self.state.get("best_step"),
                 "training_d_prior": (self.cfg.architecture.training_prior.to_dict()
                                      if self.grid_loss is not None else None),
                 "steady_density_share": self.train_priors.box_fraction,

@@ -42,7 +42,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
                ae_steps: int | None, cache_movies: int, val_movies: int, name: str | None, flags: dict,
                timing_file: Path | None, refresh_movies: int = 4, refresh_every: int = 2,
                end_to_end: dict | None = None, warm_from: Path | None = None,
-               steady_share: float | None = None, output: str | None = None) -> TrainConfig:
+               steady_share: float | None = None, output: str | None = None, lr: float | None = None) -> TrainConfig:
     """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch.
 
     ``warm_from``: a model package whose weights start the training (its architecture, with
@@ -67,6 +67,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
             frames=saved["frames"], architecture=ModelConfig.from_dict(saved["architecture"]), seed=seed,
             device=device, steps=steps, minutes=minutes, ae_steps=saved["ae_steps"], cache_movies=cache_movies,
             val_movies=val_movies, resume=True, refresh_movies=refresh_movies, refresh_every=refresh_every,
+            **({} if lr is None else {"lr": float(lr)}),
             **e2e,
         )
     p = get_preset(preset)
@@ -118,5 +119,6 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         frames=p.frames, seed=seed, device=device, steps=steps, minutes=minutes, ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, encoder_from=encoder_from,
         refresh_movies=refresh_movies, refresh_every=refresh_every, architecture=architecture,
+        **({} if lr is None else {"lr": float(lr)}),
         warm_from=None if warm_from is None else Path(resolve_model(warm_from)), **e2e,
     )
