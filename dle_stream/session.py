@@ -174,14 +174,23 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
     _check_window(opts)
     rec = open_recording(recording, channel=channel)
     try:
-        fallback = model_timing_for(opts.model, rec.height, rec.width)
-        timing, timing_source, warnings = resolve_timing(
-            rec, flags=opts.timing_flags, timing_file=opts.timing_file, fallback=fallback,
-            fallback_label=f"the model card of {opts.model}",
-        )
+        try:
+            fallback: ScanTiming | None = model_timing_for(opts.model, rec.height, rec.width)
+            card_error = None
+        except DleStreamError as exc:  # the card cannot describe this frame: the recording may
+            fallback, card_error = None, exc
+        try:
+            timing, timing_source, warnings = resolve_timing(
+                rec, flags=opts.timing_flags, timing_file=opts.timing_file, fallback=fallback,
+                fallback_label=f"the model card of {opts.model}",
+            )
+        except DleStreamError:
+            if card_error is not None:
+                raise card_error from None
+            raise
         if rec.truncated:
             warnings.append(f"INCOMPLETE RECORDING: {rec.truncation_note}")
-        est, comparison = make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
+        est, comparison = _estimator_for(opts, timing, recording)
         layout = make_layout(rec.height, rec.width, est.tile_shape, opts)
         window = opts.window or est.window_frames
         if rec.n_frames < window:
@@ -224,6 +233,18 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
     c = runner.combination
     return StreamResult(runner.stats, layout, timing, c.region_d.copy(), c.region_sigma.copy(), c.tile_d.copy(),
                         c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth, c)
+
+
+def _estimator_for(opts: StreamOptions, timing: ScanTiming, recording: Path | None):
+    """The stream estimator for this scan, or one line naming the nearest model and the
+    train command when the chosen model does not serve it."""
+    from dle_stream.model_choice import no_model_message
+    from dle_stream.model_package import load_card, resolve_model
+
+    card = load_card(resolve_model(opts.model))
+    if not ScanTiming.from_dict(card.scan_timing).compare(timing).compatible:
+        raise DleStreamError(no_model_message(timing, recording, opts.model))
+    return make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
 
 
 def _check_window(opts: StreamOptions) -> None:
@@ -306,7 +327,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
         None, flags=merged, fallback=model_timing_for(opts.model, h, w),
         fallback_label=f"the model card of {opts.model}")
     warnings = notes + warnings
-    est, comparison = make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
+    est, comparison = _estimator_for(opts, timing, None)
     if demo and not opts.roi and opts.rois_file is None:  # the demo's two halves, as two ROIs
         opts.roi = [f"left=0,0,{w // 2},{h}", f"right={w // 2},0,{w - w // 2},{h}"]
     layout = make_layout(h, w, est.tile_shape, opts)

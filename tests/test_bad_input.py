@@ -157,3 +157,14 @@ def test_nan_or_infinite_pixels_stop_with_the_file_and_frame_named(tmp_path, sma
     view = open_log(log)
     assert view.n_windows == 2  # windows ending at frames 40 and 50 (frame 49): logged before the bad frame
     assert np.isfinite(np.asarray(view.d)).all()
+
+
+def test_a_scan_no_model_serves_names_the_nearest_model_and_the_train_command(tmp_path):
+    """The recording says how it was scanned (its line period is 2× the shipped models'
+    ratio): the refusal names the scan, the nearest model and the exact train command."""
+    timing = ScanTiming(0.15, 8.0, 3016.0, 130_000.0, 40, 40)
+    path = write_recording(tmp_path / "slow.tif", np.random.default_rng(0).poisson(100, (50, 40, 40)).astype(np.uint16),
+                           timing)
+    result = runner.invoke(app, ["replay", str(path), "--no-dashboard"])
+    one_line_error(result, "does not serve this scan", "line/dwell 377", "nearest: brain-qd-low",
+                   f"dle-stream train --like {path} --warm-from brain-qd-low")
