@@ -87,10 +87,10 @@ def measure(est: DiffusionEstimator, frames: int, repeats: int, cpu_time: bool) 
     out: dict[str, tuple[float, float]] = {}
     for batch in (1, 64):
         tiles = rng.poisson(100.0, size=(batch * frames, h, w)).astype(np.float32)
-        med, best = timer(lambda: est.encode(tiles), repeats, cpu_time)
+        med, best = timer(lambda tiles=tiles: est.encode(tiles), repeats, cpu_time)
         out[f"enc{batch}"] = (batch * frames / med, batch * frames / best)
         latents = est.encode(tiles).reshape(batch, frames, -1)
-        med, best = timer(lambda: est.estimate_latents(latents), repeats, cpu_time)
+        med, best = timer(lambda latents=latents: est.estimate_latents(latents), repeats, cpu_time)
         out[f"head{batch}"] = (med / batch * 1e3, best / batch * 1e3)
     return out
 

@@ -29,8 +29,8 @@ import torch
 from dle_stream.recording import open_recording, write_recording
 from dle_stream.runner import StreamRunner
 from dle_stream.sources.file_source import FileSource
+from dle_stream.tiling import Region, Tile, TileLayout
 from dle_stream.timing import ScanTiming
-from dle_stream.tiling import Tile, TileLayout, Region
 
 REFERENCE_FPS = 1e6 / ScanTiming.reference().frame_period_us
 

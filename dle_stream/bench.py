@@ -191,7 +191,7 @@ def markdown_table(res: SuiteResult, m: dict) -> str:
                       f"best half: {m['classic']['best_half_l1'] / m['dle']['best_half_l1']:.2f}"]
     if "dle" in m:
         cov = m["dle"].get("interval68_coverage")
-        lines += ["", f"DLE per decile of true D" + (f" (68 % interval holds D in {cov:.0%} overall)" if cov else "")
+        lines += ["", "DLE per decile of true D" + (f" (68 % interval holds D in {cov:.0%} overall)" if cov else "")
                   + ":", "", decile_table(m, "dle")]
     return "\n".join(lines) + "\n"
 

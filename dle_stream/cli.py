@@ -230,7 +230,8 @@ def train(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from dle_stream.training.trainer import TrainConfig, resolve_device, train as run_training
+    from dle_stream.training.trainer import TrainConfig, resolve_device
+    from dle_stream.training.trainer import train as run_training
     from dle_stream.training.training_setup import config_for
 
     _check_out_folder(out, "--out")
@@ -314,7 +315,8 @@ def replay(
     bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
 ) -> None:
     """Replay a recording: D ± σ per tile and ROI in rolling windows, logged to Zarr."""
-    from dle_stream.session import describe_result, replay as run_replay
+    from dle_stream.session import describe_result
+    from dle_stream.session import replay as run_replay
 
     opts = _stream_options(model, estimator, tiles, roi, rois, window, hop, log, overwrite, append, dashboard, quiet,
                            _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
@@ -395,7 +397,7 @@ def _bench_combine(model: str | None, n: int, out: Path) -> None:
         with Progress(TextColumn(f"combine {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err_console, transient=True) as prog:
             task = prog.add_task("combine", total=total)
-            doc = run_combine(name, n=n, progress=lambda k: prog.advance(task, k))
+            doc = run_combine(name, n=n, progress=lambda k, task=task: prog.advance(task, k))
         folder = out / Path(name).name if len(models) > 1 else out
         write(doc, folder)
         console.print(markdown(doc), highlight=False, soft_wrap=True, markup=False)
@@ -414,7 +416,8 @@ def demo(
     """The built-in default: simulate a two-region recording with known D, replay it, print estimates next to the truth."""
     import tempfile
 
-    from dle_stream.session import describe_result, replay as run_replay
+    from dle_stream.session import describe_result
+    from dle_stream.session import replay as run_replay
     from dle_stream.training.priors import get_preset
     from dle_stream.training.recording_sim import simulate_recording
 
@@ -523,6 +526,3 @@ def models() -> None:
         return
     console.print(table)
 
-
-def run() -> None:  # pragma: no cover - console entry for `python -m dle_stream`
-    sys.exit(app())

@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 import safetensors
+import torch
 from safetensors.torch import load_file, save_file
 
 from dle_stream.errors import DleStreamError
@@ -179,7 +179,7 @@ class ModelCard:
         if problems:
             raise DleStreamError(f"{source}: invalid model card: {'; '.join(problems)}; fix or re-save the package")
         try:
-            self.timing
+            _ = self.timing  # parses (and so validates) the card's scan timing
             config = self.model_config
         except DleStreamError as exc:
             raise DleStreamError(f"{source}: {exc}") from None

@@ -59,7 +59,7 @@ def estimate_text(post: Posterior, i: int, *, disagree: bool = False, tile_range
 
 def cell_text(post: Posterior, i: int, width: int, disagree: bool = False) -> str:
     """A tile-map cell of ``width`` characters: the value and a one-character mark."""
-    d, s = float(post.d[i]), float(post.sigma[i])
+    d = float(post.d[i])
     if not math.isfinite(d):
         return "·".center(width)
     if bool(post.above_range[i]):

@@ -10,7 +10,6 @@ with a dashboard.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -349,7 +348,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     dashboard = Dashboard(runner, source=source_desc, model=f"{est.name} · {opts.model}", mode=opts.dashboard,
                           console=console, truth=truth)
     source = MicroManagerSource(core, n_frames=frames, mode="mda", stall_timeout_s=stall_timeout_s)
-    backlog = getattr(source, "_queue").qsize
+    backlog = source._queue.qsize
     try:
         with dashboard:
             for item in source:

@@ -6,7 +6,6 @@ that cannot be written give one line, not a traceback; paths are printed literal
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -81,9 +81,10 @@ def test_image_sequence_stopped_early_is_incomplete(tmp_path, acquire):
 
 
 def test_image_sequence_replay_counts_a_lost_frame_as_a_gap(tmp_path, acquire):
+    from pymmcore_plus.mda.handlers import ImageSequenceWriter
+
     from dle_stream.model import DLEModel, ModelConfig
     from dle_stream.model_package import ModelCard, save_model_package
-    from pymmcore_plus.mda.handlers import ImageSequenceWriter
 
     model = tmp_path / "tiny"
     cfg = ModelConfig(temporal_channels=16, head_hidden=16)

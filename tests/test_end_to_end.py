@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from dle_stream.cli import app
 from dle_stream.model_package import list_models
 from dle_stream.session import StreamOptions, demo_timing, replay, run_live
-from dle_stream.zarr_log import open_log
 from dle_stream.training.priors import get_preset
 from dle_stream.training.recording_sim import simulate_recording
+from dle_stream.zarr_log import open_log
 
 pytestmark = pytest.mark.skipif(
     not any(card.name == "brain-qd-low" for _, card in list_models()), reason="shipped model brain-qd-low missing"

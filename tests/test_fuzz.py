@@ -27,15 +27,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import zarr
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from test_recording import SI_FRAME_DATA, SI_ROI, scanimage_tiff
 
 from dle_stream.errors import DleStreamError
 from dle_stream.recording import DLE_TIFF_TAG, open_recording, read_timing_file, resolve_timing, write_recording
 from dle_stream.recording.metadata import DLE_SCHEMA
 from dle_stream.timing import ScanTiming
-from test_recording import SI_FRAME_DATA, SI_ROI, scanimage_tiff
 
 TIMING = ScanTiming(pixel_size_um=0.15, dwell_us=8.0, line_period_us=200.0, frame_period_us=5000.0,
                     width_px=16, height_px=12, bidirectional=True)

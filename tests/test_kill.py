@@ -13,7 +13,6 @@ at random times over a reference run's duration, and just after the k-th window 
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
@@ -30,9 +29,9 @@ import pytest
 from dle_stream.errors import DleStreamError
 from dle_stream.model_package import list_models
 from dle_stream.timing import ScanTiming
-from dle_stream.zarr_log import open_log
 from dle_stream.training.priors import get_preset
 from dle_stream.training.recording_sim import simulate_recording
+from dle_stream.zarr_log import open_log
 
 pytestmark = pytest.mark.skipif(
     not any(card.name == "brain-qd-low" for _, card in list_models()), reason="shipped model brain-qd-low missing"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys

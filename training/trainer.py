@@ -37,15 +37,15 @@ import torch
 
 from dle_stream import __version__
 from dle_stream.errors import DleStreamError
-from dle_stream.metrics import json_safe, prior_baseline, summarize
 from dle_stream.likelihood import posterior, window_log_likelihood
+from dle_stream.metrics import json_safe, prior_baseline, summarize
 from dle_stream.model import DLEModel, GridLoss, ModelConfig, gaussian_nll
 from dle_stream.timing import ScanTiming
-from dle_stream.training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
 from dle_stream.training.augment import random_raster_augment
+from dle_stream.training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
 from dle_stream.training.latent_cache import LatentCache, simulate_latents
-from dle_stream.training.priors import SimulatorPriors
 from dle_stream.training.mixture import MixedSimulator
+from dle_stream.training.priors import SimulatorPriors
 from dle_stream.training.simulator import Simulator
 
 #: Seed of the held-out validation movies; training draws from its own seeded stream.

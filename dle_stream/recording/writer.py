@@ -241,7 +241,6 @@ def check_output_path(path: Path, fmt: str, overwrite: bool) -> None:
         raise DleStreamError(f"{path}: the folder {parent} does not exist; create it first")
     if not parent.is_dir():
         raise DleStreamError(f"{path}: {parent} is a file, not a folder; choose another output path")
-    kind = "a Zarr store (a folder)" if fmt == "zarr" else "one TIFF file"
     if path.is_dir():
         if fmt != "zarr":
             raise DleStreamError(f"{path}: is a folder, but a TIFF recording is one file; choose another output path")
