@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ def metrics(res: SuiteResult) -> dict:
     out = {"baseline": prior_baseline(res.d_true, *res.prior)}
     for name in res.estimates:
         d, s, failed = _filled(res, name)
-        m = summarize(res.d_true, d, s)
+        m: dict[str, Any] = summarize(res.d_true, d, s)
         m["no_estimate"] = failed
         m["ms_per_window"] = 1e3 * res.seconds[name] / res.n
         m["by_decile"] = decile_coverage(res, name)

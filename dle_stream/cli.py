@@ -397,7 +397,7 @@ def _bench_combine(model: str | None, n: int, out: Path) -> None:
         with Progress(TextColumn(f"combine {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err_console, transient=True) as prog:
             task = prog.add_task("combine", total=total)
-            doc = run_combine(name, n=n, progress=lambda k, task=task: prog.advance(task, k))
+            doc = run_combine(name, n=n, progress=functools.partial(prog.advance, task))
         folder = out / Path(name).name if len(models) > 1 else out
         write(doc, folder)
         console.print(markdown(doc), highlight=False, soft_wrap=True, markup=False)

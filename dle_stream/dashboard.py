@@ -13,12 +13,16 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 from dle_stream import report
 
@@ -78,13 +82,13 @@ class Dashboard:
         self.console = console or Console()
         self.refresh_s = refresh_s
         self.truth = truth or {}
-        self.history = [deque(maxlen=40) for _ in runner.layout.regions]
+        self.history: list[deque[float]] = [deque(maxlen=40) for _ in runner.layout.regions]
         # window and frame numbers as the log stores them (a run that --append-s to a log
         # continues its numbering; 0 for a new log or none)
         log = getattr(runner, "log", None)
         self.window_offset = int(getattr(log, "window_offset", 0))
         self.frame_offset = int(getattr(log, "frame_offset", 0))
-        self._live = None
+        self._live: Live | None = None
         self._last = 0.0
         runner.events.estimated.connect(self._on_estimate)
         runner.events.warning.connect(self._on_warning)

@@ -48,7 +48,7 @@ class EstimateFlag(enum.IntFlag):
 
 def flag_names(bits: int) -> list[str]:
     """Readable names of the set bits, e.g. ``["above range", "little information"]``."""
-    return [f.name.lower().replace("_", " ") for f in EstimateFlag if f.value and bits & f.value]
+    return [(f.name or "").lower().replace("_", " ") for f in EstimateFlag if f.value and bits & f.value]
 
 
 @dataclass(frozen=True)

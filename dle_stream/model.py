@@ -371,6 +371,7 @@ class DLEModel(nn.Module):
             prior = cfg.training_prior.log_density(grid)
             coef = np.linalg.lstsq(basis, prior[:-1], rcond=None)[0]
             last = self.mlp[-1]
+            assert isinstance(last, nn.Linear)  # the head's output layer, built just above
             with torch.no_grad():
                 last.weight.mul_(0.1)
                 last.bias.copy_(torch.as_tensor(np.concatenate([coef, prior[-1:]]), dtype=torch.float32))
@@ -378,7 +379,7 @@ class DLEModel(nn.Module):
     def optimize_for_cpu_inference(self) -> "DLEModel":
         """Eval mode with a channels-last encoder (same outputs; faster on CPU). Returns self."""
         self.eval()
-        self.encoder.to(memory_format=torch.channels_last)
+        self.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack this overload
         self._channels_last = True
         return self
 
@@ -443,6 +444,11 @@ class GridLoss(nn.Module):
     ``log Z − log p(D)`` with Z the total mass (trapezoid rule on the grid's fine points),
     so it is the continuous density's NLL, not a classification into bins.
     """
+
+    # buffers (registered in __init__; nn.Module types unknown attributes as Tensor | Module)
+    knots: Tensor
+    interp: Tensor
+    log_w: Tensor
 
     def __init__(self, grid: DGrid):
         super().__init__()

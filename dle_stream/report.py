@@ -30,10 +30,11 @@ def number(value: float, scale: float) -> str:
     return "—" if not math.isfinite(value) else f"{value:.{_digits(value, scale)}f}"
 
 
-def estimate_text(post: Posterior, i: int, *, disagree: bool = False, tile_range: tuple[float, float] | None = None,
+def estimate_text(post: Posterior, i: int | tuple[()], *, disagree: bool = False, tile_range: tuple[float, float] | None = None,
                   truth: float | None = None) -> str:
     """One line for entry ``i`` of ``post``: "D = 0.302 µm²/s (68 %: 0.289–0.316; 95 %: …)",
-    "D > 41.2 µm²/s: above the model's range (0–50)", or "tiles disagree: 0.29–1.21 µm²/s"."""
+    "D > 41.2 µm²/s: above the model's range (0–50)", or "tiles disagree: 0.29–1.21 µm²/s".
+    ``i`` is ``()`` for a posterior of a single estimate (0-d arrays)."""
     d, s = float(post.d[i]), float(post.sigma[i])
     lo68, hi68, lo95, hi95 = (float(a[i]) for a in (post.lo68, post.hi68, post.lo95, post.hi95))
     tail = "" if truth is None or not math.isfinite(truth) else f"   (true {truth:.3g})"

@@ -250,11 +250,17 @@ class RicsEstimator:
             for xi in range(-R_xi, R_xi + 1):
                 if psi == 0 and xi <= 0:
                     continue
-                xi_l.append(xi), psi_l.append(psi), k_l.append(0), blk.append(0)
+                xi_l.append(xi)
+                psi_l.append(psi)
+                k_l.append(0)
+                blk.append(0)
         for j, k in enumerate(ks):
             for psi in range(-R_psi, R_psi + 1):
                 for xi in range(-R_xi, R_xi + 1):
-                    xi_l.append(xi), psi_l.append(psi), k_l.append(int(k)), blk.append(j + 1)
+                    xi_l.append(xi)
+                    psi_l.append(psi)
+                    k_l.append(int(k))
+                    blk.append(j + 1)
         xi_a, psi_a, k_a, blk_a = (np.array(v) for v in (xi_l, psi_l, k_l, blk))
         all_k = np.concatenate([[0], ks]).astype(int)
         kidx = np.searchsorted(all_k, k_a)
@@ -370,7 +376,7 @@ class RicsEstimator:
         return float(variance * math.sqrt(var_near + var_far)) if variance > 0 else math.inf
 
     # ------------------------------------------------------------- estimate
-    def correlation(self, movie) -> tuple[dict, np.ndarray, np.ndarray]:
+    def correlation(self, movie) -> tuple[dict, np.ndarray, np.ndarray, float]:
         """(layout, C at the layout's lags [N], leave-one-segment-out C [S, N], C at the zero
         lag (the variance)) of a movie."""
         movie = np.asarray(movie, dtype=np.float64)
@@ -427,9 +433,9 @@ class RicsEstimator:
         if len(d_jk) < S - 1:
             flags.add("fit_failed")
             return RicsResult(math.nan, math.nan, flags, d, s, g0, float(z))
-        d_jk = np.asarray(d_jk)
-        n = d_jk.size
-        sigma = math.sqrt((n - 1) / n * float(np.sum((d_jk - d_jk.mean()) ** 2)))
+        d_jk_a = np.asarray(d_jk)
+        n = d_jk_a.size
+        sigma = math.sqrt((n - 1) / n * float(np.sum((d_jk_a - d_jk_a.mean()) ** 2)))
         sigma = max(sigma, SIGMA_FLOOR_FRACTION * (self.d_max_um2_s - self.d_min_um2_s))
         raw = d
         if d < self.d_min_um2_s or d > self.d_max_um2_s:

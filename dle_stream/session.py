@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -148,7 +149,7 @@ def _attrs(kind: str, source: str, est, timing: ScanTiming, timing_source: str, 
 
     return {
         "software": f"dle-stream {__version__}", "mode": kind, "source": source, "estimator": est.name,
-        "model_card": asdict(card) if is_dataclass(card) else None,
+        "model_card": asdict(card) if is_dataclass(card) and not isinstance(card, type) else None,
         "scan_timing": timing.to_dict(), "timing_source": timing_source, "timing_warnings": warnings,
         "tile_geometry": {"frame_height_px": layout.frame_height, "frame_width_px": layout.frame_width,
                           "tile_height_px": est.tile_shape[0], "tile_width_px": est.tile_shape[1],
@@ -309,9 +310,11 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
             core = create_demo_core(height=height, width=width, timing=demo_timing(opts.model, height, width),
                                     d_spec=d_spec, seed=seed, realtime=realtime)
         else:
+            assert mm_config is not None  # checked above: exactly one of demo and mm_config
             core = _load_mm_config(Path(mm_config))
     mapping = load_mapping(scan_properties) if scan_properties else (DEMO_CAMERA_MAPPING if demo else None)
-    partial, notes = {}, []
+    partial: dict[str, Any] = {}
+    notes: list[str] = []
     if mapping is not None:
         partial, _, notes = read_scan_properties(core, mapping)
     h, w = int(core.getImageHeight()), int(core.getImageWidth())

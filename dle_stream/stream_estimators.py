@@ -13,12 +13,16 @@ tracker) keeps the raw tile as its feature.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from dle_stream.errors import DleStreamError
 from dle_stream.likelihood import DGrid, gaussian_log_likelihood
 from dle_stream.timing import ScanTiming
+
+if TYPE_CHECKING:  # imports torch; loaded lazily by make_stream_estimator
+    from dle_stream.estimator import DiffusionEstimator
 
 ESTIMATORS = ("dle", "classic", "rics")
 
@@ -27,7 +31,7 @@ ESTIMATORS = ("dle", "classic", "rics")
 class DLEStream:
     """The deep-learning estimator in a stream (timing already checked)."""
 
-    estimator: object  # dle_stream.estimator.DiffusionEstimator
+    estimator: DiffusionEstimator
     timing_scale: float = 1.0
     name: str = "dle"
 
@@ -64,11 +68,20 @@ class DLEStream:
         return self.estimator.window_log_likelihoods(windows)
 
 
+class PixelEstimator(Protocol):
+    """What :class:`ClassicStream` needs of a pixel-based estimator (:class:`~dle_stream.classic.ClassicEstimator`,
+    :class:`~dle_stream.rics.RicsEstimator`)."""
+
+    def estimate_batch(self, movies: Any) -> tuple[np.ndarray, np.ndarray, list[set[str]]]:
+        """D̂ [B], σ [B] (µm²/s) and flags of movies [B, T, H, W]."""
+        ...
+
+
 @dataclass
 class ClassicStream:
     """A pixel-based estimator (classic trackpy + CVE, or RICS) in a stream: raw tiles as features."""
 
-    estimator: object  # dle_stream.classic.ClassicEstimator or dle_stream.rics.RicsEstimator
+    estimator: PixelEstimator
     tile_shape: tuple[int, int]
     window_frames: int
     d_range: tuple[float, float]
@@ -112,7 +125,7 @@ def make_stream_estimator(kind: str, model: str, timing: ScanTiming, device: str
     if kind == "rics":
         from dle_stream.rics import RicsEstimator
 
-        pixel_est = RicsEstimator(timing, psf_sigma_xy_um=None, d_max_um2_s=d_range[1], d_min_um2_s=d_range[0])
+        pixel_est: PixelEstimator = RicsEstimator(timing, psf_sigma_xy_um=None, d_max_um2_s=d_range[1], d_min_um2_s=d_range[0])
     else:
         from dle_stream.classic import ClassicEstimator
 

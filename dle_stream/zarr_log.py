@@ -51,8 +51,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
@@ -164,8 +165,9 @@ def _model_identity(attrs: dict) -> tuple | None:
 def _check_same_settings(path: Path, old: dict, new: dict) -> None:
     """Refuse to append a run whose settings differ from the log's (naming which)."""
     differ = [label for key, label in _SAME_SETTINGS if key in old and key in new and old[key] != new[key]]
-    if _model_identity(old) != _model_identity(new) and _model_identity(old) and _model_identity(new):
-        differ.append(f"the model ({_model_identity(old)[0]} then, {_model_identity(new)[0]} now, or other weights)")
+    old_model, new_model = _model_identity(old), _model_identity(new)
+    if old_model != new_model and old_model and new_model:
+        differ.append(f"the model ({old_model[0]} then, {new_model[0]} now, or other weights)")
     if old.get("mode") == "replay" and new.get("mode") == "replay" and old.get("source") != new.get("source"):
         differ.append(f"the recording ({old.get('source')} then, {new.get('source')} now)")
     if differ:
@@ -173,12 +175,23 @@ def _check_same_settings(path: Path, old: dict, new: dict) -> None:
                              f"--append needs the same ones, or choose another --log path")
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a log's group (every named node of a log is an array; zarr types them
+    as ``Array | Group``)."""
+    return cast(zarr.Array, group[name])
+
+
+def _attrs(node: zarr.Group | zarr.Array) -> Mapping[str, Any]:
+    """A node's attributes: JSON read from disk, typed Any (callers convert what they read)."""
+    return node.attrs
+
+
 def _is_log(group: zarr.Group) -> bool:
     marker = group.attrs.get("dle_stream")
     return isinstance(marker, dict) and marker.get("kind") == "run_log"
 
 
-def _open_group(path: Path, mode: str) -> zarr.Group | None:
+def _open_group(path: Path, mode: Literal["r", "r+", "a", "w", "w-"]) -> zarr.Group | None:
     """The Zarr group at ``path``, or None if there is none (or it is no group)."""
     try:
         node = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
@@ -214,15 +227,15 @@ class ZarrLog:
         self.window_offset = int(window_offset)
         self.frame_offset = int(frame_offset)
         self._group = group
-        self._arrays: dict[str, zarr.Array] = {name: group[name] for name in _ALL_ARRAYS}
+        self._arrays: dict[str, zarr.Array] = {name: _array(group, name) for name in _ALL_ARRAYS}
         self.tile_bbox = np.asarray(self._arrays["tile_bbox"][:], dtype=np.int32)
         self.n_tiles = int(self.tile_bbox.shape[0])
         self._committed = {
-            "windows": int(group.attrs["committed_windows"]),
-            "frames": int(group.attrs["committed_frames"]),
-            "gaps": int(group.attrs["committed_gaps"]),
+            "windows": int(_attrs(group)["committed_windows"]),
+            "frames": int(_attrs(group)["committed_frames"]),
+            "gaps": int(_attrs(group)["committed_gaps"]),
         }
-        self._gap_kinds: list[str] = list(self._arrays["gaps"].attrs.get("kinds", []))
+        self._gap_kinds: list[str] = list(_attrs(self._arrays["gaps"]).get("kinds", []))
         self._gap_kinds_written = len(self._gap_kinds)
         self._estimates: list[WindowEstimate] = []
         self._frames: list[tuple[int, float, int]] = []
@@ -299,6 +312,7 @@ class ZarrLog:
                     f"{path} exists and is not a dle-stream run log; refusing to "
                     f"{'overwrite' if overwrite else 'append to'} it; choose another --log path")
             if append:
+                assert group is not None  # is_log
                 return cls._reopen(group, path, bboxes, rois_n, user_attrs, flush_interval_s)
         try:
             group = cls._new_store(path, bboxes, rois_n, user_attrs, grid or DGrid(), float(d_max_um2_s),
@@ -372,29 +386,29 @@ class ZarrLog:
                 raise DleStreamError(
                     f"run log {path} is incomplete (missing {missing or 'committed counts'}); "
                     f"use --overwrite or choose another --log path")
-            old = np.asarray(group["tile_bbox"][:])
+            old = np.asarray(_array(group, "tile_bbox")[:])
             if old.shape != bboxes.shape or not np.array_equal(old, bboxes):
                 raise DleStreamError(
                     f"run log {path} has a different tile geometry ({old.shape[0]} tiles) than this run "
                     f"({bboxes.shape[0]} tiles, or other positions); --append needs the same tiles: "
                     f"use --overwrite or choose another --log path")
-            cw = int(group.attrs["committed_windows"])
-            cf = int(group.attrs["committed_frames"])
-            cg = int(group.attrs.get("committed_gaps", 0))
+            cw = int(_attrs(group)["committed_windows"])
+            cf = int(_attrs(group)["committed_frames"])
+            cg = int(_attrs(group).get("committed_gaps", 0))
             # Drop anything a killed flush wrote past the committed rows.
             for name in _WINDOW_ARRAYS:
-                arr = group[name]
+                arr = _array(group, name)
                 if arr.shape[0] != cw:
                     arr.resize((cw, *arr.shape[1:]))
             for name in _FRAME_ARRAYS:
-                if group[name].shape[0] != cf:
-                    group[name].resize((cf,))
-            if group["gaps"].shape[0] != cg:
-                group["gaps"].resize((cg, 3))
+                if _array(group, name).shape[0] != cf:
+                    _array(group, name).resize((cf,))
+            if _array(group, "gaps").shape[0] != cg:
+                _array(group, "gaps").resize((cg, 3))
             _check_same_settings(path, group.attrs.asdict(), user_attrs)
-            window_offset = int(group["window"][cw - 1]) + 1 if cw else 0
-            logged_until = int(group["frame_index"][cf - 1]) + 1 if cf else 0
-            last_stop = int(np.max(group["frame_stop"][:cw])) if cw else 0
+            window_offset = int(np.asarray(_array(group, "window")[cw - 1])) + 1 if cw else 0
+            logged_until = int(np.asarray(_array(group, "frame_index")[cf - 1])) + 1 if cf else 0
+            last_stop = int(np.max(_array(group, "frame_stop")[:cw])) if cw else 0
             resume_frame = 0
             if user_attrs.get("mode") == "replay":
                 # the same recording again: continue it where the committed windows end (frame
@@ -406,7 +420,7 @@ class ZarrLog:
                 # a new acquisition continues the log: its frames are numbered on after the old ones
                 frame_offset = max(logged_until, last_stop)
                 logged_until = 0
-            segments = list(group.attrs.get("segments", []))
+            segments = list(_attrs(group).get("segments", []))
             segments.append({"opened": _now_iso(), "first_window_row": cw, "first_frame_row": cf,
                              "window_offset": window_offset, "frame_offset": frame_offset,
                              "attrs": user_attrs})
@@ -527,7 +541,7 @@ class ZarrLog:
         if self._estimates:
             ests = self._estimates
             cw = self._committed["windows"]
-            cols = {
+            cols: dict[str, np.ndarray] = {
                 "window": np.array([e.window + self.window_offset for e in ests], dtype=np.int64),
                 "frame_start": np.array([e.frame_start + self.frame_offset for e in ests], dtype=np.int64),
                 "frame_stop": np.array([e.frame_stop + self.frame_offset for e in ests], dtype=np.int64),
@@ -623,14 +637,14 @@ class LogView:
         self.n_frames = int(self.attrs["committed_frames"])
         self.n_gaps = int(self.attrs.get("committed_gaps", 0))
         self.rois: list[dict] = list(self.attrs.get("rois", []))
-        self.tile_bbox = np.asarray(group["tile_bbox"][:])
+        self.tile_bbox = np.asarray(_array(group, "tile_bbox")[:])
         self.n_tiles = int(self.tile_bbox.shape[0])
-        self.gap_kinds: list[str] = list(group["gaps"].attrs.get("kinds", []))
+        self.gap_kinds: list[str] = list(_attrs(_array(group, "gaps")).get("kinds", []))
         self._cache: dict[str, np.ndarray] = {}
 
     def grid(self) -> tuple[DGrid, float]:
         """The D grid of ``log_likelihood`` and the top of the operating range (µm²/s)."""
-        attrs = self._group["d_grid"].attrs
+        attrs = _attrs(_array(self._group, "d_grid"))
         return DGrid.from_dict(attrs.get("grid")), float(attrs.get("d_max_um2_s", 1.0))
 
     def array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -644,7 +658,7 @@ class LogView:
         elif name == "tile_bbox":
             return self.tile_bbox
         elif name == "d_grid":
-            return np.asarray(self._group["d_grid"][:])
+            return np.asarray(_array(self._group, "d_grid")[:])
         else:
             raise KeyError(f"the run log has no array {name!r}")
         stop = n if stop is None else min(int(stop), n)
@@ -652,7 +666,7 @@ class LogView:
         full = start == 0 and stop == n
         if full and name in self._cache:
             return self._cache[name]
-        arr = self._group[name]
+        arr = _array(self._group, name)
         data = np.asarray(arr[start:stop]) if stop > start else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
         if full:
             self._cache[name] = data

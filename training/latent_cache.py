@@ -11,10 +11,15 @@ a fraction of the cost of simulating every batch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from dle_stream.training.augment import random_raster_augment
 from dle_stream.training.simulator import Simulator
+
+if TYPE_CHECKING:
+    from dle_stream.training.mixture import MixedSimulator
 
 
 class LatentCache:
@@ -48,7 +53,7 @@ class LatentCache:
 
 
 @torch.inference_mode()
-def simulate_latents(simulator: Simulator, model, n_movies: int, generator: torch.Generator,
+def simulate_latents(simulator: Simulator | MixedSimulator, model, n_movies: int, generator: torch.Generator,
                      augment: bool = True, encode_batch_movies: int = 16):
     """Simulate ``n_movies`` movies and encode them: (latents [n, T, latent], D [n], visible [n])."""
     batch = simulator.simulate(n_movies, generator=generator)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 from dle_stream.errors import DleStreamError
 from dle_stream.timing import ScanTiming
@@ -150,7 +151,8 @@ class SimulatorPriors:
         unknown = sorted(set(data) - names)
         if unknown:
             raise DleStreamError(f"simulator priors: unknown field(s) {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from dle_stream import __version__
 from dle_stream.errors import DleStreamError
 from dle_stream.timing import ScanTiming
 from dle_stream.training.priors import Preset
-from dle_stream.training.simulator import Simulator
+from dle_stream.training.simulator import Simulator, SimulatorState
 
 
 def parse_d_map(spec: str | None, height: int, width: int, default: float | None) -> np.ndarray | None:
@@ -128,8 +128,8 @@ def simulate_recording(
     for i, (_, _, h, w) in enumerate(tiles):
         groups.setdefault((h, w), []).append(i)
     sims = {shape: Simulator(priors, timing, shape[0], shape[1], chunk, device) for shape in groups}
-    states: dict[tuple[int, int], object] = {}
-    truth = [dict(bbox=list(t), d_um2_s=None, n_particles=0, visible_transitions=0) for t in tiles]
+    states: dict[tuple[int, int], SimulatorState | None] = {}
+    truth: list[dict[str, Any]] = [dict(bbox=list(t), d_um2_s=None, n_particles=0, visible_transitions=0) for t in tiles]
 
     def chunks() -> Iterator[np.ndarray]:
         done = 0

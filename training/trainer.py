@@ -344,7 +344,7 @@ class Trainer:
         return movies, batch.d_um2_s.float()
 
     @torch.inference_mode()
-    def _e2e_evaluate(self, sim: Simulator, val: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    def _e2e_evaluate(self, sim: Simulator | MixedSimulator, val: tuple[torch.Tensor, torch.Tensor]) -> dict:
         cfg = self.cfg
 
         def latent_batch() -> torch.Tensor:
@@ -390,7 +390,7 @@ class Trainer:
         self._e2e_checkpoint(sim, val, math.nan)
         self.model.encoder.requires_grad_(False)
 
-    def _e2e_checkpoint(self, sim: Simulator, val, lr: float) -> None:
+    def _e2e_checkpoint(self, sim: Simulator | MixedSimulator, val, lr: float) -> None:
         metrics = self._e2e_evaluate(sim, val)
         self._curve("end-to-end-validation", self.state["e2e_step"], metrics["nll"], metrics["l1"],
                     metrics["best_half_l1"], lr)
@@ -419,11 +419,11 @@ class Trainer:
     def _read_out(self, out: torch.Tensor) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
         """Window outputs → (D̂, σ̂, 68 % interval or None), µm²/s; for a grid head the
         posterior median, std and highest-density interval on the operating range."""
-        out = out.detach().double().cpu().numpy()
+        values = out.detach().double().cpu().numpy()
         if self.grid_loss is None:
-            return out[:, 0] * self.d_max, out[:, 1] * self.d_max, None
+            return values[:, 0] * self.d_max, values[:, 1] * self.d_max, None
         arch = self.cfg.architecture
-        post = posterior(window_log_likelihood(out, arch.grid, arch.training_prior), arch.grid, self.d_max)
+        post = posterior(window_log_likelihood(values, arch.grid, arch.training_prior), arch.grid, self.d_max)
         return post.d, post.sigma, (post.lo68, post.hi68)
 
     def _nll_step(self, opt: torch.optim.Optimizer, clip: list, out: torch.Tensor,
@@ -464,7 +464,11 @@ class Trainer:
                 break
             if run_budget_s is not None and self.run_elapsed() >= run_budget_s and done >= MIN_PREDICTOR_STEPS:
                 break
-            progress = done / total if total else self.run_elapsed() / max(run_budget_s, 1.0)
+            if total:
+                progress = done / total
+            else:
+                assert run_budget_s is not None  # TrainConfig needs --steps (≥ 1) or --minutes
+                progress = self.run_elapsed() / max(run_budget_s, 1.0)
             lr = _set_cosine_lr(self.opt_head, peak_lr, progress)
             self.model.temporal.train()
             self.model.mlp.train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from dle_stream.errors import DleStreamError
 from dle_stream.model import ModelConfig
@@ -41,7 +42,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
                minutes: float | None, device: str, seed: int, resume: bool, encoder_from: Path | None,
                ae_steps: int | None, cache_movies: int, val_movies: int, name: str | None, flags: dict,
                timing_file: Path | None, refresh_movies: int = 4, refresh_every: int = 2,
-               end_to_end: dict | None = None, warm_from: Path | None = None,
+               end_to_end: dict | None = None, warm_from: str | Path | None = None,
                steady_share: float | None = None, output: str | None = None, lr: float | None = None) -> TrainConfig:
     """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch.
 
@@ -49,7 +50,8 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
     the window output ``output`` when given). ``steady_share``: share of training movies
     with a steady particle density (the rest: the paper's spreading cloud).
     """
-    e2e = {k: v for k, v in (end_to_end or {}).items() if v is not None}
+    e2e: dict[str, Any] = {k: v for k, v in (end_to_end or {}).items() if v is not None}
+    lr_arg: dict[str, Any] = {} if lr is None else {"lr": float(lr)}
     if ae_steps is None:  # a short --steps budget should not pretrain for 1500 steps
         ae_steps = min(DEFAULT_AE_STEPS, steps) if steps is not None else DEFAULT_AE_STEPS
     if refresh_movies < 0 or refresh_every < 1:
@@ -67,7 +69,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
             frames=saved["frames"], architecture=ModelConfig.from_dict(saved["architecture"]), seed=seed,
             device=device, steps=steps, minutes=minutes, ae_steps=saved["ae_steps"], cache_movies=cache_movies,
             val_movies=val_movies, resume=True, refresh_movies=refresh_movies, refresh_every=refresh_every,
-            **({} if lr is None else {"lr": float(lr)}),
+            **lr_arg,
             **e2e,
         )
     p = get_preset(preset)
@@ -119,6 +121,6 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         frames=p.frames, seed=seed, device=device, steps=steps, minutes=minutes, ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, encoder_from=encoder_from,
         refresh_movies=refresh_movies, refresh_every=refresh_every, architecture=architecture,
-        **({} if lr is None else {"lr": float(lr)}),
+        **lr_arg,
         warm_from=None if warm_from is None else Path(resolve_model(warm_from)), **e2e,
     )

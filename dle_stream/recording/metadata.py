@@ -351,7 +351,7 @@ def from_pymmcore_frames(frames: list[Any], interval_s: Any = None) -> tuple[Tim
     stamps: np.ndarray | None = None
     numbers: np.ndarray | None = None
     if records and len(records) == len(frames):
-        cams = [f.get("camera_metadata") if isinstance(f.get("camera_metadata"), dict) else {} for f in records]
+        cams: list[dict] = [c if isinstance(c := f.get("camera_metadata"), dict) else {} for f in records]
         try:
             stamps = np.array([float(c["ElapsedTime-ms"]) / 1e3 for c in cams])
         except (KeyError, TypeError, ValueError):

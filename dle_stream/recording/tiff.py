@@ -28,7 +28,7 @@ import mmap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import tifffile
@@ -93,7 +93,8 @@ class TiffRecording(Recording):
                     # unreadable: read the pages as a plain TIFF and ignore that metadata.
                     self._series_error = f"{type(exc).__name__}: {exc}"
                     self._tif.close()
-                    self._tif = tifffile.TiffFile(path, **{f"is_{kind}": False for kind in _SERIES_KINDS})
+                    plain: dict[str, Any] = {f"is_{kind}": False for kind in _SERIES_KINDS}
+                    self._tif = tifffile.TiffFile(path, **plain)
                 self._open(Path(path), channel, messages)
         except DleStreamError:
             self._close_file()
@@ -127,7 +128,7 @@ class TiffRecording(Recording):
             declared = announced
             if n_file_pages > 1:
                 axes, shape, offset = "I" + keyframe.axes, (n_file_pages, *keyframe.shape), None
-            elif keyframe.is_contiguous and keyframe.compression == 1:
+            elif announced is not None and keyframe.is_contiguous and keyframe.compression == 1:
                 axes, shape, offset = "I" + keyframe.axes, (announced, *keyframe.shape), keyframe.dataoffsets[0]
         layout = plan_frames(axes, shape, channel, str(path))
         self._layout = layout
@@ -226,7 +227,7 @@ class TiffRecording(Recording):
         index = self._layout.index(t)[: self._n_outer]
         if not index:
             return self._first_page
-        return self._first_page + int(np.ravel_multi_index(tuple(int(i) for i in index), self._outer_shape))
+        return self._first_page + int(np.ravel_multi_index(tuple(int(cast(int, i)) for i in index), self._outer_shape))
 
     # -------------------------------------------------------------- metadata
     def _metadata(self, path: Path, channel: int | None) -> md.TimingMetadata:
@@ -317,11 +318,12 @@ class TiffRecording(Recording):
         releasing only the block itself still leaked ~7 of 12.5 pages per 160×160 frame
         (fault-around), hence the margin.
         """
-        mm = getattr(self._memmap, "_mmap", None)
-        if mm is None or self._layout.time_axis != 0 or not hasattr(mm, "madvise"):
+        memmap = self._memmap
+        mm = getattr(memmap, "_mmap", None)  # only a np.memmap has one
+        if not isinstance(memmap, np.memmap) or mm is None or self._layout.time_axis != 0 or not hasattr(mm, "madvise"):
             return
-        frame_bytes = int(np.prod(self._memmap.shape[1:], dtype=np.int64)) * self._memmap.itemsize
-        base = self._memmap.offset % mmap.ALLOCATIONGRANULARITY  # where the array starts in the map
+        frame_bytes = int(np.prod(memmap.shape[1:], dtype=np.int64)) * memmap.itemsize
+        base = memmap.offset % mmap.ALLOCATIONGRANULARITY  # where the array starts in the map
         begin = base + start * frame_bytes
         end = min(base + stop * frame_bytes, len(mm))
         # The kernel maps pages *around* a faulting one (fault-around, 64 KB by default),
@@ -377,7 +379,8 @@ def _declared_frames(tif: tifffile.TiffFile) -> int | None:
     """Frame count the file's own description announces (shaped JSON or ImageJ), if any."""
     try:
         if tif.is_imagej and tif.imagej_metadata:
-            return int(tif.imagej_metadata.get("images"))
+            images = tif.imagej_metadata.get("images")
+            return None if images is None else int(images)
         if tif.is_shaped and tif.shaped_metadata:
             shape = tif.shaped_metadata[0].get("shape")
             return int(np.prod(shape[:-2])) if shape and len(shape) > 2 else None

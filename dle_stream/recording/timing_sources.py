@@ -125,7 +125,7 @@ def resolve_timing(
         missing.remove("bidirectional")
     if missing:
         where = "command-line flags, a timing file" + (f" or {recording.path.name}'s metadata" if recording is not None else "")
-        hints = [FLAG_FOR_FIELD[n] for n in missing if FLAG_FOR_FIELD[n]]
+        hints = [flag for n in missing if (flag := FLAG_FOR_FIELD[n])]
         raise DleStreamError(
             f"scan timing: {', '.join(missing)} unknown (not in the {where}); pass "
             + (", ".join(hints) + " or " if hints else "")

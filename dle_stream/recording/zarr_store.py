@@ -184,10 +184,10 @@ def _pymmcore_frames(node: Any) -> list[dict] | None:
     if not isinstance(frames, list) or not frames or not all(isinstance(f, dict) for f in frames):
         return None
     try:
-        index = [dict((f.get("mda_event") or {}).get("index") or {}) for f in frames]
+        index: list[dict[str, Any]] = [dict((f.get("mda_event") or {}).get("index") or {}) for f in frames]
         if any(v for i in index for k, v in i.items() if k != "t"):
             return None  # channels, positions or z: not one frame per time point
-        order = sorted(range(len(frames)), key=lambda k: int(index[k].get("t", k)))
+        order = sorted(range(len(frames)), key=lambda k: int(index[k]["t"] if "t" in index[k] else k))
     except (TypeError, ValueError, AttributeError):
         return None
     return [frames[k] for k in order]
@@ -205,9 +205,10 @@ def _written_frames(path: Path, node: Any, array: Any, layout: Any) -> tuple[int
             return n, (f"{path}: the store is incomplete: its writer stopped after {n} of {total} frames "
                        f"(the rest were never written); only those are read")
         return n, ""
-    n = _frames_with_chunks(array, layout)
-    if n is None or n >= total:
+    chunked = _frames_with_chunks(array, layout)
+    if chunked is None or chunked >= total:
         return total, ""
+    n = chunked
     return n, (f"{path}: the store is incomplete: frames {n}–{total - 1} of {total} were never written "
                f"(no data on disk); only the first {n} are read")
 

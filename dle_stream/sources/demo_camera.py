@@ -131,7 +131,7 @@ class SimulatedScan:
             raise DleStreamError(f"demo camera: repeat_frames must be ≥ 1, got {repeat_frames}")
         self.chunk_frames = int(chunk_frames) if repeat_frames is None else int(min(chunk_frames, repeat_frames))
         self.repeat_frames = repeat_frames
-        self._truth = [dict(bbox=list(t), d_um2_s=None, n_particles=0, visible_transitions=0) for t in self.tiles]
+        self._truth: list[dict[str, Any]] = [dict(bbox=list(t), d_um2_s=None, n_particles=0, visible_transitions=0) for t in self.tiles]
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -339,7 +339,7 @@ def _device_classes() -> type:
             """1: frames paced at the frame period; 0: as fast as simulated."""
             return int(self.realtime)
 
-        @Realtime.setter
+        @Realtime.setter  # type: ignore[no-redef]  # mypy knows the setter idiom only for builtin property
         def Realtime(self, value: int) -> None:  # noqa: N802
             self.realtime = bool(round(float(value)))
 
@@ -491,6 +491,7 @@ def create_demo_core(
     if timing is None:
         timing = default_demo_timing(height, width)
     h, w = timing.height_px, timing.width_px
+    d_map: np.ndarray | None
     if isinstance(d_spec, np.ndarray):
         d_map = np.asarray(d_spec, dtype=np.float64)
         if d_map.shape != (h, w) or not np.all(np.isfinite(d_map)) or np.any(d_map < 0):

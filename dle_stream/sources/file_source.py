@@ -48,7 +48,7 @@ class FileSource:
         start: int = 0, stop: int | None = None,
     ) -> None:
         self._owns = not isinstance(recording, Recording)
-        self.recording = open_recording(recording) if self._owns else recording
+        self.recording: Recording = recording if isinstance(recording, Recording) else open_recording(recording)
         if frame_period_s is not None and not (np.isfinite(frame_period_s) and frame_period_s > 0):
             raise DleStreamError(f"replay: the frame period must be a positive number of seconds, got {frame_period_s!r}")
         self.realtime = bool(realtime)
@@ -116,7 +116,7 @@ class FileSource:
             if self._stopping.is_set():
                 return
             k = self.start + offset
-            if self.realtime and stamps is not None:
+            if self.realtime and stamps is not None and t0_rec is not None:  # t0_rec is set whenever stamps are
                 delay = (float(stamps[k]) - t0_rec) - (time.perf_counter() - t0_wall)
                 if delay > 0 and self._stopping.wait(delay):
                     return

@@ -250,9 +250,12 @@ class MicroManagerSource:
         return self
 
     def _run_mda(self) -> None:
+        from datetime import timedelta
+
         import useq
 
-        sequence = useq.MDASequence(time_plan={"interval": 0, "loops": self.n_frames})
+        assert self.n_frames is not None  # an MDA run by this source needs n_frames (else effective_mode is "sequence")
+        sequence = useq.MDASequence(time_plan=useq.TIntervalLoops(interval=timedelta(0), loops=self.n_frames))
         try:
             self.core.mda.run(sequence)
         except Exception as exc:
