@@ -169,13 +169,16 @@ class TrainingPrior:
         return cls(in_range=float(data.get("in_range", 0.55)), beyond=float(data.get("beyond", 0.30)))
 
 
-def window_log_likelihood(log_density: np.ndarray, grid: DGrid, prior: TrainingPrior) -> np.ndarray:
+def window_log_likelihood(log_density: np.ndarray, grid: DGrid, prior: TrainingPrior,
+                          temperature: float = 1.0) -> np.ndarray:
     """Network output (log p(D | w) at the knots + log P(overflow), any constant) → log-likelihood.
 
-    Divides out the training prior and subtracts the maximum; clipped at :data:`LOG_FLOOR`.
-    Shape [..., n] → [..., n].
+    Divides out the training prior, divides by the model's calibrated ``temperature``
+    (fitted on held-out movies: :func:`dle_stream.training.calibration.fit_temperature`;
+    < 1 sharpens an under-confident network), subtracts the maximum; clipped at
+    :data:`LOG_FLOOR`. Shape [..., n] → [..., n].
     """
-    ll = np.asarray(log_density, dtype=np.float64) - prior.log_density(grid)
+    ll = (np.asarray(log_density, dtype=np.float64) - prior.log_density(grid)) / temperature
     ll = ll - np.max(ll, axis=-1, keepdims=True)
     return np.maximum(ll, LOG_FLOOR)
 
@@ -194,6 +197,20 @@ def gaussian_log_likelihood(d: np.ndarray, sigma: np.ndarray, grid: DGrid) -> np
         ll = ll - np.max(ll, axis=-1, keepdims=True)
     ll = np.maximum(ll, LOG_FLOOR)
     return np.where(np.isfinite(d) & np.isfinite(s) & (s > 0), ll, np.nan)
+
+
+def log_posterior_at(log_likelihood: np.ndarray, grid: DGrid, d_norm: np.ndarray) -> np.ndarray:
+    """Log posterior density (flat prior on the operating range [0, 1], units of d_max) of each
+    row of ``log_likelihood`` [N, n] at ``d_norm`` [N] (inside the range): the log score."""
+    ll = np.asarray(log_likelihood, dtype=np.float64)
+    fine = ll[:, :-1] @ grid.interp_matrix
+    inr = grid.fine <= 1.0 + 1e-12
+    x = grid.fine[inr]
+    f = fine[:, inr]
+    m = f.max(axis=1, keepdims=True)
+    z = np.log(_cdf(np.exp(f - m), x)[:, -1]) + m[:, 0]
+    at = np.array([np.interp(d, x, row) for d, row in zip(np.asarray(d_norm, float), f)])
+    return at - z
 
 
 def combine(log_likelihoods: np.ndarray, axis: int = 0) -> np.ndarray:

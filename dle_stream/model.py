@@ -153,6 +153,8 @@ class ModelConfig:
         grid_basis: the head gives this many cubic B-spline coefficients, from which the
             knot log-densities follow (smooth over a few knots; 0: one free value per knot,
             which measured jagged: ±2 nats between neighbouring knots).
+        grid_temperature: the window log-likelihood is divided by it (fitted after training on
+            held-out movies by the log score; < 1: the raw network was under-confident).
         grid_prior_in_range, grid_prior_beyond: the training prior of a "d_grid" head,
             divided out to turn its output into a likelihood: these shares of the training
             movies had D uniform on [0, d_max] and on [d_max, top·d_max]; the rest on
@@ -176,6 +178,7 @@ class ModelConfig:
     grid_prior_in_range: float = 0.55
     grid_prior_beyond: float = 0.30
     grid_basis: int = 48
+    grid_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -199,6 +202,8 @@ class ModelConfig:
             problems.append(f"output must be one of {OUTPUTS}")
         if self.grid_intervals < 4 or not self.grid_top > 1:
             problems.append("grid_intervals must be ≥ 4 and grid_top > 1")
+        if not (self.grid_temperature > 0 and math.isfinite(self.grid_temperature)):
+            problems.append("grid_temperature must be a positive number")
         if self.grid_basis and not 4 <= self.grid_basis <= self.grid.knots.size:
             problems.append("grid_basis must be 0 or between 4 and the number of knots")
         if not (0 < self.grid_prior_in_range <= 1 and 0 <= self.grid_prior_beyond <= 1 - self.grid_prior_in_range):

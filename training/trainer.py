@@ -423,7 +423,8 @@ class Trainer:
         if self.grid_loss is None:
             return values[:, 0] * self.d_max, values[:, 1] * self.d_max, None
         arch = self.cfg.architecture
-        post = posterior(window_log_likelihood(values, arch.grid, arch.training_prior), arch.grid, self.d_max)
+        post = posterior(window_log_likelihood(values, arch.grid, arch.training_prior, arch.grid_temperature),
+                         arch.grid, self.d_max)
         return post.d, post.sigma, (post.lo68, post.hi68)
 
     def _nll_step(self, opt: torch.optim.Optimizer, clip: list, out: torch.Tensor,
