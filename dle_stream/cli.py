@@ -274,7 +274,7 @@ def calibrate(
     model: Path = typer.Argument(..., help="Model package folder to calibrate (rewritten in place: card and weights)."),
     movies: int = typer.Option(1000, "--movies", help="Held-out simulated movies to fit on."),
 ) -> None:
-    """Fit the temperature of a grid model's likelihood on held-out movies (68 % intervals holding the truth 68 % of the time) and store it in its card."""
+    """Fit the temperature of a grid model's likelihood on held-out movies (log score) and store it in its card."""
     from dle_stream.training.calibration import fit_temperature
 
     r = fit_temperature(model, n_movies=movies)

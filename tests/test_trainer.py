@@ -173,9 +173,9 @@ def test_the_best_validated_weights_are_kept_when_the_curve_turns_up(tmp_path):
     assert json.loads((tmp_path / "card.json").read_text())["training"]["kept_weights_of_step"] == 3
 
 
-def test_calibration_fits_the_interval_level_on_held_out_movies(trained, tmp_path):
-    """The fitted temperature makes the 68 % intervals hold the true D in about 68 % of
-    held-out movies, is stored in the card, and the estimator uses it."""
+def test_calibration_fits_the_log_score_on_held_out_movies(trained, tmp_path):
+    """The fitted temperature scores the true D at least as well as the raw network, is
+    stored in the card with the coverage it gives, and the estimator uses it."""
     import shutil
 
     from dle_stream.training.calibration import fit_temperature
@@ -183,7 +183,8 @@ def test_calibration_fits_the_interval_level_on_held_out_movies(trained, tmp_pat
     pkg = tmp_path / "pkg"
     shutil.copytree(trained, pkg)
     r = fit_temperature(pkg, n_movies=128, batch=32)
-    assert abs(r["interval68_coverage"] - 0.6827) <= 0.08  # the grid of temperatures is coarse at n = 128
+    assert r["log_score"] >= r["log_score_raw"] and 0.25 <= r["temperature"] <= 2.0
+    assert 0 < r["interval68_coverage"] <= 1 and 0 < r["temperature_for_68_percent_coverage"]
     est = DiffusionEstimator.load(pkg)
     assert est.model.config.grid_temperature == pytest.approx(r["temperature"])
     assert est.card.training["likelihood_calibration"]["seed"] == r["seed"]
