@@ -23,21 +23,6 @@ def one_line_error(result, *words):
 
 
 @pytest.fixture()
-def small_model(tmp_path_factory):
-    """A tiny but valid model package with the reference timing (weights untrained)."""
-    from dle_stream.model import DLEModel, ModelConfig
-    from dle_stream.model_package import ModelCard, save_model_package
-
-    folder = tmp_path_factory.mktemp("m") / "tiny"
-    cfg = ModelConfig(temporal_channels=16, head_hidden=16)
-    card = ModelCard(name="tiny", tile_height=20, tile_width=20, window_frames=40, d_min_um2_s=0.0,
-                     d_max_um2_s=1.5, scan_timing=MODEL_TIMING.to_dict(), pixel_size_um=0.15,
-                     architecture=cfg.to_dict())
-    save_model_package(folder, DLEModel(cfg), card)
-    return folder
-
-
-@pytest.fixture()
 def recording(tmp_path):
     timing = ScanTiming(**{**MODEL_TIMING.to_dict(), "width_px": 40, "height_px": 40})
     movie = np.random.default_rng(0).poisson(100, (60, 40, 40)).astype(np.uint16)
