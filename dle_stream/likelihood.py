@@ -104,12 +104,7 @@ class DGrid:
     @cached_property
     def fine_weights(self) -> np.ndarray:
         """Trapezoid weights [F] for ∫ over [0, top] on the fine points."""
-        f = self.fine
-        w = np.zeros_like(f)
-        d = np.diff(f)
-        w[:-1] += d / 2
-        w[1:] += d / 2
-        return w
+        return _trapezoid_weights(self.fine)
 
     def spline_basis(self, controls: int) -> np.ndarray:
         """[knots, controls]: cubic B-splines, evenly spaced over the knot *index*.
@@ -290,7 +285,7 @@ def posterior(log_likelihood: np.ndarray, grid: DGrid, d_max_um2_s: float) -> Po
     # operating range [0, 1]
     inr = x <= 1.0 + 1e-12
     xo = x[inr]
-    wo = _operating_weights(xo)
+    wo = _trapezoid_weights(xo)
     mo = dens[:, inr] * wo
     zo = mo.sum(axis=1)
     po = mo / zo[:, None]
@@ -310,7 +305,8 @@ def posterior(log_likelihood: np.ndarray, grid: DGrid, d_max_um2_s: float) -> Po
     )
 
 
-def _operating_weights(x: np.ndarray) -> np.ndarray:
+def _trapezoid_weights(x: np.ndarray) -> np.ndarray:
+    """Weights [F] such that Σ w·f is the trapezoid rule for ∫ f over the points ``x``."""
     w = np.zeros_like(x)
     d = np.diff(x)
     w[:-1] += d / 2
