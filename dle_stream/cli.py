@@ -210,6 +210,7 @@ def train(
     warm_from: Optional[str] = typer.Option(None, "--warm-from", help="Start from this model package's weights (name or folder): skips pretraining; a new output layer where shapes differ."),
     output: Optional[str] = typer.Option(None, "--output", help="Window output: d_grid (a combinable likelihood of D; default) or gaussian (the paper's D ± σ)."),
     steady_share: Optional[float] = typer.Option(None, "--steady-share", help="Share of training movies with a steady particle density (default 0: the paper's spreading cloud only)."),
+    combine_groups: Optional[int] = typer.Option(None, "--combine-groups", help="Grid heads: groups of 16 windows of one D per step whose combined likelihood joins the loss (default 2; 0: single windows only)."),
     ae_steps: Optional[int] = typer.Option(None, "--ae-steps", help="Autoencoder pretraining steps (default 1500, or --steps when that is smaller)."),
     cache_movies: int = typer.Option(4096, "--cache-movies", help="Simulated movies kept as latents for the predictor."),
     val_movies: int = typer.Option(512, "--val-movies", help="Held-out movies for the final validation."),
@@ -246,6 +247,7 @@ def train(
         end_to_end={"e2e_steps": e2e_steps, "e2e_minutes": e2e_minutes, "e2e_frames": e2e_frames, "e2e_batch": e2e_batch},
         flags=_timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional),
         timing_file=timing, warm_from=warm_from, steady_share=steady_share, output=output, lr=lr,
+        combine_groups=combine_groups,
     )
     console.print(f"training [bold]{cfg.name}[/]: D {cfg.priors.d_min_um2_s:g}–{cfg.priors.d_max_um2_s:g} µm²/s, "
                   f"dwell {cfg.timing.dwell_us:g} µs, line {cfg.timing.line_period_us:g} µs, "
@@ -272,16 +274,19 @@ def train(
 @user_errors
 def calibrate(
     model: Path = typer.Argument(..., help="Model package folder to calibrate (rewritten in place: card and weights)."),
-    movies: int = typer.Option(1000, "--movies", help="Held-out simulated movies to fit on."),
+    movies: int = typer.Option(256, "--movies", help="Held-out simulated movies per true D value (25 values)."),
 ) -> None:
-    """Fit the temperature of a grid model's likelihood on held-out movies (log score) and store it in its card."""
-    from dle_stream.training.calibration import fit_temperature
+    """Calibrate a grid model's likelihood for combining: its D axis and temperature, fitted on held-out movies of known D."""
+    from dle_stream.training.calibration import calibrate as fit
 
-    r = fit_temperature(model, n_movies=movies)
-    console.print(f"{model}: temperature {r['temperature']:.3g}; 68 % intervals hold the true D in "
-                  f"{r['interval68_coverage_raw']:.0%} of {r['n_movies']} held-out movies before, "
-                  f"{r['interval68_coverage']:.0%} after (95 %: {r['interval95_coverage_raw']:.0%} → "
-                  f"{r['interval95_coverage']:.0%})", markup=False)
+    r = fit(model, n_per_cell=movies)
+    b, a = r["before"], r["after"]
+    console.print(f"{model}: temperature {r['temperature']:.3g}, D axis warped at {r['warp_points']} points"
+                  + (" (output projected on the smooth basis)" if r["projected_to_spline_basis"] else "")
+                  + f"; 68 % intervals hold the true D (10–90 % of the range, {movies} movies per D) after "
+                  + ", ".join(f"K = {k}: {b[f'coverage68_k{k}']:.0%} → {a[f'coverage68_k{k}']:.0%}" for k in (1, 4, 16))
+                  + f"; largest |z mean| at K = 16 {b['max_abs_cell_z_mean_k16']:.2f} → {a['max_abs_cell_z_mean_k16']:.2f}",
+                  markup=False)
 
 
 # ------------------------------------------------------------------ streaming

@@ -223,7 +223,8 @@ class DiffusionEstimator:
             out = torch.cat([self.model.head(c) for c in latents.split(HEAD_CHUNK)]).double().cpu().numpy()
         config = self.model.config
         if config.output == "d_grid":
-            return window_log_likelihood(out, config.grid, config.training_prior, config.grid_temperature)
+            return window_log_likelihood(out, config.grid, config.training_prior, config.grid_temperature,
+                                         config.grid_warp)
         return gaussian_log_likelihood(out[:, 0], out[:, 1], config.grid)
 
     def _summary(self, log_likelihood: np.ndarray, time_scale: float) -> tuple[np.ndarray, np.ndarray]:

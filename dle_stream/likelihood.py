@@ -32,10 +32,13 @@ All functions here are numpy (no torch), vectorised over leading axes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+
+from dle_stream.errors import DleStreamError
 
 #: Fine points per knot interval used for integrals and quantiles.
 SUBDIVISIONS = 8
@@ -165,17 +168,66 @@ class TrainingPrior:
 
 
 def window_log_likelihood(log_density: np.ndarray, grid: DGrid, prior: TrainingPrior,
-                          temperature: float = 1.0) -> np.ndarray:
+                          temperature: float = 1.0, warp: Sequence[Sequence[float]] = ()) -> np.ndarray:
     """Network output (log p(D | w) at the knots + log P(overflow), any constant) → log-likelihood.
 
-    Divides out the training prior, divides by the model's calibrated ``temperature``
-    (fitted on held-out movies: :func:`dle_stream.training.calibration.fit_temperature`;
-    < 1 sharpens an under-confident network), subtracts the maximum; clipped at
+    Divides out the training prior, applies the model's calibration — the D-axis ``warp``
+    (:func:`warp_log_likelihood`) and the ``temperature`` (ℓ is divided by it; < 1 sharpens
+    an under-confident network), both fitted on held-out movies of known D
+    (:mod:`dle_stream.training.calibration`) —, subtracts the maximum; clipped at
     :data:`LOG_FLOOR`. Shape [..., n] → [..., n].
     """
-    ll = (np.asarray(log_density, dtype=np.float64) - prior.log_density(grid)) / temperature
+    ll = np.asarray(log_density, dtype=np.float64) - prior.log_density(grid)
+    if len(warp):
+        ll = warp_log_likelihood(ll, grid, warp)
+    ll = ll / temperature
     ll = ll - np.max(ll, axis=-1, keepdims=True)
     return np.maximum(ll, LOG_FLOOR)
+
+
+def warp_function(grid: DGrid, warp: Sequence[Sequence[float]]) -> Callable[[np.ndarray], np.ndarray]:
+    """The calibration's map m: true D → the D at which the network's likelihood peaks on average.
+
+    ``warp`` holds points (D, m(D)) in units of d_max, D increasing, m non-decreasing;
+    between them m is linear, beyond the last point it continues with the last slope,
+    below the first with the first slope; clipped to [0, top].
+    """
+    pts = np.asarray(warp, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 2:
+        raise DleStreamError("likelihood warp: needs at least two (D, m(D)) points")
+    a, b = pts[:, 0], pts[:, 1]
+    if np.any(np.diff(a) <= 0) or np.any(np.diff(b) < 0):
+        raise DleStreamError("likelihood warp: D must increase and m(D) must not decrease")
+    lo = (b[1] - b[0]) / (a[1] - a[0])
+    hi = (b[-1] - b[-2]) / (a[-1] - a[-2])
+
+    def m(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        y = np.interp(x, a, b)
+        y = np.where(x < a[0], b[0] + lo * (x - a[0]), y)
+        y = np.where(x > a[-1], b[-1] + hi * (x - a[-1]), y)
+        return np.clip(y, 0.0, grid.top)
+
+    return m
+
+
+def warp_log_likelihood(log_likelihood: np.ndarray, grid: DGrid, warp: Sequence[Sequence[float]]) -> np.ndarray:
+    """ℓ'(D) = ℓ(m(D)) at the knots (linear between knots); the overflow entry is kept.
+
+    A network trained on a finite budget can put the peak of its average likelihood for
+    true D at m(D) ≠ D (measured: a pull toward the middle of the range of a few % of
+    d_max). One window cannot show it, but adding many windows turns it into a confident
+    error; reading ℓ at m(D) puts the expected log-likelihood's maximum back at the true D
+    (and widens ℓ where m is flat: D that the network cannot tell apart stay apart).
+    """
+    ll = np.asarray(log_likelihood, dtype=np.float64)
+    k = grid.knots
+    target = warp_function(grid, warp)(k)
+    j = np.clip(np.searchsorted(k, target, side="right") - 1, 0, k.size - 2)
+    w = np.clip((target - k[j]) / (k[j + 1] - k[j]), 0.0, 1.0)
+    inside = ll[..., :-1]
+    warped = inside[..., j] * (1.0 - w) + inside[..., j + 1] * w
+    return np.concatenate([warped, ll[..., -1:]], axis=-1)
 
 
 def gaussian_log_likelihood(d: np.ndarray, sigma: np.ndarray, grid: DGrid) -> np.ndarray:

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dle_stream.errors import DleStreamError
-from dle_stream.likelihood import DGrid, TrainingPrior
+from dle_stream.likelihood import DGrid, TrainingPrior, warp_function
 
 #: Kinds of window output (see :attr:`ModelConfig.output`).
 OUTPUTS = ("d_grid", "gaussian")
@@ -154,7 +154,10 @@ class ModelConfig:
             knot log-densities follow (smooth over a few knots; 0: one free value per knot,
             which measured jagged: ±2 nats between neighbouring knots).
         grid_temperature: the window log-likelihood is divided by it (fitted after training on
-            held-out movies by the log score; < 1: the raw network was under-confident).
+            held-out movies; < 1: the raw network was under-confident).
+        grid_warp: points (D, m(D)) in units of d_max of the likelihood's calibrated D axis
+            (:func:`dle_stream.likelihood.warp_log_likelihood`; empty: none), fitted after
+            training on held-out movies of known D.
         grid_prior_in_range, grid_prior_beyond: the training prior of a "d_grid" head,
             divided out to turn its output into a likelihood: these shares of the training
             movies had D uniform on [0, d_max] and on [d_max, top·d_max]; the rest on
@@ -179,11 +182,13 @@ class ModelConfig:
     grid_prior_beyond: float = 0.30
     grid_basis: int = 48
     grid_temperature: float = 1.0
+    grid_warp: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
         self.encoder_strides = tuple(int(s) for s in self.encoder_strides)
         self.temporal_strides = tuple(int(s) for s in self.temporal_strides)
+        self.grid_warp = tuple((float(a), float(b)) for a, b in self.grid_warp)
         problems = []
         if len(self.encoder_channels) != 4 or len(self.encoder_strides) != 4:
             problems.append("encoder_channels and encoder_strides need 4 entries each (the 5th layer is dense)")
@@ -204,6 +209,11 @@ class ModelConfig:
             problems.append("grid_intervals must be ≥ 4 and grid_top > 1")
         if not (self.grid_temperature > 0 and math.isfinite(self.grid_temperature)):
             problems.append("grid_temperature must be a positive number")
+        if self.grid_warp:
+            try:
+                warp_function(self.grid, self.grid_warp)
+            except DleStreamError as exc:
+                problems.append(str(exc))
         if self.grid_basis and not 4 <= self.grid_basis <= self.grid.knots.size:
             problems.append("grid_basis must be 0 or between 4 and the number of knots")
         if not (0 < self.grid_prior_in_range <= 1 and 0 <= self.grid_prior_beyond <= 1 - self.grid_prior_in_range):
@@ -478,6 +488,14 @@ class GridLoss(nn.Module):
 
     def forward(self, out: Tensor, d_norm: Tensor) -> Tensor:
         return (self.log_z(out) - self.log_density_at(out, d_norm)).mean()
+
+    def combined(self, outs: Tensor, d_norm: Tensor, prior_log_density: Tensor) -> Tensor:
+        """NLL of the true D after combining groups of windows of one D: ``outs`` [G, K, n]
+        (each a posterior under the training prior, whose log-density ``prior_log_density`` [n]
+        is divided out of all but one), ``d_norm`` [G]. The user reads this combination:
+        Π_k p(D | w_k) / π(D)^(K−1) ∝ π(D) Π_k L_k(D)."""
+        k = outs.shape[1]
+        return self.forward(outs.sum(dim=1) - (k - 1) * prior_log_density, d_norm)
 
 
 def gaussian_nll(d_hat: Tensor, sigma_hat: Tensor, d_true: Tensor) -> Tensor:

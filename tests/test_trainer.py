@@ -173,18 +173,26 @@ def test_the_best_validated_weights_are_kept_when_the_curve_turns_up(tmp_path):
     assert json.loads((tmp_path / "card.json").read_text())["training"]["kept_weights_of_step"] == 3
 
 
-def test_calibration_fits_the_log_score_on_held_out_movies(trained, tmp_path):
-    """The fitted temperature scores the true D at least as well as the raw network, is
-    stored in the card with the coverage it gives, and the estimator uses it."""
+def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained, tmp_path):
+    """`calibrate` fits a D-axis warp and a temperature on movies of known D, stores both
+    (and what it measured) in the card, and the loaded estimator's likelihoods use them."""
     import shutil
 
-    from dle_stream.training.calibration import fit_temperature
+    from dle_stream.training.calibration import calibrate
 
     pkg = tmp_path / "pkg"
     shutil.copytree(trained, pkg)
-    r = fit_temperature(pkg, n_movies=128, batch=32)
-    assert r["log_score"] >= r["log_score_raw"] and 0.25 <= r["temperature"] <= 2.0
-    assert 0 < r["interval68_coverage"] <= 1 and 0 < r["temperature_for_68_percent_coverage"]
+    raw = DiffusionEstimator.load(pkg)
+    batch = Simulator(easy_config(pkg).priors, get_preset("low").timing, frames=100).simulate(8, seed=5)
+    before, _ = raw.window_log_likelihoods_of_movies(batch.movies.numpy(), raw.timing)
+    r = calibrate(pkg, n_per_cell=16, fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.25))
+    assert 0.1 <= r["temperature"] <= 2.0 and r["warp_points"] == 6
     est = DiffusionEstimator.load(pkg)
-    assert est.model.config.grid_temperature == pytest.approx(r["temperature"])
+    cfg = est.model.config
+    assert cfg.grid_temperature == pytest.approx(r["temperature"]) and len(cfg.grid_warp) == 6
+    assert all(b1 >= b0 for (_, b0), (_, b1) in zip(cfg.grid_warp, cfg.grid_warp[1:]))
     assert est.card.training["likelihood_calibration"]["seed"] == r["seed"]
+    after, _ = est.window_log_likelihoods_of_movies(batch.movies.numpy(), est.timing)
+    assert not np.allclose(before, after)
+    with pytest.raises(DleStreamError, match="within the grid"):
+        calibrate(pkg, n_per_cell=16, fractions=(0.5, 3.0))

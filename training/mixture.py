@@ -64,18 +64,26 @@ class MixedSimulator:
         c0 = torch.randint(0, cols, (n,), generator=generator, device=self.device)
         return torch.stack([r0, c0], dim=1).cpu()
 
-    def simulate(self, n_movies: int, generator: torch.Generator) -> MixedBatch:
+    def draw_d(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """[n] D from the training prior, µm²/s (the same for cloud and steady movies)."""
+        return self.main.draw_d(n, generator)
+
+    def simulate(self, n_movies: int, generator: torch.Generator, d_um2_s: torch.Tensor | None = None) -> MixedBatch:
+        """``n_movies`` movies; ``d_um2_s`` [n] fixes their D (drawn from the prior if None).
+        The batch lists cloud movies first, then steady ones, each with its own D."""
         n_box = 0
         if self.share > 0:
             n_box = int((torch.rand(n_movies, generator=generator, device=self.device) < self.share).sum())
         parts = []
         if n_movies - n_box:
             offsets = self.draw_offsets(n_movies - n_box, generator)
-            parts.append((self.main.simulate(n_movies - n_box, generator=generator, offsets=offsets),
+            d = None if d_um2_s is None else d_um2_s[: n_movies - n_box]
+            parts.append((self.main.simulate(n_movies - n_box, generator=generator, offsets=offsets, d_um2_s=d),
                           self.priors.density == "box"))
         if n_box:
             offsets = self.draw_offsets(n_box, generator)
-            parts.append((self.box.simulate(n_box, generator=generator, offsets=offsets), True))
+            d = None if d_um2_s is None else d_um2_s[n_movies - n_box:]
+            parts.append((self.box.simulate(n_box, generator=generator, offsets=offsets, d_um2_s=d), True))
         return MixedBatch(
             movies=torch.cat([b.movies for b, _ in parts]),
             d_um2_s=torch.cat([b.d_um2_s for b, _ in parts]),

@@ -8,6 +8,7 @@ checkpoint's own settings are used and only the budget is new.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +44,19 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
                ae_steps: int | None, cache_movies: int, val_movies: int, name: str | None, flags: dict,
                timing_file: Path | None, refresh_movies: int = 4, refresh_every: int = 2,
                end_to_end: dict | None = None, warm_from: str | Path | None = None,
-               steady_share: float | None = None, output: str | None = None, lr: float | None = None) -> TrainConfig:
+               steady_share: float | None = None, output: str | None = None, lr: float | None = None,
+               combine_groups: int | None = None) -> TrainConfig:
     """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch.
 
     ``warm_from``: a model package whose weights start the training (its architecture, with
     the window output ``output`` when given). ``steady_share``: share of training movies
     with a steady particle density (the rest: the paper's spreading cloud).
+    ``combine_groups``: groups of windows of one D in each step's combination loss.
     """
     e2e: dict[str, Any] = {k: v for k, v in (end_to_end or {}).items() if v is not None}
     lr_arg: dict[str, Any] = {} if lr is None else {"lr": float(lr)}
+    if combine_groups is not None:
+        lr_arg["combine_groups"] = int(combine_groups)
     if ae_steps is None:  # a short --steps budget should not pretrain for 1500 steps
         ae_steps = min(DEFAULT_AE_STEPS, steps) if steps is not None else DEFAULT_AE_STEPS
     if refresh_movies < 0 or refresh_every < 1:
@@ -69,7 +74,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
             frames=saved["frames"], architecture=ModelConfig.from_dict(saved["architecture"]), seed=seed,
             device=device, steps=steps, minutes=minutes, ae_steps=saved["ae_steps"], cache_movies=cache_movies,
             val_movies=val_movies, resume=True, refresh_movies=refresh_movies, refresh_every=refresh_every,
-            **lr_arg,
+            **{"combine_groups": saved.get("combine_groups", 0), "group_size": saved.get("group_size", 16), **lr_arg},
             **e2e,
         )
     p = get_preset(preset)
@@ -84,6 +89,10 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
 
         _, parent = load_model_package(resolve_model(warm_from))
         architecture = ModelConfig.from_dict({**parent.architecture, "output": output or "d_grid"})
+        # the parent's calibration belongs to its weights; a free-knot head becomes a smooth one
+        # (its output layer projected on the basis at the warm start)
+        architecture = replace(architecture, grid_temperature=1.0, grid_warp=(),
+                               grid_basis=architecture.grid_basis or ModelConfig.grid_basis)
         if parent.d_max_um2_s and d_max is None:
             priors = priors.with_(d_max_um2_s=float(parent.d_max_um2_s))
     elif output is not None:

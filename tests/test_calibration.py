@@ -1,0 +1,139 @@
+"""Calibrating window likelihoods for combination (training/calibration.py).
+
+The synthetic "networks" here report a Gaussian likelihood centred on a noisy reading
+x ~ N(m(D), s) of the true D: with m(D) ≠ D they are shifted, with a reported width ≠ s
+too wide or too narrow. What is checked is the physics of combining: after calibration,
+16 windows combined hold the true D in their 68 % interval about 68 % of the time.
+"""
+
+import numpy as np
+import pytest
+
+from dle_stream.likelihood import DGrid, gaussian_log_likelihood, posterior, warp_log_likelihood
+from dle_stream.training.calibration import (
+    INSIDE_FRACTIONS,
+    combined_figures,
+    combined_groups,
+    combined_log_score,
+    fit_warp,
+)
+
+GRID = DGrid(96, 2.0)
+FRACTIONS = INSIDE_FRACTIONS + (1.1, 1.25, 1.5)
+
+
+def synthetic_cells(shift, noise: float, reported: float, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    cells = []
+    for f in FRACTIONS:
+        x = shift(f) + noise * rng.standard_normal(n)
+        cells.append(gaussian_log_likelihood(x, np.full(n, reported), GRID))
+    return np.stack(cells)
+
+
+def pulled(f):
+    """A pull toward the middle of the range: 15 % of the distance to 0.5."""
+    return f + 0.15 * (0.5 - f)
+
+
+def coverage16(cells) -> float:
+    groups = combined_groups(cells[2:18], 16)  # D from 0.125 to 0.875 of the range
+    post = posterior(groups, GRID, 1.0)
+    truth = np.asarray(FRACTIONS[2:18])[:, None]
+    return float(np.mean((post.lo68 <= truth) & (truth <= post.hi68)))
+
+
+def test_warp_recovers_a_known_pull_and_restores_combined_coverage():
+    cells = synthetic_cells(pulled, noise=0.08, reported=0.08, n=512, seed=1)
+    warp = dict(fit_warp(FRACTIONS, cells, GRID))
+    for f in (0.225, 0.525, 0.825):
+        assert warp[f] == pytest.approx(pulled(f), abs=0.01)
+    fresh = synthetic_cells(pulled, noise=0.08, reported=0.08, n=512, seed=2)  # judged on other draws
+    assert coverage16(fresh) < 0.5  # the pull, 4× the combined σ at the ends, hides the truth
+    assert 0.6 <= coverage16(warp_log_likelihood(fresh, GRID, tuple(warp.items()))) <= 0.76
+
+
+def test_log_score_prefers_the_temperature_that_makes_a_too_wide_likelihood_right():
+    """Reported σ twice the true one: ℓ/T is right at T = 1/4."""
+    cells = synthetic_cells(lambda f: f, noise=0.04, reported=0.08, n=256, seed=3)
+    temps = np.geomspace(0.1, 2.0, 41)
+    best = temps[np.argmax([combined_log_score(cells, FRACTIONS, GRID, t) for t in temps])]
+    assert 0.19 <= best <= 0.33
+    before, after = combined_figures(cells, FRACTIONS, GRID), combined_figures(cells / best, FRACTIONS, GRID)
+    assert before["coverage68_k16"] > 0.9 and 0.6 <= after["coverage68_k16"] <= 0.76
+
+
+def test_warp_of_an_unshifted_likelihood_is_nearly_the_identity():
+    cells = synthetic_cells(lambda f: f, noise=0.05, reported=0.05, n=256, seed=4)
+    pts = np.array(fit_warp(FRACTIONS, cells, GRID))
+    assert np.max(np.abs(pts[:20, 1] - pts[:20, 0])) < 0.01
+
+
+def test_projecting_a_free_knot_head_keeps_its_smooth_part_and_drops_the_zigzag():
+    import torch
+
+    from dle_stream.model import DLEModel, ModelConfig
+    from dle_stream.training.output_basis import project_output_to_spline_basis
+
+    cfg = ModelConfig(temporal_channels=8, head_hidden=8, grid_basis=0)
+    model = DLEModel(cfg).eval()
+    k = cfg.grid.knots
+    smooth = -0.5 * ((k - 0.6) / 0.15) ** 2  # a Gaussian log-likelihood: representable by the basis
+    zigzag = np.where(np.arange(k.size) % 2 == 0, 0.5, -0.5)
+    with torch.no_grad():
+        model.mlp[-1].weight.zero_()
+        model.mlp[-1].bias.copy_(torch.as_tensor(np.concatenate([smooth + zigzag, [-3.0]]), dtype=torch.float32))
+    new = project_output_to_spline_basis(model).eval()
+    assert new.config.grid_basis == 48
+    with torch.no_grad():
+        out = new.head(torch.randn(2, 64, cfg.latent)).numpy()
+    j = np.arange(k.size)
+    inside = (j >= 3) & (j < k.size - 3)  # away from the grid's ends, where the basis has few neighbours
+    assert np.max(np.abs(out[0, :-1][inside] - smooth[inside])) < 0.1
+    assert out[0, -1] == pytest.approx(-3.0)
+
+
+def test_combined_loss_rewards_more_windows_of_an_honest_likelihood_and_punishes_a_shifted_one():
+    """The trainer's combination loss (GridLoss.combined): for windows whose likelihood is
+    right, adding windows sharpens the posterior around the truth (NLL falls with K); for a
+    likelihood shifted by 2 σ/√16, 16 windows are confidently wrong (NLL rises)."""
+    import torch
+
+    from dle_stream.likelihood import TrainingPrior
+    from dle_stream.model import GridLoss
+
+    loss = GridLoss(GRID)
+    prior = TrainingPrior()
+    prior_log = torch.tensor(prior.log_density(GRID), dtype=torch.float32)
+    rng = np.random.default_rng(7)
+    truth = rng.uniform(0.2, 0.8, 256)
+    s = 0.1
+
+    def nll(k, shift):
+        x = truth[:, None] + shift + s * rng.standard_normal((256, k))
+        ll = gaussian_log_likelihood(x, np.full_like(x, s), GRID)  # [256, k, n]
+        out = torch.tensor(ll + prior.log_density(GRID), dtype=torch.float32)  # posterior under the prior
+        return float(loss.combined(out, torch.tensor(truth, dtype=torch.float32), prior_log))
+
+    honest = [nll(k, 0.0) for k in (1, 4, 16)]
+    assert honest[0] > honest[1] > honest[2]
+    shifted = nll(16, 2 * s / 4)
+    assert shifted > honest[2] + 1.0
+
+
+def test_latent_cache_groups_hold_movies_of_one_d():
+    import torch
+
+    from dle_stream.training.latent_cache import LatentCache
+
+    cache = LatentCache(64, frames=3, latent=2)
+    for gid, d in enumerate((0.1, 0.5, 0.9)):
+        lat = torch.full((6, 3, 2), float(gid))  # each movie's latents name its group
+        cache.add(lat, torch.full((6,), d), torch.zeros(6), torch.full((6,), gid))
+    cache.add(torch.full((10, 3, 2), -1.0), torch.rand(10), torch.zeros(10))  # movies of their own
+    assert cache.sample_groups(4, 4, torch.Generator().manual_seed(0)) is None  # only 3 groups
+    lat, d = cache.sample_groups(3, 4, torch.Generator().manual_seed(0))
+    assert lat.shape == (3, 4, 3, 2)
+    for g in range(3):
+        gid = int(lat[g, 0, 0, 0])
+        assert torch.all(lat[g] == gid) and float(d[g]) == pytest.approx((0.1, 0.5, 0.9)[gid])
