@@ -54,6 +54,22 @@ class SimulatorPriors:
         box_fraction: share of movies simulated with a steady density ("box") while
             ``density`` is "cloud" (a mixed training prior); used by
             :class:`dle_stream.training.mixture.MixedSimulator`.
+        blink_alpha_on, blink_alpha_off: quantum-dot blinking (0, 0: none): every particle
+            switches between emitting and dark with dwell times drawn from power laws
+            P(τ) ∝ τ^−α on [blink_min_ms, blink_max_ms] (α > 1; measured QDs: 1.4–2.0);
+            equal exponents give 50 % on-time. Each particle's blinking began at a random
+            time up to ``blink_max_ms`` before the movie (QD blinking ages; it has no
+            steady state).
+        bleach_time_s: mean time to irreversible photobleaching of a particle, s (each
+            particle goes dark at an exponential random time; 0: none).
+        drift_um_s: largest whole-field drift speed, µm/s (each movie: speed uniform on
+            [0, drift_um_s], direction uniform; 0: none).
+        heartbeat_px, heartbeat_hz, breathing_px, breathing_hz: periodic whole-field
+            displacement, e.g. of the brain with heartbeat and breathing: per movie and
+            component an amplitude (pixels) and a frequency (Hz), uniform on the given
+            (low, high), a random phase and direction. Field motion is applied at every
+            pixel's own scan time, so it also shears a frame; ground-truth positions stay
+            those of the particles in the tissue.
     """
 
     d_min_um2_s: float = 0.0
@@ -77,6 +93,16 @@ class SimulatorPriors:
     d_beyond: tuple[float, float] = (0.0, 0.0)
     d_grid_top: float = 2.0
     box_fraction: float = 0.0
+    blink_alpha_on: float = 0.0
+    blink_alpha_off: float = 0.0
+    blink_min_ms: float = 1.0
+    blink_max_ms: float = 10_000.0
+    bleach_time_s: float = 0.0
+    drift_um_s: float = 0.0
+    heartbeat_px: tuple[float, float] = (0.0, 0.0)
+    heartbeat_hz: tuple[float, float] = (4.0, 7.0)
+    breathing_px: tuple[float, float] = (0.0, 0.0)
+    breathing_hz: tuple[float, float] = (1.0, 2.0)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> DleStreamError:
@@ -116,6 +142,17 @@ class SimulatorPriors:
             raise bad("box_fraction", f"must be in [0, 1], got {self.box_fraction}")
         if self.cloud_axial_std_um <= 0 or self.box_margin_um < 0 or self.box_half_depth_um <= 0:
             raise bad("density geometry", "needs positive cloud_axial_std_um and box_half_depth_um, non-negative box_margin_um")
+        alphas = (self.blink_alpha_on, self.blink_alpha_off)
+        if alphas != (0.0, 0.0) and not min(alphas) > 1:
+            raise bad("blinking", f"needs both exponents > 1 (or both 0: no blinking), got {alphas}")
+        if not 0 < self.blink_min_ms < self.blink_max_ms:
+            raise bad("blinking", f"needs 0 < blink_min_ms < blink_max_ms, got {self.blink_min_ms}, {self.blink_max_ms}")
+        if self.bleach_time_s < 0 or self.drift_um_s < 0:
+            raise bad("bleach_time_s and drift_um_s", "must be ≥ 0")
+        for name in ("heartbeat_px", "breathing_px", "heartbeat_hz", "breathing_hz"):
+            lo, hi = getattr(self, name)
+            if lo < 0 or hi < lo or (name.endswith("hz") and lo <= 0):
+                raise bad(name, f"needs 0 ≤ low ≤ high (frequencies > 0), got {(lo, hi)}")
 
     @property
     def d_mean_um2_s(self) -> float:
@@ -133,6 +170,14 @@ class SimulatorPriors:
             return (hi - lo) / math.sqrt(12)
         second = (hi**2 - lo**2) / (2 * math.log(hi / lo))
         return math.sqrt(max(second - self.d_mean_um2_s**2, 0.0))
+
+    @property
+    def blinking(self) -> bool:
+        return self.blink_alpha_on > 0
+
+    @property
+    def field_motion(self) -> bool:
+        return self.drift_um_s > 0 or self.heartbeat_px[1] > 0 or self.breathing_px[1] > 0
 
     def operating(self) -> "SimulatorPriors":
         """The same priors with D only in the operating range and the paper's cloud density

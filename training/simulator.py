@@ -35,11 +35,20 @@ import torch
 from dle_stream.errors import DleStreamError
 from dle_stream.timing import ScanTiming
 from dle_stream.training.priors import SimulatorPriors
+from dle_stream.training.sample_effects import (
+    blink_switch_times,
+    draw_field_motion,
+    emitting,
+    field_displacement_um,
+    field_reach_um,
+)
 
 #: PSF standard deviations beyond which a particle's light is ignored (e^-8 ≈ 3e-4 of peak).
 CUTOFF_SIGMAS = 4.0
 #: Standard deviations of within-row motion allowed for when deciding which rows a particle can light.
 MOTION_SIGMAS = 5.0
+#: Lit rows whose blinking state is looked up at once (memory: rows × switches × 8 bytes).
+EMISSION_CHUNK = 4096
 
 
 @dataclass
@@ -59,7 +68,9 @@ class SimulatedBatch:
         mid_times_us: [B, T] the frames' mid-times: when the scan starts the tile's
             middle row (row H // 2), µs.
         params: per-movie drawn parameters ([B] tensors): psf_sigma_xy_um,
-            psf_sigma_z_um, background_photons, brightness_photons, gain, offset.
+            psf_sigma_z_um, background_photons, brightness_photons, gain, offset; with
+            whole-field motion its parameters (:func:`~dle_stream.training.sample_effects.draw_field_motion`);
+            with bleaching ``particle_bleach_us`` [P], when each particle goes dark (µs).
         read_noise_photons: [B, T] std of the read noise of each frame.
         offsets: [B, 2] (r0, c0) of each tile in the full frame.
     """
@@ -251,8 +262,13 @@ class Simulator:
             "psf_sigma_xy_um": sxy, "psf_sigma_z_um": sz, "background_photons": bg,
             "brightness_photons": bright, "gain": gain, "offset": offset,
         }
+        if p.field_motion:  # drawn only when on: movies without effects stay those of their seed
+            params.update(draw_field_motion(B, p, dx, g, dev))
         pm = torch.repeat_interleave(torch.arange(B, device=dev), counts)  # [P]
         P = pm.numel()
+        if p.bleach_time_s > 0:
+            u = torch.rand(P, generator=g, device=dev, dtype=torch.float64).clamp_min(1e-300)
+            params["particle_bleach_us"] = -p.bleach_time_s * 1e6 * torch.log(u)
         centre = torch.tensor([W * dx / 2, H * dx / 2, 0.0], dtype=torch.float64, device=dev)
         if p.density == "cloud":
             start = torch.randn(P, 3, generator=g, device=dev, dtype=torch.float64)
@@ -319,9 +335,13 @@ class Simulator:
         # --- levels 2 and 3: rows, then pixels, only where a particle can light the tile
         expected = torch.zeros(B * T * H, W, dtype=torch.float32, device=dev)
         pixel_paths: dict[str, torch.Tensor] = {}
+        blink = None
+        if p.blinking and P:  # switch sequences of this chunk (a continued movie's restart)
+            blink = blink_switch_times(times[pm, 0], times[pm, -1], p, g)
         if P:
             pixel_paths = self._render(
                 g, path, coarse, pm, d, sxy, sz, bright, times, pix_off, expected, keep_pixel_paths,
+                params, blink,
             )
         expected = expected.reshape(B, T, H, W)
         expected += bg.to(torch.float32)[:, None, None, None]
@@ -375,13 +395,19 @@ class Simulator:
             & (hi[..., 2] > -reach_z_um) & (lo[..., 2] < reach_z_um)
         )
 
-    def _render(self, g, path, coarse, pm, d, sxy, sz, bright, times, pix_off, out, keep) -> dict:
+    def _render(self, g, path, coarse, pm, d, sxy, sz, bright, times, pix_off, out, keep, params=None,
+                blink=None) -> dict:
         """Add every particle's light to ``out`` [B·T·H, W] at pixel times.
 
         ``path`` [P, G, 3] holds positions at the row-grid points ``coarse`` [G]. For
         each grid interval that can reach the tile, positions at every row start inside
         it are bridged in; for each row that can be lit, positions at every pixel time.
+        Whole-field motion (in ``params``) moves the row-start positions by the field's
+        displacement at their times (linear within a row: ≤ 1e-5 px at 7 Hz, 2 px, 1.5 ms
+        rows); blinking (``blink``) and bleaching (``params``) switch a row's light off.
         """
+        params = params or {}
+        moving = "drift_vx_um_s" in params
         tm = self.timing
         T, H, W = self.frames, self.height, self.width
         dx = tm.pixel_size_um
@@ -390,13 +416,15 @@ class Simulator:
         psf_reach = CUTOFF_SIGMAS * s_px[pm]  # [P] px
         z_reach = CUTOFF_SIGMAS * sz.to(torch.float32)[pm]  # [P] µm
         dP = d[pm]
+        field_px = (field_reach_um(params, times[:, -1])[pm] / dx).to(torch.float32) if moving else 0.0
 
         # level 2: intervals of the coarse grid that can reach the tile, bridged to row starts
         seg_len = torch.diff(coarse)  # rows per interval
         M = int(seg_len.max())
         seg_span = (times[:, coarse[1:]] - times[:, coarse[:-1]])  # [B, G-1] µs
         motion = MOTION_SIGMAS * torch.sqrt(2 * dP[:, None] * seg_span[pm] * 1e-6).to(torch.float32)  # [P, G-1] µm
-        near = self._near(path[:, :-1], path[:, 1:], psf_reach[:, None] + motion / dx, z_reach[:, None] + motion, 0, H)
+        reach = psf_reach + field_px  # [P] px
+        near = self._near(path[:, :-1], path[:, 1:], reach[:, None] + motion / dx, z_reach[:, None] + motion, 0, H)
         pi, si = torch.nonzero(near, as_tuple=True)
         if pi.numel() == 0:
             return {}
@@ -410,6 +438,11 @@ class Simulator:
         span = times[bq, j_end] - t0
         a_pos, b_pos = path[pi, si], path[pi, si + 1]
         rows_pos = torch.cat([_bridge(g, a_pos, b_pos, u.to(torch.float32), span.to(torch.float32), d[bq]), b_pos[:, None]], 1)
+        if moving:  # the whole field, displaced at each row start's time
+            t_end = times[bq, j_end][:, None]
+            t_rows = torch.cat([torch.where(valid, times[bq[:, None], j.clamp(max=T * H)], t_end), t_end], 1)
+            shift = field_displacement_um(params, bq[:, None].expand_as(t_rows), t_rows).to(rows_pos.dtype)
+            rows_pos = torch.cat([rows_pos[..., :2] + shift, rows_pos[..., 2:]], dim=-1)
 
         # level 3: rows that can be lit, bridged to pixel times
         row_span_us = float(pix_off.max()) if pix_off.numel() else 0.0
@@ -440,7 +473,20 @@ class Simulator:
         szq = sz.to(torch.float32)[b][:, None]
         expo = -(dxp * dxp + dyp * dyp) / (2 * s * s) - xyz[..., 2] ** 2 / (2 * szq * szq)
         peak = (bright.to(torch.float32)[b] / (2 * math.pi * s_px[b] ** 2))[:, None]
-        out.index_add_(0, (b * T + frame) * H + row, peak * torch.exp(expo))
+        light = peak * torch.exp(expo)
+        if blink is not None or "particle_bleach_us" in params:
+            t_row = times[b, jj]
+            on = torch.ones_like(t_row, dtype=torch.bool)
+            if blink is not None:
+                switch, first_on = blink
+                owner = pi[ri]
+                for c in range(0, owner.numel(), EMISSION_CHUNK):  # bounded memory: rows × switches
+                    sl = slice(c, c + EMISSION_CHUNK)
+                    on[sl] &= emitting(switch[owner[sl]], first_on[owner[sl]], t_row[sl, None])[:, 0]
+            if "particle_bleach_us" in params:
+                on = on & (t_row < params["particle_bleach_us"][pi[ri]])
+            light = light * on[:, None]
+        out.index_add_(0, (b * T + frame) * H + row, light)
         if not keep:
             return {}
         pix_times = times[b, jj][:, None] + pix_off[b, row].to(times.dtype)
