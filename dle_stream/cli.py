@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from dle_stream import __version__
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, ParameterError
 
 app = typer.Typer(
     name="dle-stream",
@@ -28,6 +28,31 @@ app = typer.Typer(
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+
+
+#: The flag that sets each library parameter: a library error names the parameter as a
+#: Python caller passes it (``hop=0``); the CLI shows it as the flag (``--hop 0``).
+CLI_FLAGS: dict[str, str] = {
+    "hop": "--hop",
+    "window": "--window",
+    "estimator": "--estimator",
+    "tiles": "--tiles",
+    "roi": "--roi",
+    "rois": "--roi/--rois",
+    "rois_file": "--rois",
+    "layout": "--tiles/--roi/--rois",
+    "pixel_size_um": "--pixel-size-um",
+    "dwell_us": "--dwell-us",
+    "line_period_us": "--line-period-us",
+    "frame_period_us": "--frame-period-us",
+    "bidirectional": "--bidirectional",
+    "timing_file": "--timing",
+    "channel": "--channel",
+    "format": "--format",
+    "realtime": "--realtime",
+    "demo": "--demo",
+    "mm_config": "--mm-config",
+}
 
 
 class Terminated(BaseException):
@@ -51,6 +76,9 @@ def user_errors(fn):
             signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
+        except ParameterError as exc:
+            _print_error(exc.message_for(CLI_FLAGS))
+            raise typer.Exit(2) from None
         except DleStreamError as exc:
             _print_error(str(exc))
             raise typer.Exit(2) from None
@@ -138,7 +166,7 @@ def _timing_for_frame(base, height: int, width: int, flags: dict, timing_file: O
         flags = dict(flags, frame_period_us=height * flags["line_period_us"] + base.frame_flyback_us)
     flags = dict(flags, width_px=width, height_px=height)
     timing, _, _ = resolve_timing(None, flags=flags, timing_file=timing_file, fallback=fallback,
-                                  fallback_label="the preset")
+                                  fallback_label="the preset", names=CLI_FLAGS)
     return ScanTiming(**{**timing.to_dict(), "width_px": width, "height_px": height})
 
 
@@ -318,7 +346,8 @@ def _stream_options(model, estimator, tiles, roi, rois, window, hop, log, overwr
 
     return StreamOptions(model=model, estimator=estimator, tiles=tiles, roi=list(roi or []), rois_file=rois,
                          window=window, hop=hop, log=log, overwrite=overwrite, append=append, timing_flags=flags,
-                         timing_file=timing, device=device, dashboard=_dashboard_mode(dashboard, quiet))
+                         timing_file=timing, device=device, dashboard=_dashboard_mode(dashboard, quiet),
+                         parameter_names=CLI_FLAGS)
 
 
 @app.command()

@@ -26,7 +26,7 @@ import numpy as np
 from psygnal import Signal
 
 from dle_stream.combine import RunningCombination
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, EstimatorChoiceError, ParameterError, RoiError, arg
 from dle_stream.events import EstimateFlag, FrameEvent, WindowEstimate
 from dle_stream.likelihood import posterior
 from dle_stream.tiling import TileLayout
@@ -96,15 +96,15 @@ class StreamRunner:
         self.window = int(window or estimator.window_frames)
         self.hop = int(hop)
         if self.hop < 1:
-            raise DleStreamError(f"--hop {hop}: must be at least 1 frame")
+            raise ParameterError(f"{arg('hop', hop)}: must be at least 1 frame")
         if self.window < estimator.min_frames:
-            raise DleStreamError(f"--window {self.window}: the {estimator.name} estimator needs at least "
-                                 f"{estimator.min_frames} frames per window")
+            raise EstimatorChoiceError(f"{arg('window', self.window)}: the {estimator.name} estimator needs at least "
+                                       f"{estimator.min_frames} frames per window")
         for t in layout.tiles:
             if (t.height, t.width) != tuple(estimator.tile_shape):
-                raise DleStreamError(f"tile {t.bbox} is not the model's {estimator.tile_shape} px tile size")
+                raise RoiError(f"{arg('layout')}: tile {t.bbox} is not the model's {estimator.tile_shape} px tile size")
         if not layout.tiles:
-            raise DleStreamError("no tiles to estimate; check --tiles/--roi/--rois")
+            raise RoiError(f"no tiles to estimate; check {arg('layout')} (the tiles and ROIs)")
         self.log = log
         self.live = live
         self.timing_assumed = timing_assumed

@@ -21,7 +21,7 @@ from rich.console import Console
 from dle_stream import __version__, report
 from dle_stream.combine import RunningCombination
 from dle_stream.dashboard import Dashboard
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, EstimatorChoiceError, ParameterError, RoiError, TimingError, arg
 from dle_stream.runner import RunStats, StreamRunner
 from dle_stream.stream_estimators import make_stream_estimator
 from dle_stream.tiling import TileLayout, grid_layout, parse_roi, read_rois, roi_layout
@@ -32,7 +32,11 @@ DEFAULT_MODEL = "brain-qd-low"
 
 @dataclass
 class StreamOptions:
-    """What the user chose for a stream (CLI flags)."""
+    """What the user chose for a stream (the CLI's flags).
+
+    ``parameter_names`` says how warnings name a parameter (e.g. a timing field) to the
+    user: parameter → the CLI's flag; unnamed ones read as the Python names.
+    """
 
     model: str = DEFAULT_MODEL
     estimator: str = "dle"
@@ -49,6 +53,7 @@ class StreamOptions:
     device: str = "cpu"
     dashboard: str = "plain"  # live | plain | quiet
     combine_windows: int = 8
+    parameter_names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,7 +73,8 @@ class StreamResult:
 
 def make_layout(height: int, width: int, tile_shape: tuple[int, int], opts: StreamOptions) -> TileLayout:
     if opts.tiles != "grid":
-        raise DleStreamError(f"--tiles {opts.tiles!r}: only 'grid' is supported (or give --roi/--rois)")
+        raise RoiError(f"{arg('tiles', opts.tiles)}: only 'grid' is supported (or give ROIs: {arg('roi')} or "
+                       f"{arg('rois_file')})")
     regions = [parse_roi(r) for r in opts.roi]
     if opts.rois_file is not None:
         regions += read_rois(opts.rois_file)
@@ -81,17 +87,16 @@ def model_timing_for(model: str, height: int, width: int) -> ScanTiming:
     """The model card's timing, as the fallback for a frame of this size."""
     from dle_stream.model_package import load_card, resolve_model
 
-    card = load_card(resolve_model(model))
-    t = card.scan_timing
+    t = load_card(resolve_model(model)).timing
     try:
-        return ScanTiming(t["pixel_size_um"], t["dwell_us"], t["line_period_us"], t["frame_period_us"],
-                          max(width, t["width_px"]), max(height, t["height_px"]), t.get("bidirectional", False))
+        return ScanTiming(t.pixel_size_um, t.dwell_us, t.line_period_us, t.frame_period_us,
+                          max(width, t.width_px), max(height, t.height_px), t.bidirectional)
     except DleStreamError:
-        raise DleStreamError(
-            f"the scan timing of model {model} (line {t['line_period_us']:g} µs, frame {t['frame_period_us']:g} µs) "
-            f"cannot describe {height}×{width} px frames, and the recording does not say how it was scanned; pass "
-            f"--dwell-us, --line-period-us, --frame-period-us, --pixel-size-um (or --timing FILE), and train a model "
-            f"for that scan with `dle-stream train --like RECORDING`"
+        raise TimingError(
+            f"the scan timing of model {model} (line {t.line_period_us:g} µs, frame {t.frame_period_us:g} µs) "
+            f"cannot describe {height}×{width} px frames, and the recording does not say how it was scanned; give "
+            f"{arg('dwell_us')}, {arg('line_period_us')}, {arg('frame_period_us')}, {arg('pixel_size_um')} (or "
+            f"{arg('timing_file')}), and train a model for that scan with `dle-stream train --like RECORDING`"
         ) from None
 
 
@@ -182,7 +187,7 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         try:
             timing, timing_source, warnings = resolve_timing(
                 rec, flags=opts.timing_flags, timing_file=opts.timing_file, fallback=fallback,
-                fallback_label=f"the model card of {opts.model}",
+                fallback_label=f"the model card of {opts.model}", names=opts.parameter_names,
             )
         except DleStreamError:
             if card_error is not None:
@@ -194,10 +199,10 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         layout = make_layout(rec.height, rec.width, est.tile_shape, opts)
         window = opts.window or est.window_frames
         if rec.n_frames < window:
-            raise DleStreamError(
+            raise ParameterError(
                 f"{recording}: {rec.n_frames} usable frames, fewer than one {window}-frame window, so nothing can be "
                 f"estimated" + (f" ({rec.truncation_note})" if rec.truncated else "")
-                + f"; use a shorter --window (at most {rec.n_frames})" * (rec.n_frames > 0)
+                + f"; use a shorter {arg('window')} (at most {rec.n_frames})" * (rec.n_frames > 0)
                 + "; re-export or re-acquire the recording" * (rec.n_frames == 0))
         attrs = _attrs("replay", str(recording), est, timing, timing_source, layout, window, opts.hop, warnings)
         attrs["timing_comparison"] = comparison.explain()
@@ -224,7 +229,7 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         except DleStreamError as exc:
             if str(recording) in str(exc) or recording.name in str(exc):
                 raise
-            raise DleStreamError(f"{recording}: {exc}") from None  # say which file the frame came from
+            raise exc.with_prefix(f"{recording}: ") from None  # say which file the frame came from
         finally:
             if log is not None:
                 log.close()
@@ -243,13 +248,14 @@ def _estimator_for(opts: StreamOptions, timing: ScanTiming, recording: Path | No
 
     card = load_card(resolve_model(opts.model))
     if not ScanTiming.from_dict(card.scan_timing).compare(timing).compatible:
-        raise DleStreamError(no_model_message(timing, recording, opts.model))
+        raise EstimatorChoiceError(no_model_message(timing, recording, opts.model))
     return make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
 
 
 def _check_window(opts: StreamOptions) -> None:
     if opts.window is not None and opts.window < 1:
-        raise DleStreamError(f"--window {opts.window}: must be at least 1 frame; leave it out for the model's window")
+        raise ParameterError(f"{arg('window', opts.window)}: must be at least 1 frame; leave it out for the "
+                             f"model's window")
 
 
 def _warnings_to_stderr(runner: StreamRunner, opts: StreamOptions) -> None:
@@ -303,7 +309,8 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     _check_window(opts)
     if core is None:
         if demo == (mm_config is not None):
-            raise DleStreamError("dle-stream run: give either --demo or --mm-config FILE")
+            raise ParameterError(f"give either {arg('demo', True)} or {arg('mm_config')} (a Micro-Manager "
+                                 f"configuration file)")
         if demo:
             from dle_stream.sources.demo_camera import create_demo_core
 
@@ -327,7 +334,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     merged = {k: v for layer in layers for k, v in layer.items()}
     timing, timing_source, warnings = resolve_timing(
         None, flags=merged, fallback=model_timing_for(opts.model, h, w),
-        fallback_label=f"the model card of {opts.model}")
+        fallback_label=f"the model card of {opts.model}", names=opts.parameter_names)
     warnings = notes + warnings
     est, comparison = _estimator_for(opts, timing, None)
     if demo and not opts.roi and opts.rois_file is None:  # the demo's two halves, as two ROIs
@@ -376,7 +383,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
 
 def _load_mm_config(path: Path):
     if not path.is_file():
-        raise DleStreamError(f"--mm-config {path}: no such file; give a Micro-Manager configuration (.cfg)")
+        raise ParameterError(f"{arg('mm_config', path)}: no such file; give a Micro-Manager configuration (.cfg)")
     from pymmcore_plus import CMMCorePlus
 
     from dle_stream.sources.demo_camera import quiet_pymmcore_logging
@@ -386,9 +393,10 @@ def _load_mm_config(path: Path):
     try:
         core.loadSystemConfiguration(str(path))
     except Exception as exc:
-        raise DleStreamError(f"--mm-config {path}: Micro-Manager could not load it ({str(exc).splitlines()[0][:160]}); "
-                             f"check the device adapters and the file") from None
+        raise ParameterError(f"{arg('mm_config', path)}: Micro-Manager could not load it "
+                             f"({str(exc).splitlines()[0][:160]}); check the device adapters and the file") from None
     if not core.getCameraDevice():
-        raise DleStreamError(f"--mm-config {path}: the configuration loaded no camera (is it empty, or not a "
-                             f"Micro-Manager configuration?); give the rig's .cfg with its camera, or use --demo")
+        raise ParameterError(f"{arg('mm_config', path)}: the configuration loaded no camera (is it empty, or not a "
+                             f"Micro-Manager configuration?); give the rig's .cfg with its camera, or use "
+                             f"{arg('demo', True)}")
     return core

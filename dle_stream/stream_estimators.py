@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import EstimatorChoiceError, arg
 from dle_stream.likelihood import DGrid, gaussian_log_likelihood
 from dle_stream.timing import ScanTiming
 
@@ -103,8 +103,8 @@ class ClassicStream:
         return gaussian_log_likelihood(np.asarray(d, float) / scale, np.asarray(s, float) / scale, self.grid)
 
 
-def make_stream_estimator(kind: str, model: str, timing: ScanTiming, device: str = "cpu"):
-    """Load the estimator ``kind`` ("dle", "classic" or "rics") for a stream with this timing.
+def make_stream_estimator(estimator: str, model: str, timing: ScanTiming, device: str = "cpu"):
+    """Load the estimator ``estimator`` ("dle", "classic" or "rics") for a stream with this timing.
 
     The model package gives the tile size, window length and D prior for every kind
     (the classic tracker uses the model's PSF prior and D range for its parameters; RICS
@@ -113,8 +113,9 @@ def make_stream_estimator(kind: str, model: str, timing: ScanTiming, device: str
     """
     from dle_stream.estimator import DiffusionEstimator
 
-    if kind not in ESTIMATORS:
-        raise DleStreamError(f"--estimator {kind!r}: use one of {', '.join(ESTIMATORS)}")
+    if estimator not in ESTIMATORS:
+        raise EstimatorChoiceError(f"{arg('estimator', estimator)}: use one of {', '.join(ESTIMATORS)}")
+    kind = estimator
     dle = DiffusionEstimator.load(model, device=device)
     comparison = dle.timing_check(timing)
     if kind == "dle":

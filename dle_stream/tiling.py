@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import RoiError, arg
 
 
 @dataclass(frozen=True)
@@ -99,17 +99,17 @@ def roi_layout(height: int, width: int, tile_h: int, tile_w: int, rois: list[Reg
     names = [roi.name for roi in rois]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise DleStreamError(f"ROI name {twice[0]!r} is given {names.count(twice[0])} times; "
-                             f"give every --roi/--rois region its own name (name=x,y,w,h)")
+        raise RoiError(f"ROI name {twice[0]!r} is given {names.count(twice[0])} times; "
+                       f"give every region in {arg('rois')} its own name")
     tiles: list[Tile] = []
     index: dict[Tile, int] = {}
     out = []
     for roi in rois:
         r, c, h, w = roi.bbox
         if h < 1 or w < 1 or r < 0 or c < 0 or r + h > height or c + w > width:
-            raise DleStreamError(
+            raise RoiError(
                 f"ROI {roi.name!r} (x={c}, y={r}, w={w}, h={h}) lies outside the {width}×{height} px frame; "
-                f"fix --roi/--rois (x,y,w,h in pixels, inside the frame)"
+                f"fix {arg('rois')} (x,y,w,h in pixels, inside the frame)"
             )
         ids = []
         for tr in _positions(r, h, tile_h, height):
@@ -125,7 +125,7 @@ def roi_layout(height: int, width: int, tile_h: int, tile_w: int, rois: list[Reg
 
 def _check_frame(height: int, width: int, tile_h: int, tile_w: int) -> None:
     if height < tile_h or width < tile_w:
-        raise DleStreamError(
+        raise RoiError(
             f"frames of {height}×{width} px are smaller than the model's {tile_h}×{tile_w} px tile; "
             f"use a recording with larger frames or a model trained for smaller tiles"
         )
@@ -141,23 +141,23 @@ def _whole_px(value) -> int:
     return int(number)
 
 
-def parse_roi(text: str, name: str | None = None) -> Region:
+def parse_roi(roi: str, name: str | None = None) -> Region:
     """'x,y,w,h' or 'name=x,y,w,h' (px) → Region; x = column, y = row."""
-    label, _, coords = text.rpartition("=")
+    label, _, coords = roi.rpartition("=")
     try:
         x, y, w, h = (_whole_px(v) for v in coords.split(","))
     except ValueError:
-        raise DleStreamError(f"--roi {text!r}: use x,y,w,h in whole pixels (optionally name=x,y,w,h), "
-                             f"e.g. --roi 0,0,40,40") from None
+        raise RoiError(f"{arg('roi', roi)}: use x,y,w,h in whole pixels (optionally name=x,y,w,h), "
+                       f"e.g. 0,0,40,40") from None
     name = name or label.strip() or None
     return Region(name or f"roi{x}_{y}", (y, x, h, w))
 
 
-def read_rois(path: Path) -> list[Region]:
+def read_rois(rois_file: Path) -> list[Region]:
     """ROIs from a JSON list of {name?, x, y, w, h} or a CSV with columns name,x,y,w,h."""
-    path = Path(path)
+    path = Path(rois_file)
     if not path.is_file():
-        raise DleStreamError(f"--rois {path}: no such file; give a JSON or CSV file of x,y,w,h ROIs")
+        raise RoiError(f"{arg('rois_file', path)}: no such file; give a JSON or CSV file of x,y,w,h ROIs")
     rows: list[dict]
     try:
         if path.suffix.lower() == ".json":
@@ -171,9 +171,9 @@ def read_rois(path: Path) -> list[Region]:
             x, y, w, h = (_whole_px(row[k]) for k in ("x", "y", "w", "h"))
             regions.append(Region(str(row.get("name") or f"roi{i}"), (y, x, h, w)))
     except (KeyError, ValueError, TypeError, json.JSONDecodeError, UnicodeDecodeError):
-        raise DleStreamError(
-            f"--rois {path}: need a JSON list of {{name, x, y, w, h}} or a CSV with columns name,x,y,w,h (whole pixels)"
+        raise RoiError(
+            f"{arg('rois_file', path)}: need a JSON list of {{name, x, y, w, h}} or a CSV with columns name,x,y,w,h (whole pixels)"
         ) from None
     if not regions:
-        raise DleStreamError(f"--rois {path}: holds no ROI")
+        raise RoiError(f"{arg('rois_file', path)}: holds no ROI")
     return regions

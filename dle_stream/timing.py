@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, TimingError, arg
 
 #: Relative tolerance when comparing two timings' ratios and pixel sizes.
 RATIO_TOLERANCE = 0.01
@@ -58,32 +58,32 @@ class ScanTiming:
         for name in ("pixel_size_um", "dwell_us", "line_period_us", "frame_period_us"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise DleStreamError(f"scan timing: {name} must be a number, got {value!r}")
+                raise TimingError(f"scan timing: {arg(name)} must be a number, got {value!r}")
             if not math.isfinite(value) or value <= 0:
-                raise DleStreamError(
-                    f"scan timing: {name} must be a positive finite number, got {value!r}; "
-                    f"check the timing flag or metadata that set it"
+                raise TimingError(
+                    f"scan timing: {arg(name)} must be a positive finite number, got {value!r}; "
+                    f"check the value, timing file or metadata that set it"
                 )
             object.__setattr__(self, name, float(value))
         for name in ("width_px", "height_px"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
-                raise DleStreamError(f"scan timing: {name} must be a positive integer, got {value!r}")
+                raise TimingError(f"scan timing: {arg(name)} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
         object.__setattr__(self, "bidirectional", bool(self.bidirectional))
         tol = 1 + 1e-9
         if self.line_period_us * tol < self.width_px * self.dwell_us:
-            raise DleStreamError(
+            raise TimingError(
                 f"scan timing: line period {self.line_period_us:g} µs is shorter than "
                 f"{self.width_px} px × {self.dwell_us:g} µs dwell = {self.width_px * self.dwell_us:g} µs; "
-                f"fix --line-period-us, --dwell-us or the frame width"
+                f"fix {arg('line_period_us')}, {arg('dwell_us')} or the frame width"
             )
         if self.frame_period_us * tol < self.height_px * self.line_period_us:
-            raise DleStreamError(
+            raise TimingError(
                 f"scan timing: frame period {self.frame_period_us:g} µs is shorter than "
                 f"{self.height_px} lines × {self.line_period_us:g} µs = "
-                f"{self.height_px * self.line_period_us:g} µs; fix --frame-period-us, "
-                f"--line-period-us or the frame height"
+                f"{self.height_px * self.line_period_us:g} µs; fix {arg('frame_period_us')}, "
+                f"{arg('line_period_us')} or the frame height"
             )
 
     # ------------------------------------------------------------------ derived
@@ -186,16 +186,16 @@ class ScanTiming:
     @classmethod
     def from_dict(cls, data: dict, source: str = "timing") -> "ScanTiming":
         if not isinstance(data, dict):
-            raise DleStreamError(f"{source}: scan timing must be a JSON object with fields {cls.field_names()}")
+            raise TimingError(f"{source}: scan timing must be a JSON object with fields {cls.field_names()}")
         names = cls.field_names()
         missing = [n for n in names if n not in data and n != "bidirectional"]
         if missing:
-            raise DleStreamError(
+            raise TimingError(
                 f"{source}: scan timing lacks {', '.join(missing)}; add them (fields: {', '.join(names)})"
             )
         unknown = [k for k in data if k not in names]
         if unknown:
-            raise DleStreamError(f"{source}: unknown scan timing field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+            raise TimingError(f"{source}: unknown scan timing field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
         values = {k: data[k] for k in names if k in data}
         _check_field_values(values, source)
         return cls(**values)
@@ -217,7 +217,7 @@ class ScanTiming:
         try:
             text = path.read_text()
         except OSError as exc:
-            raise DleStreamError(f"{path}: cannot read the timing file ({exc.strerror}); check --timing") from None
+            raise DleStreamError(f"{path}: cannot read the timing file ({exc.strerror}); check the path") from None
         return cls.from_json(text, source=str(path))
 
     @staticmethod
@@ -260,19 +260,19 @@ def _check_field_values(values: dict, source: str) -> None:
         if name in values:
             x = number(values[name])
             if x is None or not math.isfinite(x) or x <= 0:
-                raise DleStreamError(
+                raise TimingError(
                     f"{source}: scan timing {name} must be a positive finite number, got {values[name]!r}; "
                     f"check the timing flag, file or metadata that set it")
     for name in ("width_px", "height_px"):
         if name in values:
             x = number(values[name])
             if x is None or not math.isfinite(x) or x != int(x) or not 1 <= x <= MAX_FRAME_PX:
-                raise DleStreamError(f"{source}: scan timing {name} must be a positive integer (pixels), "
+                raise TimingError(f"{source}: scan timing {name} must be a positive integer (pixels), "
                                      f"got {values[name]!r}")
     if "bidirectional" in values:
         flag = values["bidirectional"]
         if not isinstance(flag, (bool, np.bool_)) and number(flag) not in (0.0, 1.0):
-            raise DleStreamError(f"{source}: scan timing bidirectional must be true or false, got {flag!r}")
+            raise TimingError(f"{source}: scan timing bidirectional must be true or false, got {flag!r}")
 
 
 @dataclass(frozen=True)

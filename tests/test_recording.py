@@ -12,7 +12,8 @@ import tifffile
 import zarr
 
 import dle_stream
-from dle_stream.errors import DleStreamError
+from dle_stream.cli import CLI_FLAGS
+from dle_stream.errors import DleStreamError, ParameterError, TimingError
 from dle_stream.recording import open_recording, resolve_timing, write_recording
 from dle_stream.recording import writer as writer_module
 from dle_stream.timing import ScanTiming
@@ -152,7 +153,7 @@ def test_scanimage_two_channels_interleaved_pages(tmp_path):
     frames = si_frames(12)  # pages alternate channel 1, channel 2
     text = SI_FRAME_DATA.replace("channelSave = 1", "channelSave = [1 2]")
     path = scanimage_tiff(tmp_path / "si2.tif", frames, text, SI_ROI)
-    with pytest.raises(DleStreamError, match="use --channel N"):
+    with pytest.raises(DleStreamError, match="use channel=N"):
         open_recording(path)
     with open_recording(path, channel=1) as rec:
         assert rec.n_frames == 6
@@ -414,21 +415,28 @@ def test_fallback_fills_missing_fields_with_a_loud_warning(imagej_recording):
     assert timing.frame_period_us == pytest.approx(50000.0) and timing.pixel_size_um == pytest.approx(0.2)
     assert len(warnings) == 1
     assert "WARNING" in warnings[0] and "model card 'dle-low'" in warnings[0]
-    assert "--dwell-us" in warnings[0] and "--line-period-us" in warnings[0]
+    assert "give dwell_us, line_period_us" in warnings[0] and "timing_file" in warnings[0]
+    assert "--" not in warnings[0]  # a Python caller passed no flags: the fields are named as it gives them
     assert "from model card 'dle-low'" in source
+    _, _, cli_warnings = resolve_timing(imagej_recording, fallback=card, fallback_label="model card 'dle-low'",
+                                        names=CLI_FLAGS)
+    assert "give --dwell-us, --line-period-us" in cli_warnings[0] and "(--timing)" in cli_warnings[0]
 
 
-def test_missing_field_without_fallback_names_the_flag(imagej_recording):
-    with pytest.raises(DleStreamError, match="dwell_us, line_period_us unknown.*--dwell-us, --line-period-us.*--timing FILE"):
+def test_missing_field_without_fallback_names_the_parameter(imagej_recording):
+    with pytest.raises(TimingError, match="dwell_us, line_period_us unknown.*give dwell_us, line_period_us or a "
+                                          r"timing file \(timing_file\)") as info:
         resolve_timing(imagej_recording)
+    assert info.value.parameters == ("dwell_us", "line_period_us", "timing_file")
+    assert "give --dwell-us, --line-period-us or a timing file (--timing)" in info.value.message_for(CLI_FLAGS)
 
 
 def test_complete_without_recording_and_unidirectional_default(tmp_path):
     tfile = timing_file(tmp_path, **{k: v for k, v in TIMING.to_dict().items() if k != "bidirectional"})
     timing, _, warnings = resolve_timing(None, timing_file=tfile)
     assert timing == ScanTiming(**{**TIMING.to_dict(), "bidirectional": False})
-    assert len(warnings) == 1 and "--bidirectional" in warnings[0]
-    with pytest.raises(DleStreamError, match="width_px, height_px unknown.*--timing FILE"):
+    assert len(warnings) == 1 and "pass bidirectional=True if odd lines" in warnings[0]
+    with pytest.raises(DleStreamError, match=r"width_px, height_px unknown.*a timing file \(timing_file\)"):
         resolve_timing(None, flags={"pixel_size_um": 0.1, "dwell_us": 1.0, "line_period_us": 50.0, "frame_period_us": 3000.0})
 
 
@@ -498,28 +506,29 @@ def test_multichannel_needs_channel(tmp_path):
     data = np.random.default_rng(3).integers(0, 255, (7, 3, 12, 16)).astype(np.uint16)
     path = tmp_path / "tcyx.tif"
     tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TCYX"})
-    with pytest.raises(DleStreamError, match=r"tcyx\.tif: has 3 channels \(axis C\); use --channel N with N in 0\.\.2"):
+    with pytest.raises(ParameterError, match=r"tcyx\.tif: has 3 channels \(axis C\); use channel=N with N in 0\.\.2"):
         open_recording(path)
-    with pytest.raises(DleStreamError, match="--channel 3 is out of range.*3 channels"):
+    with pytest.raises(ParameterError, match="channel=3 is out of range.*3 channels") as info:
         open_recording(path, channel=3)
+    assert info.value.parameter == "channel" and "--" not in str(info.value)
     with open_recording(path, channel=2) as rec:
         assert rec.n_frames == 7 and not rec.truncated
         np.testing.assert_array_equal(rec.read(0, 7), data[:, 2])
     single = write_recording(tmp_path / "single.tif", movie(), TIMING)
-    with pytest.raises(DleStreamError, match="--channel 1 is out of range.*single channel"):
+    with pytest.raises(DleStreamError, match="channel=1 is out of range.*single channel"):
         open_recording(single, channel=1)
 
 
 def test_rgb_and_z_planes_need_channel(tmp_path):
     rgb = np.random.default_rng(4).integers(0, 255, (5, 12, 16, 3)).astype(np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
-    with pytest.raises(DleStreamError, match="3 colour samples.*--channel"):
+    with pytest.raises(DleStreamError, match="3 colour samples.*channel=N"):
         open_recording(tmp_path / "rgb.tif")
     with open_recording(tmp_path / "rgb.tif", channel=1) as rec:
         np.testing.assert_array_equal(np.stack(list(rec.frames())), rgb[..., 1])
     tz = np.random.default_rng(5).integers(0, 255, (4, 2, 12, 16)).astype(np.uint16)
     tifffile.imwrite(tmp_path / "tz.tif", tz, imagej=True, metadata={"axes": "TZYX"})
-    with pytest.raises(DleStreamError, match="2 planes.*--channel"):
+    with pytest.raises(DleStreamError, match="2 planes.*channel=N"):
         open_recording(tmp_path / "tz.tif")
     with open_recording(tmp_path / "tz.tif", channel=0) as rec:
         np.testing.assert_array_equal(rec.read(0, 4), tz[:, 0])

@@ -10,6 +10,7 @@ from rich.console import Console
 from dle_stream import DleStreamError, ScanTiming
 from dle_stream.combine import DISAGREE_P, RunningCombination, disagreement_p, inverse_variance
 from dle_stream.dashboard import Dashboard, sparkline
+from dle_stream.errors import EstimatorChoiceError, ParameterError, RoiError
 from dle_stream.events import EstimateFlag, FrameEvent
 from dle_stream.likelihood import DGrid, gaussian_log_likelihood
 from dle_stream.runner import StreamRunner
@@ -145,10 +146,12 @@ def test_bad_frames_and_flags_are_refused():
         runner.process(FrameEvent(bad, 0))
     with pytest.raises(DleStreamError, match="image size"):
         runner.process(FrameEvent(np.zeros((20, 20), np.float32), 0))
-    with pytest.raises(DleStreamError, match="--hop"):
+    with pytest.raises(ParameterError, match="^hop=0: must be at least 1 frame") as info:
         StreamRunner(FrameNumberEstimator(), layout, TIMING, window=40, hop=0)
-    with pytest.raises(DleStreamError, match="--window"):
+    assert info.value.parameter == "hop"
+    with pytest.raises(EstimatorChoiceError, match="^window=2: ") as info:
         StreamRunner(FrameNumberEstimator(), layout, TIMING, window=2, hop=1)
+    assert info.value.parameter == "window"
 
 
 def test_rois_are_covered_by_model_tiles_inside_the_frame():
@@ -169,8 +172,11 @@ def test_rois_are_covered_by_model_tiles_inside_the_frame():
         assert covered.max() == 1  # disjoint: no pixel in two tiles, so they combine as independent
     (tb,) = b.tiles  # an ROI at the corner, smaller than a tile: one tile, kept inside the frame
     assert layout.tiles[tb].bbox == (80, 80, 20, 20)
-    with pytest.raises(DleStreamError, match="outside"):
+    with pytest.raises(RoiError, match="outside.*fix rois") as info:
         roi_layout(100, 100, 20, 20, [parse_roi("90,90,20,20")])
+    assert info.value.parameter == "rois" and "--" not in str(info.value)
+    with pytest.raises(RoiError, match="^roi='1,2,3': use x,y,w,h"):
+        parse_roi("1,2,3")
     with pytest.raises(DleStreamError, match="smaller than"):
         grid_layout(10, 100, 20, 20)
     g = grid_layout(45, 70, 20, 20)

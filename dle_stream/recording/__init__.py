@@ -15,13 +15,13 @@ naming the file and the fix.
 from dle_stream.recording.base import Recording
 from dle_stream.recording.formats import open_recording
 from dle_stream.recording.metadata import DLE_TIFF_TAG, DLE_ZARR_KEY
-from dle_stream.recording.timing_sources import FLAG_FOR_FIELD, read_timing_file, resolve_timing
+from dle_stream.recording.timing_sources import GIVEN_FIELDS, read_timing_file, resolve_timing
 from dle_stream.recording.writer import write_recording
 
 __all__ = [
     "DLE_TIFF_TAG",
     "DLE_ZARR_KEY",
-    "FLAG_FOR_FIELD",
+    "GIVEN_FIELDS",
     "Recording",
     "open_recording",
     "read_timing_file",

@@ -5,7 +5,7 @@ channels), ``TZYX`` (several planes per time point), ``TYXS`` (RGB samples), wit
 singleton axes sprinkled in (ImageJ's ``TZCYXS``, ScanImage's ``ZTCYX``). A
 :class:`FrameLayout` reduces any of these to a stack of 2-D frames [T, Y, X]: singleton
 axes are fixed at 0, one extra non-singleton axis (channel, plane or RGB sample) is
-fixed at the index the user chose with ``--channel N``, and the time axis is the first
+fixed at the index the user chose (``channel``), and the time axis is the first
 of ``T``, ``I``, ``Q``, ``Z`` that is present (``I``/``Q`` are tifffile's generic
 "image sequence" axes).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, ParameterError, arg
 
 #: Axis letters that can carry time, in order of preference.
 TIME_AXES = "TIQZ"
@@ -120,10 +120,13 @@ def plan_frames(axes: str, shape: tuple[int, ...], channel: int | None, source: 
         channel_axis = axes[i]
         what = _AXIS_NAMES.get(axes[i], f"entries along axis {axes[i]}")
         if channel is None:
-            raise DleStreamError(f"{source}: has {n} {what} (axis {axes[i]}); use --channel N with N in 0..{n - 1}")
+            raise ParameterError(f"{source}: has {n} {what} (axis {axes[i]}); use {arg('channel', placeholder='N')} "
+                                 f"with N in 0..{n - 1}")
         if not 0 <= channel < n:
-            raise DleStreamError(f"{source}: --channel {channel} is out of range: the file has {n} {what}; use 0..{n - 1}")
+            raise ParameterError(f"{source}: {arg('channel', channel)} is out of range: the file has {n} {what}; "
+                                 f"use 0..{n - 1}")
         fixed[i] = int(channel)
     elif channel not in (None, 0):
-        raise DleStreamError(f"{source}: --channel {channel} is out of range: the file has a single channel; drop --channel")
+        raise ParameterError(f"{source}: {arg('channel', channel)} is out of range: the file has a single channel; "
+                             f"drop {arg('channel')}")
     return FrameLayout(axes=axes, shape=shape, time_axis=time_axis, fixed=fixed, channel_axis=channel_axis)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, ParameterError, arg
 from dle_stream.recording.base import Recording
 
 #: Formats :func:`~dle_stream.recording.write_recording` can write.
@@ -42,9 +42,9 @@ def write_format_from_suffix(path: Path) -> str:
         return "imagej"
     if name.endswith(".zarr"):
         return "zarr"
-    raise DleStreamError(
+    raise ParameterError(
         f"{path}: cannot tell the format from the suffix {''.join(path.suffixes) or '(none)'!r}; "
-        f"name it .tif (ImageJ), .ome.tif (OME-TIFF) or .zarr (OME-Zarr), or pass --format"
+        f"name it .tif (ImageJ), .ome.tif (OME-TIFF) or .zarr (OME-Zarr), or give {arg('format')}"
     )
 
 
@@ -54,7 +54,7 @@ def open_recording(path: str | Path, channel: int | None = None) -> Recording:
     Args:
         path: a TIFF file (plain, ImageJ, OME-TIFF, ScanImage, Micro-Manager) or a Zarr store.
         channel: index along the one extra axis of multi-channel (or multi-plane, or RGB)
-            files (``--channel N``); not needed for single-channel movies.
+            files; not needed for single-channel movies.
 
     Raises:
         DleStreamError: the file is missing, not an image, of an unsupported type, not a
@@ -67,7 +67,7 @@ def open_recording(path: str | Path, channel: int | None = None) -> Recording:
     if not path.exists():
         raise DleStreamError(f"{path}: no such file or folder; check the path")
     if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
-        raise DleStreamError(f"{path}: --channel must be a non-negative integer, got {channel!r}")
+        raise ParameterError(f"{path}: {arg('channel')} must be a non-negative integer, got {channel!r}")
     if path.name.endswith(".partial") and is_tiff_path(path.with_name(path.name[: -len(".partial")])):
         raise DleStreamError(
             f"{path}: an incomplete recording whose writer (dle-stream simulate) was stopped before it finished; "

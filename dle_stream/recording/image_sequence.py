@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, ParameterError, arg
 from dle_stream.recording import metadata as md
 from dle_stream.recording.base import Recording
 
@@ -112,7 +112,8 @@ class ImageSequenceRecording(Recording):
             raise DleStreamError(f"{path}: the acquisition has {', '.join(other)}; dle-stream replays a time series "
                                  f"of one channel at one position: acquire or export one")
         if channel not in (None, 0):
-            raise DleStreamError(f"{path}: --channel {channel}: the image sequence has one channel; leave --channel out")
+            raise ParameterError(f"{path}: {arg('channel', channel)}: the image sequence has one channel; leave "
+                                 f"{arg('channel')} out")
 
     def _read_block(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, self.height, self.width), dtype=self.dtype)

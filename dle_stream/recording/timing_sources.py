@@ -6,28 +6,33 @@ the fallback (a model card), which is used with a loud warning because the estim
 only valid if the microscope really scanned with that timing.
 
 ``bidirectional`` is the one field with a default: when nothing gives it, the scan is
-assumed unidirectional, with a warning naming ``--bidirectional``.
+assumed unidirectional, with a warning naming ``bidirectional``.
+
+Messages name the fields as the caller gives them (``dwell_us``, ``timing_file``); the
+CLI passes ``names`` (field → its flag) so that they read ``--dwell-us``, ``--timing``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, TimingError, arg, render_parameters
 from dle_stream.recording.base import Recording
 from dle_stream.timing import ScanTiming
 
-#: The command-line flag that sets each ScanTiming field (None: only a timing file can).
-FLAG_FOR_FIELD: dict[str, str | None] = {
-    "pixel_size_um": "--pixel-size-um",
-    "dwell_us": "--dwell-us",
-    "line_period_us": "--line-period-us",
-    "frame_period_us": "--frame-period-us",
-    "width_px": None,
-    "height_px": None,
-    "bidirectional": "--bidirectional",
+#: The ScanTiming fields a caller may give (``flags``) and a timing file may hold; the frame
+#: size comes from the recording or the timing file, so messages never ask for it.
+GIVEN_FIELDS: dict[str, bool] = {
+    "pixel_size_um": True,
+    "dwell_us": True,
+    "line_period_us": True,
+    "frame_period_us": True,
+    "width_px": False,
+    "height_px": False,
+    "bidirectional": True,
 }
 
 
@@ -37,14 +42,14 @@ def read_timing_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
-        raise DleStreamError(f"{path}: cannot read the timing file ({exc.strerror or exc}); check --timing") from None
+        raise DleStreamError(f"{path}: cannot read the timing file ({exc.strerror or exc}); check the path") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise DleStreamError(f"{path}: the timing file is not valid JSON ({exc}); fix it or drop --timing") from None
+        raise DleStreamError(f"{path}: the timing file is not valid JSON ({exc}); fix it or give another") from None
     if isinstance(data, dict) and isinstance(data.get("timing"), dict):
         data = data["timing"]  # a dle-stream metadata document or model card section
     if not isinstance(data, dict):
         raise DleStreamError(f"{path}: the timing file must be a JSON object with fields {', '.join(ScanTiming.field_names())}")
-    unknown = [k for k in data if k not in FLAG_FOR_FIELD]
+    unknown = [k for k in data if k not in GIVEN_FIELDS]
     if unknown:
         raise DleStreamError(
             f"{path}: unknown scan timing field(s) {', '.join(unknown)} in the timing file; "
@@ -60,30 +65,33 @@ def resolve_timing(
     timing_file: str | Path | None = None,
     fallback: ScanTiming | None = None,
     fallback_label: str = "the model card",
+    names: Mapping[str, str] | None = None,
 ) -> tuple[ScanTiming, str, list[str]]:
     """The scan timing for a stream, where each field came from, and warnings.
 
     Args:
         recording: the recording being replayed (None for a live stream).
-        flags: ScanTiming field -> value from the command line; None means the flag was
-            not given (so pass ``bidirectional=None``, not False, when ``--bidirectional``
-            is absent, or it would override the recording's metadata).
-        timing_file: a JSON file with some or all ScanTiming fields (``--timing FILE``).
+        flags: ScanTiming field -> value given by the user (the command line's flags);
+            None means not given (so pass ``bidirectional=None``, not False, when the
+            direction is not known, or it would override the recording's metadata).
+        timing_file: a JSON file with some or all ScanTiming fields.
         fallback: timing to assume for fields nothing else gives (e.g. the model card's).
         fallback_label: what ``fallback`` is, for the warning.
+        names: how the messages name a field or ``timing_file`` to the user (the CLI:
+            its flags); by default as here.
 
     Returns:
         (timing, source description, warnings). The description names the source of
         every field; the warnings are one line each and must be shown to the user.
 
     Raises:
-        DleStreamError: a field is unknown and there is no fallback (the message names the
-            flag that supplies it), or the combined timing is inconsistent.
+        TimingError: a field is unknown and there is no fallback (the message names the
+            parameter that supplies it), or the combined timing is inconsistent.
     """
     flags = dict(flags or {})
-    unknown = [k for k in flags if k not in FLAG_FOR_FIELD]
+    unknown = [k for k in flags if k not in GIVEN_FIELDS]
     if unknown:
-        raise DleStreamError(f"unknown scan timing flag field(s) {', '.join(unknown)}; allowed: {', '.join(FLAG_FOR_FIELD)}")
+        raise TimingError(f"unknown scan timing field(s) {', '.join(unknown)}; allowed: {', '.join(GIVEN_FIELDS)}")
     layers: list[tuple[str, dict[str, Any]]] = [("command-line flags", {k: v for k, v in flags.items() if v is not None})]
     if timing_file is not None:
         layers.append((f"timing file {timing_file}", read_timing_file(Path(timing_file))))
@@ -111,25 +119,26 @@ def resolve_timing(
         assumed = {n: getattr(fallback, n) for n in missing}
         for n, v in assumed.items():
             chosen[n], origin[n] = v, fallback_label
-        flags_hint = ", ".join(f for f in (FLAG_FOR_FIELD[n] for n in missing) if f) or "--timing FILE"
-        warnings.append(
+        hint = ", ".join(arg(n) for n in missing if GIVEN_FIELDS[n])
+        warnings.append(render_parameters(
             "WARNING: scan timing "
             + ", ".join(f"{n}={v:g}" if isinstance(v, float) else f"{n}={v}" for n, v in assumed.items())
             + f" ASSUMED from {fallback_label}: not given by flags, a timing file or the recording; "
-            f"D estimates are wrong unless the microscope used this timing; pass {flags_hint} or --timing FILE"
-        )
+            f"D estimates are wrong unless the microscope used this timing; give "
+            + (f"{hint} or " if hint else "") + f"a timing file ({arg('timing_file')})", names))
         missing = []
     if "bidirectional" in missing:
         chosen["bidirectional"], origin["bidirectional"] = False, "default (unidirectional)"
-        warnings.append("WARNING: scan direction unknown, assumed unidirectional; pass --bidirectional if odd lines run backwards")
+        warnings.append(render_parameters(f"WARNING: scan direction unknown, assumed unidirectional; pass "
+                                          f"{arg('bidirectional', True)} if odd lines run backwards", names))
         missing.remove("bidirectional")
     if missing:
         where = "command-line flags, a timing file" + (f" or {recording.path.name}'s metadata" if recording is not None else "")
-        hints = [flag for n in missing if (flag := FLAG_FOR_FIELD[n])]
-        raise DleStreamError(
-            f"scan timing: {', '.join(missing)} unknown (not in the {where}); pass "
+        hints = [arg(n) for n in missing if GIVEN_FIELDS[n]]
+        raise TimingError(
+            f"scan timing: {', '.join(missing)} unknown (not in the {where}); give "
             + (", ".join(hints) + " or " if hints else "")
-            + "a timing file with --timing FILE"
+            + f"a timing file ({arg('timing_file')})"
         )
     timing = ScanTiming.from_dict(chosen, source="scan timing (" + _describe(origin) + ")")
     if recording is not None and (timing.width_px < recording.width or timing.height_px < recording.height):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import ParameterError, arg
 from dle_stream.events import FrameEvent
 from dle_stream.recording import Recording, open_recording
 
@@ -50,16 +50,18 @@ class FileSource:
         self._owns = not isinstance(recording, Recording)
         self.recording: Recording = recording if isinstance(recording, Recording) else open_recording(recording)
         if frame_period_s is not None and not (np.isfinite(frame_period_s) and frame_period_s > 0):
-            raise DleStreamError(f"replay: the frame period must be a positive number of seconds, got {frame_period_s!r}")
+            raise ParameterError(f"{arg('frame_period_s', frame_period_s)}: the frame period must be a positive "
+                                 f"number of seconds")
         self.realtime = bool(realtime)
         self.start = int(start)
         self.stop_frame = self.recording.n_frames if stop is None else int(stop)
         self.recording._check_range(self.start, self.stop_frame)
         self.timestamps_s, self.timestamps_from = self._timestamps(frame_period_s)
         if self.realtime and self.timestamps_s is None:
-            raise DleStreamError(
+            raise ParameterError(
                 f"{self.recording.path}: cannot replay in real time: no frame timestamps or scan timing in the "
-                f"file; give the frame period (--frame-period-ms / a timing file) or replay as fast as possible"
+                f"file; give the frame period ({arg('frame_period_s')}, s) or replay as fast as possible "
+                f"({arg('realtime', False)})"
             )
         self._stopping = threading.Event()
         self.frames_delivered = 0
