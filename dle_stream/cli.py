@@ -152,11 +152,7 @@ def _timing_for_frame(base, height: int, width: int, flags: dict, timing_file: O
     from dle_stream.recording import resolve_timing
     from dle_stream.timing import ScanTiming
 
-    fits = width * base.dwell_us <= base.line_period_us and height * base.line_period_us <= base.frame_period_us
-    if fits:
-        fallback = ScanTiming(**{**base.to_dict(), "width_px": width, "height_px": height})
-    else:
-        fallback = base.with_frame_size(height, width)
+    fallback = base.for_frame(height, width)
     if all(v is None for v in flags.values()) and timing_file is None:
         return fallback
     # derive unknown line/frame periods from a given dwell with the base retrace/flyback
@@ -286,16 +282,18 @@ def train(
         try:
             folder = run_training(cfg, progress=progress, log=progress.console.print)
         except KeyboardInterrupt:
-            package = (cfg.out / "card.json").is_file()
+            from dle_stream.model_package import CARD_FILE
+
+            package = (cfg.out / CARD_FILE).is_file()
             progress.console.print(f"stopped; checkpoint {'and model package ' if package else ''}in {cfg.out} "
                                    f"(continue with --resume)", markup=False)
             raise typer.Exit(130) from None
-    import json
+    from dle_stream.model_package import load_card
 
-    card = json.loads((folder / "card.json").read_text())
-    v = card["validation"]["dle"]
+    validation = load_card(folder).validation
+    v = validation["dle"]
     console.print(f"wrote {folder}: validation L1 {v['l1']:.4g} µm²/s (best half {v['best_half_l1']:.4g}), "
-                  f"|err|<σ {v['within_1_sigma']:.0%}, <2σ {v['within_2_sigma']:.0%} on {card['validation']['n_movies']} held-out movies")
+                  f"|err|<σ {v['within_1_sigma']:.0%}, <2σ {v['within_2_sigma']:.0%} on {validation['n_movies']} held-out movies")
 
 
 @app.command()
@@ -560,11 +558,11 @@ def models() -> None:
     found = list_models()
     rows: list[list[str]] = []
     for path, card in found:
-        t = card.scan_timing
+        t = card.timing
         val = card.validation.get("dle", {}) if isinstance(card.validation, dict) else {}
         l1 = f"{val['l1']:.3g}" if isinstance(val.get("l1"), (int, float)) else "—"
         rows.append([card.name, f"{card.d_min_um2_s:g}–{card.d_max_um2_s:g}", f"{card.tile_height}×{card.tile_width}",
-                     str(card.window_frames), f"{t['dwell_us']:g} / {t['line_period_us']:g} / {t['frame_period_us']:g}",
+                     str(card.window_frames), f"{t.dwell_us:g} / {t.line_period_us:g} / {t.frame_period_us:g}",
                      f"{card.pixel_size_um:g}", l1, str(path)])
         table.add_row(*rows[-1])
     if not found:

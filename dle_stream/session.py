@@ -282,18 +282,11 @@ def describe_result(result: StreamResult, console: Console) -> None:
         console.print(f"  {region.name}: {text}", highlight=False, markup=False)
 
 
-def _fits(timing: ScanTiming, height: int, width: int) -> bool:
-    return width * timing.dwell_us <= timing.line_period_us and height * timing.line_period_us <= timing.frame_period_us
-
-
 def demo_timing(model: str, height: int, width: int) -> ScanTiming:
     """The demo camera's scan: the model's timing when the frame fits in its line and
-    frame period (so the model applies), else the model's dwell, retrace and flyback."""
-    base = model_timing_for(model, 1, 1)
-    base = ScanTiming(**{**base.to_dict(), "width_px": base.width_px, "height_px": base.height_px})
-    if _fits(base, height, width):
-        return ScanTiming(**{**base.to_dict(), "width_px": width, "height_px": height})
-    return base.with_frame_size(height, width)
+    frame period (so the model applies), else the model's dwell, retrace and flyback
+    (:meth:`ScanTiming.for_frame`)."""
+    return model_timing_for(model, 1, 1).for_frame(height, width)
 
 
 def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None = None,

@@ -179,6 +179,16 @@ class ScanTiming:
         frame = height_px * line + (self.frame_flyback_us if keep_retrace else 0.0)
         return ScanTiming(self.pixel_size_um, self.dwell_us, line, frame, width_px, height_px, self.bidirectional)
 
+    def for_frame(self, height_px: int, width_px: int) -> "ScanTiming":
+        """This scan for a frame of ``height_px`` × ``width_px``: the same line and frame
+        period when the frame fits in them (a model trained for this timing then applies);
+        otherwise :meth:`with_frame_size` (the same dwell, line retrace and frame flyback,
+        periods grown with the frame, which makes another scan)."""
+        if width_px * self.dwell_us <= self.line_period_us and height_px * self.line_period_us <= self.frame_period_us:
+            return ScanTiming(self.pixel_size_um, self.dwell_us, self.line_period_us, self.frame_period_us,
+                              width_px, height_px, self.bidirectional)
+        return self.with_frame_size(height_px, width_px)
+
     # ------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
         return asdict(self)

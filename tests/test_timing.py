@@ -107,3 +107,25 @@ def test_tile_outside_the_frame_is_refused():
 
 def test_timing_dict_is_plain_json():
     json.dumps(make().to_dict())
+
+
+def test_for_frame_keeps_the_scan_when_the_frame_fits_else_grows_the_periods():
+    """One rule for "the timing of a frame of this size" (simulate, the demo camera)."""
+    ref = ScanTiming.reference()  # 20×20 px, line 1508 µs, frame 61652 µs
+    small = ref.for_frame(16, 40)  # 40 px × 8 µs fit in the line, 16 lines in the frame
+    assert (small.height_px, small.width_px) == (16, 40)
+    assert (small.dwell_us, small.line_period_us, small.frame_period_us) == (8.0, 1508.0, 61652.0)
+    assert ref.compare(small).compatible and ref.compare(small).time_scale == 1.0
+    big = ref.for_frame(512, 512)  # does not fit: dwell, retrace and flyback kept
+    assert big == ref.with_frame_size(512, 512)
+    assert big.line_retrace_us == pytest.approx(ref.line_retrace_us)
+    assert big.frame_flyback_us == pytest.approx(ref.frame_flyback_us)
+
+
+def test_demo_timing_is_the_model_timing_for_the_frame():
+    from dle_stream.model_package import load_card, resolve_model
+    from dle_stream.session import demo_timing
+
+    card_timing = load_card(resolve_model("brain-qd-low")).timing
+    assert demo_timing("brain-qd-low", 40, 120) == card_timing.for_frame(40, 120)
+    assert demo_timing("brain-qd-low", 40, 120).line_period_us == card_timing.line_period_us
