@@ -88,3 +88,15 @@ def test_field_motion_moves_a_still_dot_by_the_displacement_at_each_rows_scan_ti
     assert checked > 300
     # the image really moves: its rows' centroids span most of the ±3 px
     assert np.ptp(movies.sum(axis=(2,)).argmax(axis=2)) >= 4
+
+
+def test_every_stress_changes_what_it_names_at_two_strengths():
+    from dle_stream.training.priors import STRESSES, stressed
+
+    base = get_preset("low").priors
+    assert stressed(base, "dim", "weak").brightness_photons[0] == pytest.approx(0.5 * base.brightness_photons[0])
+    assert stressed(base, "dense", "weak").particles_exp_mean == pytest.approx(3 * base.particles_exp_mean)
+    assert stressed(base, "wide-psf", "strong").psf_sigma_xy_um[0] == pytest.approx(2 * base.psf_sigma_xy_um[0])
+    assert stressed(base, "motion", "strong").field_motion and stressed(base, "blinking", "weak").blinking
+    for name in STRESSES:
+        assert stressed(base, name, "weak") != base and stressed(base, name, "strong") != stressed(base, name, "weak")

@@ -236,6 +236,43 @@ def _presets() -> dict[str, Preset]:
 
 PRESETS: dict[str, Preset] = _presets()
 
+#: What a real sample adds to the paper's simulation, at two strengths each (issue 14):
+#: changes to a preset's priors, with what they stand for.
+STRESSES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "steady": ("steady particle density (particles entering and leaving) instead of the spreading cloud",
+               {"density": "box"}, {"density": "box", "particles_exp_mean": 72.0, "particles_max": 291}),
+    "motion": ("whole-field motion: heartbeat-like displacement 0.5 / 2 px at 1–7 Hz plus a slow drift",
+               {"heartbeat_px": (0.5, 0.5), "heartbeat_hz": (1.0, 7.0), "drift_um_s": 0.005},
+               {"heartbeat_px": (2.0, 2.0), "heartbeat_hz": (1.0, 7.0), "drift_um_s": 0.02}),
+    "blinking": ("quantum-dot blinking, power-law dwells from 1 ms to 10 s: 50 % / ≈ 27 % on-time (measured)",
+                 {"blink_alpha_on": 1.7, "blink_alpha_off": 1.7},
+                 {"blink_alpha_on": 1.8, "blink_alpha_off": 1.6}),
+    "dim": ("dots half / a quarter as bright", {"brightness_factor": 0.5}, {"brightness_factor": 0.25}),
+    "dense": ("3× / 10× the particles", {"density_factor": 3.0}, {"density_factor": 10.0}),
+    "wide-psf": ("PSF 1.5× / 2× wider (deeper in tissue)", {"psf_factor": 1.5}, {"psf_factor": 2.0}),
+    "bleaching": ("photobleaching with a mean lifetime of 60 s / 10 s", {"bleach_time_s": 60.0}, {"bleach_time_s": 10.0}),
+}
+
+
+def stressed(priors: SimulatorPriors, stress: str, strength: str) -> SimulatorPriors:
+    """``priors`` with one effect of :data:`STRESSES` at ``strength`` "weak" or "strong"."""
+    if stress not in STRESSES or strength not in ("weak", "strong"):
+        raise DleStreamError(f"unknown stress {stress!r} / {strength!r}: use one of {', '.join(STRESSES)} "
+                             f"with weak or strong")
+    changes = dict(STRESSES[stress][1 if strength == "weak" else 2])
+    if "brightness_factor" in changes:
+        k = changes.pop("brightness_factor")
+        changes["brightness_photons"] = tuple(k * v for v in priors.brightness_photons)
+    if "density_factor" in changes:
+        k = changes.pop("density_factor")
+        changes["particles_exp_mean"] = k * priors.particles_exp_mean
+        changes["particles_max"] = int(round(k * (priors.particles_max + 1))) - 1
+    if "psf_factor" in changes:
+        k = changes.pop("psf_factor")
+        changes["psf_sigma_xy_um"] = tuple(k * v for v in priors.psf_sigma_xy_um)
+        changes["psf_sigma_z_um"] = tuple(k * v for v in priors.psf_sigma_z_um)
+    return replace(priors, **changes)
+
 
 def get_preset(name: str) -> Preset:
     try:
