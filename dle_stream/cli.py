@@ -530,16 +530,15 @@ def log_export(
     if (csv_path.exists() or csv_path.is_symlink()) and not overwrite:
         raise DleStreamError(f"--csv {csv_path}: the file already exists; pass --overwrite to replace it, "
                              f"or choose another file")
+    from dle_stream.files import write_atomic
+
     # written beside it and renamed when complete: a failed export never leaves half a file
-    tmp = csv_path.with_name(f".{csv_path.name}.partial")
+    rows: list[int] = []
     try:
-        n = export_csv(path, tmp)
-        os.replace(tmp, csv_path)
+        write_atomic(csv_path, lambda tmp: rows.append(export_csv(path, tmp)))
     except OSError as exc:
         raise DleStreamError(f"--csv {csv_path}: cannot write it ({exc.strerror or exc}); choose a writable path") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    n = rows[0]
     console.print(f"wrote {n} rows to {csv_path}", markup=False, highlight=False, soft_wrap=True)
 
 

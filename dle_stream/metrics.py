@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from dle_stream.files import jsonable
+
 
 def _clean(d_true, d_hat, sigma):
     d_true = np.asarray(d_true, dtype=np.float64).reshape(-1)
@@ -97,11 +99,6 @@ def prior_baseline(d_true, d_mean: float, d_std: float) -> dict[str, float]:
 
 
 def json_safe(obj):
-    """NaN and infinities → None, recursively through dicts and lists (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    """``obj`` as plain JSON types, NaN and infinities as None (JSON has no NaN):
+    :func:`dle_stream.files.jsonable`."""
+    return jsonable(obj)

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dle_stream.errors import DleStreamError
+from dle_stream.files import write_atomic
 from dle_stream.model import DLEModel, ModelConfig
 from dle_stream.timing import ScanTiming
 
@@ -266,24 +266,6 @@ def load_model_package(folder: str | Path, device: str | torch.device = "cpu") -
 
 
 # ------------------------------------------------------------------ writing
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with tmp_path.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp makes the file private (0600); a package is shared like any file: 0666 & ~umask
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def save_model_package(folder: str | Path, model: DLEModel, card: ModelCard) -> Path:
     """Write ``model`` and ``card`` as a package in ``folder`` (created if needed).
 
@@ -307,10 +289,10 @@ def save_model_package(folder: str | Path, model: DLEModel, card: ModelCard) -> 
         save_file(state, str(tmp), metadata={"format": "pt", "dle_stream_card_schema": str(SCHEMA_VERSION)})
         digest.append(_sha256(tmp))
 
-    _write_atomic(weights, write_weights)
+    write_atomic(weights, write_weights)
     card = replace(card, weights_sha256=digest[0])
     text = card.to_json()
-    _write_atomic(folder / CARD_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(folder / CARD_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return folder
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from dle_stream.errors import DleStreamError
+from dle_stream.files import jsonable
 from dle_stream.timing import ScanTiming
 
 #: Private TIFF tag (ASCII, first page only) holding dle-stream's JSON document.
@@ -90,23 +91,6 @@ def _positive(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) and number > 0 else None
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars/arrays turned into plain Python (for JSON)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
 
 
 # ------------------------------------------------------ dle-stream document
