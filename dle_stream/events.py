@@ -3,6 +3,8 @@
 Every source (Micro-Manager, the demo camera, a replayed file) yields
 :class:`FrameEvent`; the runner turns windows of frames into :class:`WindowEstimate`
 records that the Zarr log, the dashboard and the per-ROI combination consume.
+:class:`GapCounter` reads lost frames from the camera's image numbers (for the
+Micro-Manager source and the runner alike).
 """
 
 from __future__ import annotations
@@ -86,3 +88,38 @@ class WindowEstimate:
     p_above: np.ndarray | None = None
     lower95_um2_s: np.ndarray | None = None
     log_likelihood: np.ndarray | None = None
+
+
+class GapCounter:
+    """Counts jumps in a camera's frame counter (``ImageNumber``).
+
+    ``update(n)`` returns how many frames were lost just before frame ``n``: 0 when
+    ``n`` follows the previous number, ``k`` when ``k`` numbers were skipped. A number
+    that goes *down* means the camera restarted its counter (a new sequence): that is
+    not a loss, :attr:`restarts` counts it and numbering continues from ``n``.
+
+    Attributes:
+        gaps: number of jumps seen.
+        images_lost: frames lost in all jumps together.
+        restarts: counter restarts seen.
+    """
+
+    def __init__(self) -> None:
+        self.gaps = 0
+        self.images_lost = 0
+        self.restarts = 0
+        self.last: int | None = None
+
+    def update(self, image_number: int | None) -> int:
+        if image_number is None:
+            return 0
+        lost = 0
+        if self.last is not None:
+            if image_number > self.last + 1:
+                lost = image_number - self.last - 1
+                self.gaps += 1
+                self.images_lost += lost
+            elif image_number <= self.last:
+                self.restarts += 1
+        self.last = image_number
+        return lost

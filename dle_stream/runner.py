@@ -27,7 +27,7 @@ from psygnal import Signal
 
 from dle_stream.combine import RunningCombination
 from dle_stream.errors import DleStreamError, EstimatorChoiceError, ParameterError, RoiError, arg
-from dle_stream.events import EstimateFlag, FrameEvent, WindowEstimate
+from dle_stream.events import EstimateFlag, FrameEvent, GapCounter, WindowEstimate
 from dle_stream.likelihood import posterior
 from dle_stream.tiling import TileLayout
 from dle_stream.timing import ScanTiming
@@ -119,7 +119,7 @@ class StreamRunner:
         self._pending: list[np.ndarray] = []
         self._pending_index: list[int] = []
         self._arrival: dict[int, float] = {}
-        self._last_image_number: int | None = None
+        self._image_numbers = GapCounter()
         self._last_ts: float | None = None
         self._window_number = 0
         self.latest: WindowEstimate | None = None
@@ -146,8 +146,7 @@ class StreamRunner:
         self._pending.append(tiles)
         self._pending_index.append(event.index)
         self._arrival[event.index] = time.monotonic()
-        filled = self.windows.filled + len(self._pending)
-        due = filled >= self.window and (filled - self.window) % self.hop == 0
+        due = self.windows.due_after(len(self._pending))
         if due or len(self._pending) >= self.encode_every:
             self._encode_pending()
         if not due:
@@ -173,11 +172,10 @@ class StreamRunner:
     def _detect_gap(self, event: FrameEvent) -> None:
         lost = 0
         reason = ""
-        if event.image_number is not None and self._last_image_number is not None:
-            jump = event.image_number - self._last_image_number - 1
-            if jump > 0:
-                lost, reason = jump, f"{jump} image(s) lost before frame {event.index} (image number jumped)"
-        counted = event.image_number is not None and self._last_image_number is not None
+        counted = event.image_number is not None and self._image_numbers.last is not None
+        jump = self._image_numbers.update(event.image_number)
+        if jump > 0:
+            lost, reason = jump, f"{jump} image(s) lost before frame {event.index} (image number jumped)"
         # without image numbers, a step in the timestamps beyond 1.5 frame periods is a gap;
         # with them, consecutive numbers mean nothing was lost (software stamps can bunch)
         if not counted and event.timestamp_s is not None and self._last_ts is not None:
@@ -186,8 +184,6 @@ class StreamRunner:
             if step > GAP_FRAME_PERIODS * period:
                 lost = max(1, round(step / period) - 1)
                 reason = f"{step * 1e3:.0f} ms between frames {event.index - 1} and {event.index} (≈{lost} missing)"
-        if event.image_number is not None:
-            self._last_image_number = event.image_number
         if event.timestamp_s is not None:
             self._last_ts = event.timestamp_s
         if reason:

@@ -247,7 +247,7 @@ def _estimator_for(opts: StreamOptions, timing: ScanTiming, recording: Path | No
     from dle_stream.model_package import load_card, resolve_model
 
     card = load_card(resolve_model(opts.model))
-    if not ScanTiming.from_dict(card.scan_timing).compare(timing).compatible:
+    if not card.timing.compare(timing).compatible:
         raise EstimatorChoiceError(no_model_message(timing, recording, opts.model))
     return make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
 
@@ -351,7 +351,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     dashboard = Dashboard(runner, source=source_desc, model=f"{est.name} · {opts.model}", mode=opts.dashboard,
                           console=console, truth=truth)
     source = MicroManagerSource(core, n_frames=frames, mode="mda", stall_timeout_s=stall_timeout_s)
-    backlog = source._queue.qsize
+    backlog = source.backlog
     try:
         with dashboard:
             for item in source:

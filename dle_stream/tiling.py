@@ -83,11 +83,23 @@ def _positions(start: int, length: int, tile: int, limit: int) -> list[int]:
     return [int(min(max(s, 0), limit - tile)) for s in starts]
 
 
+def tile_boxes(height: int, width: int, tile_h: int, tile_w: int, *,
+               partial_edges: bool = False) -> list[tuple[int, int, int, int]]:
+    """The (row, col, height, width) px boxes of the tile grid of a height × width frame,
+    row by row from the top left. Whole tiles only (the leftover pixels at the right and
+    bottom are not covered), or with ``partial_edges`` smaller tiles there so that the
+    whole frame is covered (the simulator's grid)."""
+    if partial_edges:
+        return [(r, c, min(tile_h, height - r), min(tile_w, width - c))
+                for r in range(0, height, tile_h) for c in range(0, width, tile_w)]
+    return [(r, c, tile_h, tile_w) for r in range(0, height - tile_h + 1, tile_h)
+            for c in range(0, width - tile_w + 1, tile_w)]
+
+
 def grid_layout(height: int, width: int, tile_h: int, tile_w: int) -> TileLayout:
     """Cover the frame with non-overlapping tiles; one region per tile plus "frame"."""
     _check_frame(height, width, tile_h, tile_w)
-    tiles = [Tile(r, c, tile_h, tile_w) for r in range(0, height - tile_h + 1, tile_h)
-             for c in range(0, width - tile_w + 1, tile_w)]
+    tiles = [Tile(*box) for box in tile_boxes(height, width, tile_h, tile_w)]
     covered = (height // tile_h) * tile_h * (width // tile_w) * tile_w
     regions = [Region("frame", (0, 0, height, width), list(range(len(tiles))))]
     return TileLayout(height, width, tiles, regions, uncovered_px=height * width - covered)

@@ -41,10 +41,11 @@ class RollingWindows:
         self.filled += 1
         self.last_frame = frame_index
 
-    @property
-    def due(self) -> bool:
-        """Is a window complete at the newest frame (full, and on the hop grid)?"""
-        return self.filled >= self.window and (self.filled - self.window) % self.hop == 0
+    def due_after(self, pending: int = 0) -> bool:
+        """Is a window complete once ``pending`` more frames (received, not yet pushed)
+        are in: full, and on the hop grid?"""
+        filled = self.filled + pending
+        return filled >= self.window and (filled - self.window) % self.hop == 0
 
     def current(self) -> np.ndarray:
         """The last T features of every tile in time order, [n_tiles, T, *feature_shape]."""

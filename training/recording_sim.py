@@ -25,6 +25,7 @@ import torch
 
 from dle_stream import __version__
 from dle_stream.errors import DleStreamError
+from dle_stream.tiling import tile_boxes
 from dle_stream.timing import ScanTiming
 from dle_stream.training.priors import Preset
 from dle_stream.training.simulator import Simulator, SimulatorState
@@ -79,9 +80,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def tile_grid(height: int, width: int, tile_h: int, tile_w: int) -> list[tuple[int, int, int, int]]:
-    """(r0, c0, h, w) tiles covering a frame; edge tiles are smaller when sizes don't divide."""
-    return [(r0, c0, min(tile_h, height - r0), min(tile_w, width - c0))
-            for r0 in range(0, height, tile_h) for c0 in range(0, width, tile_w)]
+    """(r0, c0, h, w) tiles covering a frame; edge tiles are smaller when sizes don't divide
+    (:func:`dle_stream.tiling.tile_boxes` with ``partial_edges``)."""
+    return tile_boxes(height, width, tile_h, tile_w, partial_edges=True)
 
 
 @dataclass

@@ -105,8 +105,8 @@ class SimulatedScan:
         tile_px: int = 20, chunk_frames: int | None = None, repeat_frames: int | None = None,
         density: str | None = None, priors: dict | None = None, device: str = "cpu",
     ) -> None:
+        from dle_stream.tiling import tile_boxes
         from dle_stream.training.priors import get_preset
-        from dle_stream.training.recording_sim import tile_grid
 
         self.timing = timing
         self.height, self.width = timing.height_px, timing.width_px
@@ -122,7 +122,7 @@ class SimulatedScan:
                 raise DleStreamError(f"demo camera: bad simulator prior override ({exc})") from None
         self.seed = int(seed)
         self.device = device
-        self.tiles = tile_grid(self.height, self.width, tile_px, tile_px)
+        self.tiles = tile_boxes(self.height, self.width, tile_px, tile_px, partial_edges=True)
         if chunk_frames is None:
             chunk_frames = DEFAULT_CHUNK_FRAMES
         if chunk_frames < 1:

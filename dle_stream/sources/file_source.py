@@ -81,12 +81,6 @@ class FileSource:
     def __len__(self) -> int:
         return self.stop_frame - self.start
 
-    def describe(self) -> dict:
-        """A JSON-able description for the Zarr log's attributes."""
-        return {"kind": "file", "path": str(self.recording.path), "format": self.recording.format,
-                "frames": [self.start, self.stop_frame], "realtime": self.realtime,
-                "timestamps": self.timestamps_from}
-
     def stop(self) -> None:
         """End the replay after the current frame (also wakes a real-time wait)."""
         self._stopping.set()

@@ -159,14 +159,10 @@ class MicroManagerSource:
         """True between :meth:`start` and the end of the acquisition."""
         return self._started and not self._done.is_set()
 
-    def describe(self) -> dict:
-        """A JSON-able description for the Zarr log's attributes."""
-        try:
-            camera = self.core.getCameraDevice()
-        except Exception:  # pragma: no cover
-            camera = ""
-        return {"kind": "micro-manager", "mode": self.effective_mode, "requested_mode": self.mode,
-                "camera": camera, "n_frames": self.n_frames, "queue_size": self.queue_size}
+    def backlog(self) -> int:
+        """Frames received from the camera and waiting to be taken (the live runner skips a
+        window when more than a hop of frames wait)."""
+        return self._queue.qsize()
 
     # ----------------------------------------------------------- the O(1) end
     def put_frame(self, image: np.ndarray, camera_metadata: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
