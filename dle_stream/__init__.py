@@ -2,7 +2,8 @@
 raster-scanned (two-photon / confocal) microscope movies with a deep-learning estimator.
 
 The Python API (:mod:`dle_stream.api`): :func:`estimate` (a movie array),
-:func:`estimate_recording` (a file), :func:`stream` (window results as they are made).
+:func:`estimate_recording` (a file), :func:`stream` (window results as they are made),
+:func:`open_log` (a run log as an xarray Dataset of its committed windows).
 It is imported on first use, so ``import dle_stream`` stays light (no torch).
 """
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
         WindowResult,
         estimate,
         estimate_recording,
+        open_log,
         stream,
     )
     from dle_stream.results import ResultTable
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "estimate": "dle_stream.api",
     "estimate_recording": "dle_stream.api",
+    "open_log": "dle_stream.api",
     "stream": "dle_stream.api",
     "Estimates": "dle_stream.api",
     "EstimateStream": "dle_stream.api",
@@ -49,6 +52,7 @@ __all__ = [
     "__version__",
     "estimate",
     "estimate_recording",
+    "open_log",
     "stream",
 ]
 

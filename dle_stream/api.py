@@ -62,6 +62,7 @@ __all__ = [
     "WindowResult",
     "estimate",
     "estimate_recording",
+    "open_log",
     "stream",
 ]
 
@@ -552,6 +553,34 @@ def stream(source: Any, timing: ScanTiming | None = None, *, model: str = DEFAUL
     return EstimateStream(source, timing, model=model, rois=rois, window=window, hop=hop,
                           combine_windows=combine_windows, estimator=estimator, device=device, channel=channel,
                           realtime=realtime)
+
+
+def open_log(path: str | os.PathLike) -> Any:
+    """A run log (``--log RUN.zarr``) as an :class:`xarray.Dataset` of its committed windows.
+
+    Only windows the writer committed are there: a log whose run was killed, or is still
+    running, shows every window it reported and no half-written one. D and its intervals
+    are in µm²/s: ``d``, ``sigma``, ``lo68``, ``hi68``, ``lo95``, ``hi95`` [window, tile],
+    with ``p_above`` and ``flags`` (:class:`~dle_stream.events.EstimateFlag` bits). The
+    coordinates are the window's frames and times (``time_s``, the middle of the window in
+    acquisition time, s, is indexed), each tile's box in pixels (``row``, ``col``,
+    ``height``, ``width``) and ROI membership (``in_roi`` [roi, tile])::
+
+        ds = dle.open_log("run.zarr")
+        ds.d.sel(tile=3)                                   # one tile's D over time
+        ds.d.sel(tile=ds.in_roi.sel(roi="vessel"))         # the tiles of an ROI
+
+    Needs xarray (``pip install xarray``). The low-level reader is
+    :func:`dle_stream.zarr_log.open_log` (numpy arrays, no xarray).
+
+    Raises:
+        DleStreamError: ``path`` is missing or not a run log, or xarray is not installed.
+    """
+    from dle_stream.results import require_xarray
+    from dle_stream.zarr_log import open_log as open_log_view
+
+    require_xarray("open_log")
+    return open_log_view(Path(path).expanduser()).to_xarray()
 
 
 # ------------------------------------------------------------------- checks

@@ -24,7 +24,20 @@ import numpy as np
 from dle_stream.errors import DleStreamError
 from dle_stream.events import flag_names
 
-__all__ = ["ResultTable", "flag_text"]
+__all__ = ["ResultTable", "flag_text", "require_xarray"]
+
+
+def require_xarray(what: str) -> Any:
+    """The ``xarray`` module, or a one-line :class:`DleStreamError` saying how to install it.
+
+    xarray is optional (not a dependency of dle-stream); ``what`` names the call that needs it.
+    """
+    try:
+        import xarray
+    except ImportError:
+        raise DleStreamError(f"{what} needs xarray, which is not installed; install it (pip install xarray)"
+                             + (" or use to_pandas()" if what == "to_xarray" else "")) from None
+    return xarray
 
 
 def flag_text(bits: int) -> str:
@@ -120,11 +133,7 @@ class ResultTable:
         window's ``frame_start``, the tile's ``row``); the others are data variables over
         all the dims. The rows must cover every combination of the dims' values once.
         """
-        try:
-            import xarray  # noqa: F401
-        except ImportError:
-            raise DleStreamError("to_xarray needs xarray, which is not installed; install it (pip install xarray) "
-                                 "or use to_pandas()") from None
+        require_xarray("to_xarray")
         frame = self.to_pandas()
         if self.dims:
             frame = frame.set_index(list(self.dims))

@@ -1,9 +1,10 @@
 """The run log: every window estimate and every frame's timestamps, in one Zarr v3 group.
 
-Layout of a log (``<path>/``, a Zarr v3 group; open it with plain ``zarr`` or with
-``xarray.open_zarr(path, consolidated=False)`` thanks to the dimension names)::
+Layout of a log (``<path>/``, a Zarr v3 group; open it with plain ``zarr``, with plain
+``xarray.open_zarr(path)`` thanks to the dimension names, or as a labelled
+:class:`xarray.Dataset` of the committed windows with :func:`dle_stream.open_log`)::
 
-    attrs   dle_stream          {"kind": "run_log", "format_version": 1}
+    attrs   dle_stream          {"kind": "run_log", "format_version": 3}
             committed_windows   rows of the window arrays that hold complete data
             committed_frames    rows of the frame arrays that hold complete data
             committed_gaps      rows of ``gaps`` that hold complete data
@@ -12,6 +13,7 @@ Layout of a log (``<path>/``, a Zarr v3 group; open it with plain ``zarr`` or wi
                                 each --append): offsets, first rows, start time, its attrs
             ...                 whatever the caller passed as ``attrs`` when the log was
                                 created (software version, model card, scan timing, ...)
+                                (the schema: :class:`dle_stream.log_attrs.LogAttrs`)
     window      int64   [window]         running window number
     d           float32 [window, tile]   D̂, µm²/s (NaN: no estimate)
     sigma       float32 [window, tile]   σ̂, µm²/s
@@ -40,7 +42,15 @@ are written *after* the data, and only the rows below them are meaningful: an ar
 be longer for a moment while a flush is under way, or after a run was killed in one.
 Zarr's local store writes every file atomically (temporary file, then rename), so a run
 killed at any instant leaves a store that opens and holds every committed row.
-Metadata is never consolidated (a live reader would see stale shapes).
+
+The commit is one atomic write of the root ``zarr.json`` (:func:`_write_root`): the
+committed counts *and* the consolidated metadata of every array at its committed length,
+copied from the arrays' own ``zarr.json`` after the data was written. A reader that uses
+the consolidated metadata (plain ``xarray.open_zarr``, ``zarr.open_group``) therefore sees
+exactly the committed rows, never a half-written flush and never a stale shape; the
+writer and :class:`LogView` read the arrays' own metadata (``use_consolidated=False``)
+and cut at the committed counts. Logs of format 2 have no consolidated metadata; they
+read the same way (``xarray.open_zarr(path, consolidated=False)``).
 """
 
 from __future__ import annotations
@@ -60,14 +70,11 @@ import zarr
 
 from dle_stream.errors import DleStreamError
 from dle_stream.events import WindowEstimate
+from dle_stream.files import write_atomic
 from dle_stream.likelihood import DGrid
+from dle_stream.log_attrs import LOG_FORMAT_VERSION, RESERVED_ATTRS, LogAttrs, LogRoi, LogSegment, is_log_marker
 
 __all__ = ["LogView", "ZarrLog", "open_log", "LOG_FORMAT_VERSION"]
-
-LOG_FORMAT_VERSION = 2
-_MARKER = {"kind": "run_log", "format_version": LOG_FORMAT_VERSION}
-_RESERVED_ATTRS = ("dle_stream", "committed_windows", "committed_frames", "committed_gaps",
-                   "rois", "segments")
 
 WINDOW_CHUNK = 256     # windows per chunk (all tiles in one chunk)
 FRAME_CHUNK = 4096     # frames per chunk
@@ -187,19 +194,39 @@ def _attrs(node: zarr.Group | zarr.Array) -> Mapping[str, Any]:
 
 
 def _is_log(group: zarr.Group) -> bool:
-    marker = group.attrs.get("dle_stream")
-    return isinstance(marker, dict) and marker.get("kind") == "run_log"
+    return is_log_marker(group.attrs.get("dle_stream"))
 
 
 def _open_group(path: Path, mode: Literal["r", "r+", "a", "w", "w-"]) -> zarr.Group | None:
-    """The Zarr group at ``path``, or None if there is none (or it is no group)."""
+    """The Zarr group at ``path``, or None if there is none (or it is no group).
+
+    The arrays' own metadata is read, not the consolidated copy in the root document: the
+    writer must see the true shapes (a killed flush may have grown an array past the
+    commit), and readers cut at the committed counts anyway."""
     try:
-        node = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
+        node = zarr.open_group(store=str(path), mode=mode, zarr_format=3, use_consolidated=False)
     except PermissionError:
         raise
     except Exception:  # noqa: BLE001 - zarr raises many kinds of errors for a broken store
         return None
     return node
+
+
+def _write_root(path: Path, attrs: LogAttrs) -> None:
+    """Commit: write the root ``zarr.json`` with ``attrs`` and the consolidated metadata of
+    every array, in one atomic file write (:func:`dle_stream.files.write_atomic`).
+
+    The consolidated metadata is each array's own ``zarr.json`` as it is on disk now; the
+    caller has resized every array to its committed length before, so a reader that uses
+    the consolidated metadata sees the committed rows and nothing else. The document is
+    that of a Zarr v3 group with inline consolidated metadata, as ``zarr.consolidate_metadata``
+    writes it.
+    """
+    members = {name: json.loads((path / name / "zarr.json").read_bytes()) for name in _ALL_ARRAYS}
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": _jsonable(attrs.to_json()),
+           "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": members}}
+    text = json.dumps(doc, indent=1, allow_nan=True)
+    write_atomic(path / "zarr.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------- writer
@@ -219,21 +246,23 @@ class ZarrLog:
     Acquisition times (``t_start_s``, ``timestamp_s``) are stored as given.
     """
 
-    def __init__(self, group: zarr.Group, path: Path, *, flush_interval_s: float = 1.0,
+    def __init__(self, group: zarr.Group, path: Path, header: LogAttrs, *, flush_interval_s: float = 1.0,
                  window_offset: int = 0, frame_offset: int = 0):
-        """Use :meth:`ZarrLog.create`; this wraps an already prepared group."""
+        """Use :meth:`ZarrLog.create`; this wraps an already prepared group whose root
+        attributes on disk are ``header``."""
         self.path = Path(path)
         self.flush_interval_s = float(flush_interval_s)
         self.window_offset = int(window_offset)
         self.frame_offset = int(frame_offset)
         self._group = group
+        self._header = header
         self._arrays: dict[str, zarr.Array] = {name: _array(group, name) for name in _ALL_ARRAYS}
         self.tile_bbox = np.asarray(self._arrays["tile_bbox"][:], dtype=np.int32)
         self.n_tiles = int(self.tile_bbox.shape[0])
         self._committed = {
-            "windows": int(_attrs(group)["committed_windows"]),
-            "frames": int(_attrs(group)["committed_frames"]),
-            "gaps": int(_attrs(group)["committed_gaps"]),
+            "windows": header.committed_windows,
+            "frames": header.committed_frames,
+            "gaps": header.committed_gaps,
         }
         self._gap_kinds: list[str] = list(_attrs(self._arrays["gaps"]).get("kinds", []))
         self._gap_kinds_written = len(self._gap_kinds)
@@ -293,7 +322,7 @@ class ZarrLog:
         bboxes = bboxes.astype(np.int32)
         rois_n = _normalize_rois(rois, bboxes.shape[0])
         user_attrs = _jsonable(dict(attrs or {}))
-        clash = [k for k in user_attrs if k in _RESERVED_ATTRS]
+        clash = [k for k in user_attrs if k in RESERVED_ATTRS]
         if clash:
             raise ValueError(f"log attrs {clash} are reserved for the log itself")
 
@@ -315,19 +344,19 @@ class ZarrLog:
                 assert group is not None  # is_log
                 return cls._reopen(group, path, bboxes, rois_n, user_attrs, flush_interval_s)
         try:
-            group = cls._new_store(path, bboxes, rois_n, user_attrs, grid or DGrid(), float(d_max_um2_s),
-                                   overwrite=exists)
+            group, header = cls._new_store(path, bboxes, rois_n, user_attrs, grid or DGrid(), float(d_max_um2_s),
+                                           overwrite=exists)
         except DleStreamError:
             raise
         except OSError as exc:
             raise DleStreamError(
                 f"cannot write the run log at {path} ({exc.strerror or exc}); "
                 f"choose a writable location with --log") from exc
-        return cls(group, path, flush_interval_s=flush_interval_s)
+        return cls(group, path, header, flush_interval_s=flush_interval_s)
 
     @staticmethod
     def _new_store(path: Path, bboxes: np.ndarray, rois: list[dict], user_attrs: dict, grid: DGrid,
-                   d_max_um2_s: float, *, overwrite: bool) -> zarr.Group:
+                   d_max_um2_s: float, *, overwrite: bool) -> tuple[zarr.Group, LogAttrs]:
         # The marker and committed counts go in last: a store whose creation was cut
         # short is not taken for a log.
         group = zarr.open_group(store=str(path), mode="w" if overwrite else "w-",
@@ -368,23 +397,23 @@ class ZarrLog:
             dimension_names=("tile", "bbox"),
             attributes={"description": "tile bounding boxes in the frame, px", "fields": BBOX_FIELDS})
         tb[...] = bboxes
-        group.update_attributes({
-            "rois": rois,
-            "segments": [{"opened": _now_iso(), "first_window_row": 0, "first_frame_row": 0,
-                          "window_offset": 0, "frame_offset": 0}],
-            "committed_windows": 0, "committed_frames": 0, "committed_gaps": 0,
-            "dle_stream": dict(_MARKER),
-        })
-        return group
+        header = LogAttrs(rois=tuple(LogRoi.from_json(r) for r in rois), segments=(LogSegment(_now_iso()),),
+                          run=user_attrs)
+        _write_root(path, header)
+        return group, header
 
     @classmethod
     def _reopen(cls, group: zarr.Group, path: Path, bboxes: np.ndarray, rois: list[dict],
                 user_attrs: dict, flush_interval_s: float) -> "ZarrLog":
         try:
             missing = [n for n in _ALL_ARRAYS if n not in group]
-            if missing or any(k not in group.attrs for k in ("committed_windows", "committed_frames")):
+            try:
+                old_header = LogAttrs.from_json(group.attrs.asdict())
+            except ValueError as exc:
+                missing.append(f"readable attributes: {exc}")
+            if missing:
                 raise DleStreamError(
-                    f"run log {path} is incomplete (missing {missing or 'committed counts'}); "
+                    f"run log {path} is incomplete (missing {', '.join(missing)}); "
                     f"use --overwrite or choose another --log path")
             old = np.asarray(_array(group, "tile_bbox")[:])
             if old.shape != bboxes.shape or not np.array_equal(old, bboxes):
@@ -392,9 +421,8 @@ class ZarrLog:
                     f"run log {path} has a different tile geometry ({old.shape[0]} tiles) than this run "
                     f"({bboxes.shape[0]} tiles, or other positions); --append needs the same tiles: "
                     f"use --overwrite or choose another --log path")
-            cw = int(_attrs(group)["committed_windows"])
-            cf = int(_attrs(group)["committed_frames"])
-            cg = int(_attrs(group).get("committed_gaps", 0))
+            _check_same_settings(path, dict(old_header.run), user_attrs)
+            cw, cf, cg = old_header.committed_windows, old_header.committed_frames, old_header.committed_gaps
             # Drop anything a killed flush wrote past the committed rows.
             for name in _WINDOW_ARRAYS:
                 arr = _array(group, name)
@@ -405,7 +433,6 @@ class ZarrLog:
                     _array(group, name).resize((cf,))
             if _array(group, "gaps").shape[0] != cg:
                 _array(group, "gaps").resize((cg, 3))
-            _check_same_settings(path, group.attrs.asdict(), user_attrs)
             window_offset = int(np.asarray(_array(group, "window")[cw - 1])) + 1 if cw else 0
             logged_until = int(np.asarray(_array(group, "frame_index")[cf - 1])) + 1 if cf else 0
             last_stop = int(np.max(_array(group, "frame_stop")[:cw])) if cw else 0
@@ -420,19 +447,18 @@ class ZarrLog:
                 # a new acquisition continues the log: its frames are numbered on after the old ones
                 frame_offset = max(logged_until, last_stop)
                 logged_until = 0
-            segments = list(_attrs(group).get("segments", []))
-            segments.append({"opened": _now_iso(), "first_window_row": cw, "first_frame_row": cf,
-                             "window_offset": window_offset, "frame_offset": frame_offset,
-                             "attrs": user_attrs})
-            update: dict[str, Any] = {"segments": segments, "committed_gaps": cg}
-            if rois and rois != group.attrs.get("rois"):
-                update["rois"] = rois
-            group.update_attributes(update)
+            segment = LogSegment(_now_iso(), cw, cf, window_offset, frame_offset, user_attrs)
+            new_rois = tuple(LogRoi.from_json(r) for r in rois)
+            # appending writes the current format (a format-2 log gains its consolidated metadata)
+            header = old_header.replace(segments=(*old_header.segments, segment),
+                                        rois=new_rois if new_rois else old_header.rois,
+                                        format_version=LOG_FORMAT_VERSION)
+            _write_root(path, header)
         except OSError as exc:
             raise DleStreamError(
                 f"cannot write the run log at {path} ({exc.strerror or exc}); "
                 f"choose a writable location with --log") from exc
-        log = cls(group, path, flush_interval_s=flush_interval_s,
+        log = cls(group, path, header, flush_interval_s=flush_interval_s,
                   window_offset=window_offset, frame_offset=frame_offset)
         log.resume_frame = resume_frame
         log.logged_until = logged_until
@@ -593,11 +619,10 @@ class ZarrLog:
             "frames": self._committed["frames"] + len(self._frames),
             "gaps": self._committed["gaps"] + len(self._gaps),
         }
-        self._group.update_attributes({
-            "committed_windows": counts["windows"],
-            "committed_frames": counts["frames"],
-            "committed_gaps": counts["gaps"],
-        })
+        header = self._header.replace(committed_windows=counts["windows"], committed_frames=counts["frames"],
+                                      committed_gaps=counts["gaps"])
+        _write_root(self.path, header)
+        self._header = header
         self._committed = counts
 
     def close(self) -> None:
@@ -632,11 +657,14 @@ class LogView:
     def __init__(self, group: zarr.Group, path: Path):
         self.path = Path(path)
         self._group = group
-        self.attrs: dict = _jsonable(group.attrs.asdict())
-        self.n_windows = int(self.attrs["committed_windows"])
-        self.n_frames = int(self.attrs["committed_frames"])
-        self.n_gaps = int(self.attrs.get("committed_gaps", 0))
-        self.rois: list[dict] = list(self.attrs.get("rois", []))
+        #: the root attributes, typed (:class:`~dle_stream.log_attrs.LogAttrs`)
+        self.header = LogAttrs.from_json(group.attrs.asdict())
+        #: the same as plain JSON (the run's metadata and the log's own keys, flat)
+        self.attrs: dict = _jsonable(self.header.to_json())
+        self.n_windows = self.header.committed_windows
+        self.n_frames = self.header.committed_frames
+        self.n_gaps = self.header.committed_gaps
+        self.rois: list[dict] = [r.to_json() for r in self.header.rois]
         self.tile_bbox = np.asarray(_array(group, "tile_bbox")[:])
         self.n_tiles = int(self.tile_bbox.shape[0])
         self.gap_kinds: list[str] = list(_attrs(_array(group, "gaps")).get("kinds", []))
@@ -694,6 +722,70 @@ class LogView:
             for f, n, k in self.gaps
         ]
 
+    def to_xarray(self) -> Any:
+        """The committed records as an :class:`xarray.Dataset` (needs xarray, an optional package).
+
+        Variables keep the log's names and units (``d``, ``sigma``, ``lo68``, ``hi68``,
+        ``lo95``, ``hi95`` in µm²/s, ``p_above``, ``flags`` [window, tile];
+        ``log_likelihood`` [window, tile, d_grid]; ``timestamp_s``, ``image_number`` [frame]);
+        only the committed rows are there (the counts when this view was opened). Coordinates:
+
+        - ``window`` (running number), ``frame_start``, ``frame_stop``, ``t_start_s``,
+          ``t_stop_s`` (acquisition time, s), ``wall_time`` (Unix time, s) and ``time_s``,
+          the middle of the window in acquisition time (indexed: ``sel(time_s=...)``);
+        - ``tile`` (0..n-1) with its box ``row``, ``col``, ``height``, ``width`` (px);
+        - ``roi`` (names) with ``roi_row``, ``roi_col``, ``roi_height``, ``roi_width`` (px)
+          and ``in_roi`` [roi, tile] (True for the tiles covering the ROI):
+          ``ds.d.sel(tile=ds.in_roi.sel(roi="vessel"))``;
+        - ``frame_index`` (indexed) on the frame axis, ``d_grid`` (µm²/s) on the likelihood's.
+
+        Gaps are ``gap_frame_index``, ``gap_n_lost`` and ``gap_kind`` (text) [gap]; ``flags``
+        carries CF ``flag_masks``/``flag_meanings``. The arrays are read when first used
+        (``ds.load()`` reads them all); ``ds.attrs`` holds the run's metadata.
+        """
+        from dle_stream.events import EstimateFlag
+        from dle_stream.results import require_xarray
+
+        xr = require_xarray("open_log")
+        # xarray's own zarr reader (lazy), cut at this view's committed counts: arrays only grow
+        # past them (a flush under way, or a killed one), so every row kept is complete
+        ds = xr.open_zarr(self.path, consolidated=False, chunks=None, zarr_format=3)
+        ds = ds.isel(window=slice(0, self.n_windows), frame=slice(0, self.n_frames), gap=slice(0, self.n_gaps))
+        gaps = self.gap_records()
+        ds = ds.drop_vars(["gaps", "tile_bbox"]).drop_dims(["gap_field", "bbox"], errors="ignore")
+        ds = ds.set_coords(["frame_start", "frame_stop", "t_start_s", "t_stop_s", "wall_time", "frame_index"])
+        bbox = self.tile_bbox.reshape(-1, 4)
+        px = {"units": "px"}
+        roi_box = np.array([r["bbox"] for r in self.rois], dtype=np.int64).reshape(-1, 4)
+        in_roi = np.zeros((len(self.rois), self.n_tiles), dtype=bool)
+        for i, roi in enumerate(self.rois):
+            in_roi[i, roi["tiles"]] = True
+        t_start, t_stop = self.t_start_s, self.t_stop_s
+        ds = ds.assign_coords(
+            time_s=("window", (t_start + t_stop) / 2,
+                    {"units": "s", "description": "middle of the window in acquisition time"}),
+            tile=("tile", np.arange(self.n_tiles), {"description": "tile number"}),
+            row=("tile", bbox[:, 0], px), col=("tile", bbox[:, 1], px),
+            height=("tile", bbox[:, 2], px), width=("tile", bbox[:, 3], px),
+            roi=("roi", np.array([str(r["name"]) for r in self.rois], dtype=object)),
+            roi_row=("roi", roi_box[:, 0], px), roi_col=("roi", roi_box[:, 1], px),
+            roi_height=("roi", roi_box[:, 2], px), roi_width=("roi", roi_box[:, 3], px),
+            in_roi=(("roi", "tile"), in_roi, {"description": "the tile is one of those covering the ROI"}),
+        )
+        ds = ds.set_xindex("time_s").set_xindex("frame_index")
+        ds = ds.assign(
+            gap_frame_index=("gap", np.array([g["frame_index"] for g in gaps], dtype=np.int64),
+                             {"description": "frame at which the gap was seen"}),
+            gap_n_lost=("gap", np.array([g["n_lost"] for g in gaps], dtype=np.int64),
+                        {"description": "frames lost (-1: unknown)"}),
+            gap_kind=("gap", np.array([g["kind"] for g in gaps], dtype=object)),
+        )
+        masks = [int(f.value) for f in EstimateFlag if f.value]
+        ds["flags"].attrs.update(flag_masks=masks, flag_meanings=" ".join(
+            (f.name or "").lower() for f in EstimateFlag if f.value))
+        ds.attrs = dict(self.attrs)
+        return ds
+
     def __repr__(self) -> str:
         return (f"LogView({str(self.path)!r}, windows={self.n_windows}, tiles={self.n_tiles}, "
                 f"frames={self.n_frames}, gaps={self.n_gaps})")
@@ -718,5 +810,5 @@ def open_log(path: str | os.PathLike) -> LogView:
             f"check the path (a folder written by --log)")
     try:
         return LogView(group, path)
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, TypeError, OSError) as exc:
         raise DleStreamError(f"run log {path} is damaged or incomplete ({exc}); it cannot be read") from exc

@@ -100,9 +100,13 @@ def test_round_trip_three_flushes(tmp_path):
     assert group["d"].attrs["units"] == "µm²/s"
     assert group["d"].dtype == np.float32 and group["flags"].dtype == np.uint8
     assert group["frame_index"].dtype == np.int64 and group["tile_bbox"].dtype == np.int32
-    # never consolidated, no per-record data in attributes
+    # the root document's consolidated metadata describes the committed rows exactly (written
+    # with the committed counts, in the same write); no per-record data in attributes
     meta = json.loads((path / "zarr.json").read_text())
-    assert "consolidated_metadata" not in meta or meta["consolidated_metadata"] is None
+    shapes = {name: node["shape"] for name, node in meta["consolidated_metadata"]["metadata"].items()}
+    assert shapes["d"] == [12, 3] and shapes["window"] == [12] and shapes["timestamp_s"] == [30]
+    assert shapes["gaps"] == [1, 3] and shapes["log_likelihood"][:2] == [12, 3]
+    assert meta["attributes"]["dle_stream"] == {"kind": "run_log", "format_version": 3}
     assert len(json.dumps(meta["attributes"])) < 2000
 
 
@@ -152,8 +156,10 @@ def test_count_is_written_after_the_data(tmp_path, monkeypatch):
         log.flush()
     assert order[-1] == "commit" and {"d", "sigma", "frame_index"} <= set(order[:-1])
 
-    # the data of windows 3..5 is on disk, but a reader sees only the committed ones
-    assert zarr.open_group(str(path), mode="r")["d"].shape[0] == 6
+    # the data of windows 3..5 is on disk (the arrays' own metadata says 6 rows), but a reader
+    # sees only the committed ones: ours, and plain zarr through the root's consolidated metadata
+    assert zarr.open_group(str(path), mode="r", use_consolidated=False)["d"].shape[0] == 6
+    assert zarr.open_group(str(path), mode="r")["d"].shape[0] == 3
     view = open_log(path)
     assert view.n_windows == 3 and view.d.shape == (3, 3) and view.n_frames == 3
     np.testing.assert_array_equal(view.window, [0, 1, 2])
