@@ -55,6 +55,8 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
     bad = [e for e in estimators if e not in ALL_ESTIMATORS]
     if bad or not estimators:
         raise DleStreamError(f"--estimators {','.join(estimators)}: choose from {','.join(ALL_ESTIMATORS)}")
+    if suite not in SUITE_MODELS:
+        raise DleStreamError(f"--suite {suite}: no such suite; use --suite {', '.join(SUITE_MODELS)} or combine")
     if n < 2:
         raise DleStreamError(f"--n {n}: need at least 2 movies")
     preset = get_preset(suite)

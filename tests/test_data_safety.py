@@ -405,3 +405,9 @@ def test_models_piped_keeps_whole_names_and_paths(tmp_path, small_model, monkeyp
 
 def test_format_suffix_error_names_the_flag(tmp_path):
     one_line_error(runner.invoke(app, ["simulate", str(tmp_path / "rec.avi"), *SIM]), "rec.avi", "--format")
+
+
+def test_an_unknown_bench_suite_names_the_suite_flag(tmp_path):
+    text = one_line_error(runner.invoke(app, ["bench", "--suite", "mid", "--n", "2", "--out", str(tmp_path / "b")]),
+                          "--suite mid", "--suite low, high or combine")
+    assert "--preset" not in text
