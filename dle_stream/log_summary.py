@@ -201,6 +201,7 @@ def render_summary(path: str | os.PathLike):
     """A rich renderable for ``dle-stream log show``: run facts, then tiles and ROIs."""
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text  # user text (paths, ROI names) is printed literally, never as markup
 
     view = open_log(path)
     rows = _summarize(view)
@@ -209,12 +210,13 @@ def render_summary(path: str | os.PathLike):
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
-    facts.add_row("log", str(view.path))
-    for key, label in (("start_time", "started"), ("estimator", "estimator"),
+    facts.add_row("log", Text(str(view.path)))
+    # runs record "software" ("dle-stream X.Y"); logs written by hand may say "software_version"
+    for key, label in (("start_time", "started"), ("estimator", "estimator"), ("software", "software"),
                        ("software_version", "software"), ("source", "source")):
-        if key in attrs:
+        if key in attrs and not (key == "software_version" and "software" in attrs):
             value = attrs[key]
-            facts.add_row(label, value if isinstance(value, str) else str(value))
+            facts.add_row(label, Text(value if isinstance(value, str) else str(value)))
     span = ""
     if view.n_windows:
         span = f", frames {int(view.frame_start.min())}–{int(view.frame_stop.max())}"
@@ -245,7 +247,7 @@ def render_summary(path: str | os.PathLike):
             flagged = "–" if not math.isfinite(r["flagged_share"]) else f"{100 * r['flagged_share']:.0f}%"
             combined = report.estimate_text(r["posterior"], (), disagree=r["disagree"],
                                             tile_range=tuple(r["tile_range_um2_s"]) if kind == "roi" else None)
-            t.add_row(name, ", ".join(str(v) for v in r["bbox"]), str(r["n_windows"]),
+            t.add_row(Text(name), ", ".join(str(v) for v in r["bbox"]), str(r["n_windows"]),
                       _pm(r["last_d_um2_s"], r["last_sigma_um2_s"]), combined, flagged)
         return t
 

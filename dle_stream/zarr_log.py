@@ -178,7 +178,8 @@ def _check_same_settings(path: Path, old: dict, new: dict) -> None:
     if old.get("mode") == "replay" and new.get("mode") == "replay" and old.get("source") != new.get("source"):
         differ.append(f"the recording ({old.get('source')} then, {new.get('source')} now)")
     if differ:
-        raise DleStreamError(f"run log {path} was written with other settings: {'; '.join(differ)} differ; "
+        raise DleStreamError(f"run log {path} was written with other settings: {'; '.join(differ)} "
+                             f"{'differs' if len(differ) == 1 else 'differ'}; "
                              f"--append needs the same ones, or choose another --log path")
 
 

@@ -360,6 +360,34 @@ def test_summary_combines_independent_windows_and_disjoint_tiles(tmp_path):
     assert "vessel" in text and re.search(r"tiles disagree: 1\.(19|20)\d*–3\.00", text) and "4 committed × 3 tiles" in text
 
 
+def test_log_show_names_the_software_as_runs_record_it(tmp_path):
+    """replay and run record ``software`` ("dle-stream X.Y"); log show printed only ``software_version``."""
+    from rich.console import Console
+
+    path = tmp_path / "run.zarr"
+    ZarrLog.create(path, tile_bboxes=BBOXES, attrs={"software": "dle-stream 9.9.9", "estimator": "dle",
+                                                     "source": "rec.tif"}).close()
+    console = Console(file=io.StringIO(), width=160, force_terminal=True, color_system=None)
+    console.print(render_summary(path))
+    text = console.file.getvalue()
+    assert re.search(r"software\s+dle-stream 9\.9\.9", text), text
+    assert re.search(r"source\s+rec\.tif", text), text
+
+
+def test_log_show_prints_bracketed_paths_and_roi_names_literally(tmp_path):
+    """Rich markup used to eat "[raw]" in a source path and "[b]" in an ROI name (issue 15 item 7)."""
+    from rich.console import Console
+
+    path = tmp_path / "data[raw]" / "run.zarr"
+    path.parent.mkdir()
+    ZarrLog.create(path, tile_bboxes=BBOXES, rois=[{"name": "a[b]c", "bbox": [0, 0, 20, 20], "tiles": [0]}],
+                   attrs={"source": "data[raw]/rec.tif", "estimator": "dle"}).close()
+    console = Console(file=io.StringIO(), width=200, force_terminal=True, color_system=None)
+    console.print(render_summary(path))
+    text = console.file.getvalue()
+    assert "data[raw]/rec.tif" in text and "a[b]c" in text and str(path) in text, text
+
+
 def test_export_csv(tmp_path):
     path = tmp_path / "run.zarr"
     with new_log(path) as log:
