@@ -190,7 +190,11 @@ class DiffusionEstimator:
             arr = np.asarray(data)
             if arr.dtype.kind not in "biuf":
                 raise DleStreamError(f"{what}: expected numbers, got an array of {arr.dtype}")
-            x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            if arr.dtype != np.float32 or any(s < 0 or s % arr.itemsize for s in arr.strides):
+                arr = np.ascontiguousarray(arr, dtype=np.float32)
+            # float32 with any positive strides (a stream's window: a view into its ring buffer)
+            # is shared, not copied; torch copies what a kernel needs contiguous, chunk by chunk
+            x = torch.from_numpy(arr)
         if not x.is_floating_point() or x.dtype != torch.float32:
             x = x.float()
         return x.to(self.device)

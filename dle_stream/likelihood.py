@@ -334,18 +334,19 @@ def posterior(log_likelihood: np.ndarray, grid: DGrid, d_max_um2_s: float) -> Po
     p_above = above / total
     lower95 = _quantile(_cdf(dens * np.where(x <= 1.0, 0.5, 0.5 / (2 * grid.top - 1.0)), x) / total[:, None], x, 0.05)
 
-    # operating range [0, 1]
+    # operating range [0, 1] (boolean indexing makes a column-ordered copy; the sums over it
+    # below depend on that order in their last bits, so it is kept)
     inr = x <= 1.0 + 1e-12
     xo = x[inr]
+    dens_in = dens[:, inr]
     wo = _trapezoid_weights(xo)
-    mo = dens[:, inr] * wo
+    mo = dens_in * wo
     zo = mo.sum(axis=1)
     po = mo / zo[:, None]
-    median = _quantile(_cdf(dens[:, inr], xo) / zo[:, None], xo, 0.5)
+    median = _quantile(_cdf(dens_in, xo) / zo[:, None], xo, 0.5)
     mean = (po * xo).sum(axis=1)
     std = np.sqrt(np.maximum((po * xo**2).sum(axis=1) - mean**2, 0.0))
-    lo68, hi68 = _hpd(po, dens[:, inr], xo, 0.6827)
-    lo95, hi95 = _hpd(po, dens[:, inr], xo, 0.9545)
+    (lo68, hi68), (lo95, hi95) = _hpd_levels(po, dens_in, xo, (0.6827, 0.9545))
 
     def out(a: np.ndarray, scale: float = d_max_um2_s) -> np.ndarray:
         a = np.where(bad, np.nan, a * scale)
@@ -368,8 +369,10 @@ def _trapezoid_weights(x: np.ndarray) -> np.ndarray:
 
 def _cdf(density: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Cumulative trapezoid integral of ``density`` [N, F] over ``x`` [F], 0 at x[0]."""
-    steps = 0.5 * (density[:, 1:] + density[:, :-1]) * np.diff(x)[None]
-    return np.concatenate([np.zeros((density.shape[0], 1)), np.cumsum(steps, axis=1)], axis=1)
+    out = np.empty(density.shape)
+    out[:, 0] = 0.0
+    np.cumsum(0.5 * (density[:, 1:] + density[:, :-1]) * np.diff(x)[None], axis=1, out=out[:, 1:])
+    return out
 
 
 def _quantile(cdf: np.ndarray, x: np.ndarray, q: float) -> np.ndarray:
@@ -387,11 +390,21 @@ def _quantile(cdf: np.ndarray, x: np.ndarray, q: float) -> np.ndarray:
 def _hpd(p: np.ndarray, dens: np.ndarray, x: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     """Highest-density interval: the points of highest density holding ``level`` of the
     mass; returned as [min, max] of those points (one interval; exact for unimodal rows)."""
+    return _hpd_levels(p, dens, x, (level,))[0]
+
+
+def _hpd_levels(p: np.ndarray, dens: np.ndarray, x: np.ndarray,
+                levels: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_hpd` for several levels from one sort of the densities (rows with no point: NaN)."""
     order = np.argsort(-dens, axis=1, kind="stable")
     sorted_p = np.take_along_axis(p, order, axis=1)
-    cum = np.cumsum(sorted_p, axis=1)
-    keep_sorted = (cum - sorted_p) < level
-    keep = np.zeros_like(keep_sorted)
-    np.put_along_axis(keep, order, keep_sorted, axis=1)
-    xs = np.where(keep, x[None, :], np.nan)
-    return np.nanmin(xs, axis=1), np.nanmax(xs, axis=1)
+    before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass of the denser points
+    xs = x[order]
+    out = []
+    for level in levels:
+        keep = before < level
+        lo = np.where(keep, xs, np.inf).min(axis=1)
+        hi = np.where(keep, xs, -np.inf).max(axis=1)
+        none = ~keep.any(axis=1)
+        out.append((np.where(none, np.nan, lo), np.where(none, np.nan, hi)))
+    return out

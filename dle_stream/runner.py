@@ -116,7 +116,9 @@ class StreamRunner:
                                               grid=estimator.grid, d_max_um2_s=estimator.d_max_um2_s)
         self.events = RunnerEvents()
         self.stats = RunStats()
-        self._pending: list[np.ndarray] = []
+        # frames received but not encoded yet: their tiles [encode_every, n_tiles, h, w] (the
+        # frames' own dtype, cut straight into this block) and their stream indices
+        self._pending_tiles: np.ndarray | None = None
         self._pending_index: list[int] = []
         self._arrival: dict[int, float] = {}
         self._image_numbers = GapCounter()
@@ -131,11 +133,14 @@ class StreamRunner:
         if frame.shape != (self.layout.frame_height, self.layout.frame_width):
             raise DleStreamError(f"frame {event.index} is {frame.shape}, the stream's frames "
                                  f"{(self.layout.frame_height, self.layout.frame_width)}; the source changed its image size")
-        tiles = self.layout.cut_all(frame)
-        if not np.isfinite(tiles).all():
+        tiles = self.layout.cut_all(frame, out=self._pending_slot(frame.dtype))
+        slot = len(self._pending_index)
+        if tiles.dtype.kind in "fc" and not np.isfinite(tiles).all():
             raise DleStreamError(f"frame {event.index} has NaN or infinite pixels inside the tiles; "
                                  f"check the recording (or choose ROIs that avoid the bad pixels)")
         self._detect_gap(event)
+        if len(self._pending_index) != slot:  # a gap emptied the pending frames: this one comes first
+            self._pending_block()[len(self._pending_index)] = tiles
         st = self.stats
         st.frames_in += 1
         if event.timestamp_s is not None:
@@ -143,11 +148,10 @@ class StreamRunner:
             st.last_timestamp_s = event.timestamp_s
         if self.log is not None:
             self.log.add_frame(event.index, event.timestamp_s, event.image_number)
-        self._pending.append(tiles)
         self._pending_index.append(event.index)
         self._arrival[event.index] = time.monotonic()
-        due = self.windows.due_after(len(self._pending))
-        if due or len(self._pending) >= self.encode_every:
+        due = self.windows.due_after(len(self._pending_index))
+        if due or len(self._pending_index) >= self.encode_every:
             self._encode_pending()
         if not due:
             return []
@@ -157,16 +161,30 @@ class StreamRunner:
             return []
         return [self._estimate()]
 
+    def _pending_block(self) -> np.ndarray:
+        assert self._pending_tiles is not None
+        return self._pending_tiles
+
+    def _pending_slot(self, dtype: np.dtype) -> np.ndarray:
+        """Where the next frame's tiles go: the next free slot of the pending block (made, or
+        remade for frames of another dtype after encoding what is pending)."""
+        block = self._pending_tiles
+        if block is None or block.dtype != dtype:
+            self._encode_pending()
+            h, w = self.est.tile_shape
+            block = self._pending_tiles = np.empty((self.encode_every, len(self.layout.tiles), h, w), dtype=dtype)
+        return block[len(self._pending_index)]
+
     def _encode_pending(self) -> None:
-        if not self._pending:
+        k = len(self._pending_index)
+        if not k:
             return
-        stack = np.stack(self._pending)  # [k, n_tiles, h, w]
-        k, n = stack.shape[:2]
+        stack = self._pending_block()[:k]  # [k, n_tiles, h, w]
+        n = stack.shape[1]
         feats = self.est.features(stack.reshape(k * n, *stack.shape[2:]))
         feats = feats.reshape(k, n, *feats.shape[1:])
         for i in range(k):
             self.windows.push(feats[i], self._pending_index[i])
-        self._pending.clear()
         self._pending_index.clear()
 
     def _detect_gap(self, event: FrameEvent) -> None:
@@ -189,7 +207,6 @@ class StreamRunner:
         if reason:
             self.stats.gaps += 1
             self.stats.images_lost += lost
-            self._pending.clear()
             self._pending_index.clear()
             self.windows.restart()
             if self.log is not None and hasattr(self.log, "add_gap"):

@@ -68,9 +68,53 @@ class TileLayout:
     def bboxes(self) -> np.ndarray:
         return np.array([t.bbox for t in self.tiles], dtype=np.int32).reshape(-1, 4)
 
-    def cut_all(self, frame: np.ndarray) -> np.ndarray:
-        """[n_tiles, h, w] tiles of a frame [H, W] (all tiles have the model's size)."""
-        return np.stack([t.cut(frame) for t in self.tiles])
+    def cut_all(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """[n_tiles, h, w] tiles of a frame [H, W] (all tiles have the model's size), in
+        the layout's order; written into ``out`` when given (and returned).
+
+        One vectorised copy per frame, not one per tile: a regular grid (as
+        :func:`grid_layout` makes) is a reshaped view of the frame, any other layout one
+        gather with precomputed pixel indices."""
+        plan = self._cut_plan()
+        if plan is None:  # no tiles
+            tiles = np.zeros((0, 0, 0), dtype=frame.dtype)
+        elif plan[0] == "grid":
+            _, r0, c0, rows, cols, h, w = plan
+            block = frame[r0:r0 + rows * h, c0:c0 + cols * w]
+            tiles = block.reshape(rows, h, cols, w).transpose(0, 2, 1, 3)  # a view [rows, cols, h, w]
+            if out is not None:
+                out.reshape(rows, cols, h, w)[...] = tiles
+                return out
+            return tiles.reshape(rows * cols, h, w)
+        else:
+            _, r_index, c_index = plan
+            tiles = frame[r_index, c_index]
+        if out is not None:
+            out[...] = tiles
+            return out
+        return tiles
+
+    def _cut_plan(self) -> tuple | None:
+        """How :meth:`cut_all` cuts this layout's tiles (cached while the tiles stay the same)."""
+        key = tuple(self.tiles)
+        cached = self.__dict__.get("_plan")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan: tuple | None = None
+        if self.tiles:
+            h, w = self.tiles[0].height, self.tiles[0].width
+            r0, c0 = self.tiles[0].row, self.tiles[0].col
+            cols = next((i for i, t in enumerate(self.tiles) if t.row != r0), len(self.tiles))
+            rows = len(self.tiles) // cols
+            grid = [Tile(r0 + i * h, c0 + j * w, h, w) for i in range(rows) for j in range(cols)]
+            if grid == list(self.tiles):
+                plan = ("grid", r0, c0, rows, cols, h, w)
+            else:
+                r_index = np.array([t.row + np.arange(t.height) for t in self.tiles])[:, :, None]
+                c_index = np.array([t.col + np.arange(t.width) for t in self.tiles])[:, None, :]
+                plan = ("gather", r_index, c_index)
+        self.__dict__["_plan"] = (key, plan)
+        return plan
 
 
 def _positions(start: int, length: int, tile: int, limit: int) -> list[int]:
