@@ -732,8 +732,10 @@ class LogView:
         only the committed rows are there (the counts when this view was opened). Coordinates:
 
         - ``window`` (running number), ``frame_start``, ``frame_stop``, ``t_start_s``,
-          ``t_stop_s`` (acquisition time, s), ``wall_time`` (Unix time, s) and ``time_s``,
-          the middle of the window in acquisition time (indexed: ``sel(time_s=...)``);
+          ``t_stop_s`` (acquisition time, s), ``wall_time`` (Unix time, s), ``time_s``,
+          the middle of the window in acquisition time (indexed: ``sel(time_s=...)``), and
+          ``segment``, the run that wrote the window (0, then one more per ``--append``; a
+          live run appended to a log starts its acquisition time at 0 again);
         - ``tile`` (0..n-1) with its box ``row``, ``col``, ``height``, ``width`` (px);
         - ``roi`` (names) with ``roi_row``, ``roi_col``, ``roi_height``, ``roi_width`` (px)
           and ``in_roi`` [roi, tile] (True for the tiles covering the ROI):
@@ -762,9 +764,13 @@ class LogView:
         for i, roi in enumerate(self.rois):
             in_roi[i, roi["tiles"]] = True
         t_start, t_stop = self.t_start_s, self.t_stop_s
+        first_rows = [seg.first_window_row for seg in self.header.segments] or [0]
+        segment = np.searchsorted(np.asarray(first_rows), np.arange(self.n_windows), side="right") - 1
         ds = ds.assign_coords(
             time_s=("window", (t_start + t_stop) / 2,
                     {"units": "s", "description": "middle of the window in acquisition time"}),
+            segment=("window", np.maximum(segment, 0),
+                     {"description": "the run that wrote the window: 0, then one more per --append"}),
             tile=("tile", np.arange(self.n_tiles), {"description": "tile number"}),
             row=("tile", bbox[:, 0], px), col=("tile", bbox[:, 1], px),
             height=("tile", bbox[:, 2], px), width=("tile", bbox[:, 3], px),

@@ -95,6 +95,7 @@ def test_open_log_gives_the_windows_with_time_and_tile_coordinates(tmp_path):
     # window coordinates: frames and acquisition time; time_s (the window's middle) is indexed
     np.testing.assert_array_equal(ds.frame_start.values, 50 * np.arange(6))
     np.testing.assert_array_equal(ds.time_s.values, 2.5 * np.arange(6) + 10.0)
+    np.testing.assert_array_equal(ds.segment.values, np.zeros(6))
     np.testing.assert_array_equal(ds.d.sel(time_s=slice(12, 16)).window.values, [1, 2])
     assert float(ds.d.sel(time_s=15.0, tile=1)) == pytest.approx(0.62)
     # tile coordinates: boxes in px, ROI membership
@@ -213,6 +214,8 @@ def test_a_format_2_log_reads_and_appending_makes_it_format_3(tmp_path):
     view = open_log_view(path)
     assert view.header.format_version == LOG_FORMAT_VERSION and view.n_windows == 4
     assert len(view.header.segments) == 2 and view.header.segments[1].window_offset == 3
+    if importlib.util.find_spec("xarray") is not None:
+        np.testing.assert_array_equal(dle.open_log(path).segment.values, [0, 0, 0, 1])
     assert zarr.open_group(str(path), mode="r")["window"].shape == (4,)   # consolidated: the committed rows
     if importlib.util.find_spec("xarray") is not None:
         np.testing.assert_array_equal(open_zarr_strictly(path).window.values, [0, 1, 2, 3])
