@@ -18,6 +18,11 @@ Example::
 
 from __future__ import annotations
 
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +61,10 @@ class DiffusionEstimator:
         self.card = card
         self.folder = folder
         self.d_max_um2_s = float(card.d_max_um2_s)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_threads = 0
+        self._pool_pid = 0  # a forked child has no threads of its parent's pool
+        self._pool_lock = threading.Lock()
         config = model.config
         if (config.tile_height, config.tile_width) != (card.tile_height, card.tile_width):
             raise DleStreamError(
@@ -216,20 +225,63 @@ class DiffusionEstimator:
             )
 
     def _encode_tensor(self, frames: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            if frames.shape[0] <= ENCODE_CHUNK:
-                return self.model.encode(frames).float()
-            return torch.cat([self.model.encode(c) for c in frames.split(ENCODE_CHUNK)]).float()
+        workers = self._workers()
+        chunks = max(1, math.ceil(frames.shape[0] / ENCODE_CHUNK))
+        chunks = math.ceil(chunks / workers) * workers  # equal shares for the workers
+        size = max(1, math.ceil(frames.shape[0] / chunks))
+        return torch.cat(self._map(self.model.encode, frames.split(size), workers)).float()
 
     def _head(self, latents: torch.Tensor) -> np.ndarray:
         """Window log-likelihoods [B, grid.n] on :attr:`grid`."""
-        with torch.inference_mode():
-            out = torch.cat([self.model.head(c) for c in latents.split(HEAD_CHUNK)]).double().cpu().numpy()
+        parts = self._map(self.model.head, latents.split(HEAD_CHUNK), self._workers())
+        out = torch.cat(parts).double().cpu().numpy()
         config = self.model.config
         if config.output == "d_grid":
             return window_log_likelihood(out, config.grid, config.training_prior, config.grid_temperature,
                                          config.grid_warp)
         return gaussian_log_likelihood(out[:, 0], out[:, 1], config.grid)
+
+    # ------------------------------------------------------- CPU parallelism
+    def _workers(self) -> int:
+        """Worker threads for chunks of tile-frames or windows: torch's thread count on the CPU."""
+        return max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], chunks: Sequence[torch.Tensor],
+             workers: int) -> list[torch.Tensor]:
+        """``fn`` (inference mode) of each chunk, in order; on the CPU, ``workers`` chunks at
+        once, each in its own thread with single-threaded torch ops.
+
+        Measured on 2 cores (benchmarks/results/stream_speed.md): one op of this small
+        network on 2 intra-op threads is hardly faster than on one, and ~6× slower when the
+        cores are busy with other work, while two chunks side by side on one thread each
+        use both cores. Each tile-frame and window is computed alone, so the results agree
+        with the single-threaded ones (to float32 rounding, which torch's kernels vary with
+        batch size and thread count)."""
+
+        def run(chunk: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return fn(chunk)
+
+        if workers < 2 or len(chunks) < 2:
+            return [run(c) for c in chunks]
+        return list(self._worker_pool(workers).map(run, chunks))
+
+    def _worker_pool(self, workers: int) -> ThreadPoolExecutor:
+        """The pool of ``workers`` threads, each set to single-threaded torch ops; the
+        process-wide thread count (which a new thread inherits) is put back afterwards."""
+        with self._pool_lock:
+            if self._pool is not None and self._pool_threads == workers and self._pool_pid == os.getpid():
+                return self._pool
+            if self._pool is not None and self._pool_pid == os.getpid():
+                self._pool.shutdown(wait=True)
+            ready = threading.Barrier(workers)
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="dle-estimator",
+                                      initializer=torch.set_num_threads, initargs=(1,))
+            for f in [pool.submit(ready.wait) for _ in range(workers)]:  # start every thread now
+                f.result()
+            torch.set_num_threads(workers)  # the process-wide value, as the caller set it
+            self._pool, self._pool_threads, self._pool_pid = pool, workers, os.getpid()
+            return pool
 
     def _summary(self, log_likelihood: np.ndarray, time_scale: float) -> tuple[np.ndarray, np.ndarray]:
         if not time_scale > 0:

@@ -1,10 +1,11 @@
 """The streaming hot path gives the same numbers as the straightforward code it replaced:
 tiles cut in one vectorised copy, pending tile-frames cut straight into one block, the
 window a view into a doubled ring buffer (no copy per hop), the window handed to the
-network without a copy, and highest-density intervals from one sort for both levels.
+network without a copy, highest-density intervals from one sort for both levels, and
+the network's chunks run side by side on worker threads.
 
 Each test compares with the plain version (the former code, kept here as the reference)
-bit for bit."""
+bit for bit, except the network's threading, which agrees to float32 rounding."""
 
 from __future__ import annotations
 
@@ -172,3 +173,34 @@ def test_pending_frames_are_encoded_in_order_across_a_gap_and_a_dtype_change():
     # every tile-frame encoded once, except frame 21's: it was waiting (with encode_every 4)
     # when the gap came, and a window never mixes frames across a gap
     assert sum(est.batches) == (len(numbers) - 1) * 6
+
+
+def test_estimator_results_do_not_depend_on_threads_or_batches(small_model):
+    """The network runs chunks side by side on worker threads (single-threaded ops each):
+    latents and window log-likelihoods agree for any batching and thread count (to float32
+    rounding: torch's CPU kernels round differently for some batch sizes and thread counts,
+    as they did before), and the process-wide torch thread count is left as the caller set it."""
+    import torch
+
+    from dle_stream.estimator import DiffusionEstimator
+
+    before = torch.get_num_threads()
+    est = DiffusionEstimator.load(small_model)
+    rng = np.random.default_rng(4)
+    frames = rng.poisson(100, (2500, 20, 20)).astype(np.uint16)
+    latents = rng.normal(size=(150, 40, est.model.config.latent)).astype(np.float32)
+    try:
+        torch.set_num_threads(1)
+        one_z, one_ll = est.encode(frames), est.window_log_likelihoods(latents)
+        torch.set_num_threads(2)
+        two_z, two_ll = est.encode(frames), est.window_log_likelihoods(latents)
+        assert torch.get_num_threads() == 2
+        same = {"rtol": 1e-5, "atol": 1e-6}
+        np.testing.assert_allclose(one_z, two_z, **same)
+        np.testing.assert_allclose(one_ll, two_ll, **same)
+        parts = np.concatenate([est.encode(frames[:7]), est.encode(frames[7:1300]), est.encode(frames[1300:])])
+        np.testing.assert_allclose(parts, two_z, **same)
+        np.testing.assert_allclose(np.concatenate([est.window_log_likelihoods(latents[:3]),
+                                                   est.window_log_likelihoods(latents[3:])]), two_ll, **same)
+    finally:
+        torch.set_num_threads(before)
