@@ -60,14 +60,21 @@ class DGrid:
     Attributes:
         intervals: knot intervals on [0, 1] (spaced as (j/m)²).
         top: upper end of the grid, units of d_max (> 1); D above it is one "overflow" entry.
+        systematic_rel: relative systematic uncertainty of the likelihoods read on this grid
+            (a model's calibration, ``ModelConfig.grid_systematic_rel``): an error of the D
+            scale shared by all windows, so adding windows does not shrink it. Every
+            posterior read on the grid is smeared by it (:attr:`systematic_kernel`).
     """
 
     intervals: int = 96
     top: float = 2.0
+    systematic_rel: float = 0.0
 
     def __post_init__(self) -> None:
         if self.intervals < 4 or not self.top > 1.0:
             raise ValueError("DGrid needs at least 4 intervals and top > 1")
+        if not 0.0 <= self.systematic_rel < 1.0:
+            raise ValueError("DGrid: systematic_rel must be in [0, 1)")
 
     @cached_property
     def knots(self) -> np.ndarray:
@@ -109,6 +116,21 @@ class DGrid:
         """Trapezoid weights [F] for ∫ over [0, top] on the fine points."""
         return _trapezoid_weights(self.fine)
 
+    @cached_property
+    def systematic_kernel(self) -> np.ndarray | None:
+        """[F, F]: density at the fine points → the same smeared by a Gaussian error of
+        relative size :attr:`systematic_rel` (sd r·D at D; none at D = 0), by
+        ``density @ kernel``; mass-preserving on the grid. None without a systematic error."""
+        if self.systematic_rel <= 0:
+            return None
+        x, w = self.fine, self.fine_weights
+        sd = np.maximum(self.systematic_rel * x, 1e-9)[:, None]  # [F (from), 1]
+        k = np.exp(-0.5 * ((x[None, :] - x[:, None]) / sd) ** 2)  # [from, to]
+        k = k / np.maximum((k * w[None, :]).sum(axis=1, keepdims=True), 1e-300)
+        k[0] = 0.0
+        k[0, 0] = 1.0 / w[0]  # D = 0 stays at 0
+        return w[:, None] * k
+
     def spline_basis(self, controls: int) -> np.ndarray:
         """[knots, controls]: cubic B-splines, evenly spaced over the knot *index*.
 
@@ -127,12 +149,13 @@ class DGrid:
         return BSpline.design_matrix(np.arange(n, dtype=float), t, degree).toarray()
 
     def to_dict(self) -> dict:
-        return {"intervals": self.intervals, "top": self.top}
+        return {"intervals": self.intervals, "top": self.top, "systematic_rel": self.systematic_rel}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "DGrid":
         data = data or {}
-        return cls(intervals=int(data.get("intervals", 96)), top=float(data.get("top", 2.0)))
+        return cls(intervals=int(data.get("intervals", 96)), top=float(data.get("top", 2.0)),
+                   systematic_rel=float(data.get("systematic_rel", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -253,6 +276,9 @@ def log_posterior_at(log_likelihood: np.ndarray, grid: DGrid, d_norm: np.ndarray
     fine = ll[:, :-1] @ grid.interp_matrix
     inr = grid.fine <= 1.0 + 1e-12
     x = grid.fine[inr]
+    if grid.systematic_kernel is not None:
+        top = fine.max(axis=1, keepdims=True)
+        fine = np.log(np.maximum(np.exp(fine - top) @ grid.systematic_kernel, 1e-300)) + top
     f = fine[:, inr]
     m = f.max(axis=1, keepdims=True)
     z = np.log(_cdf(np.exp(f - m), x)[:, -1]) + m[:, 0]
@@ -323,6 +349,8 @@ def posterior(log_likelihood: np.ndarray, grid: DGrid, d_max_um2_s: float) -> Po
     w = grid.fine_weights
     m = np.maximum(fine_ll.max(axis=1), over_ll)
     dens = np.exp(fine_ll - m[:, None])
+    if grid.systematic_kernel is not None:
+        dens = dens @ grid.systematic_kernel
 
     # out of range: prior odds 1:1 for D in [0, 1] against D above it, the latter uniform on
     # [1, 2·top] (the beyond part of the grid, then the overflow standing for [top, 2·top])

@@ -158,6 +158,9 @@ class ModelConfig:
         grid_warp: points (D, m(D)) in units of d_max of the likelihood's calibrated D axis
             (:func:`dle_stream.likelihood.warp_log_likelihood`; empty: none), fitted after
             training on held-out movies of known D.
+        grid_systematic_rel: relative systematic error of the model's D scale that adding
+            windows does not average out (fitted with the warp; see
+            :attr:`dle_stream.likelihood.DGrid.systematic_rel`).
         grid_prior_in_range, grid_prior_beyond: the training prior of a "d_grid" head,
             divided out to turn its output into a likelihood: these shares of the training
             movies had D uniform on [0, d_max] and on [d_max, top·d_max]; the rest on
@@ -183,6 +186,7 @@ class ModelConfig:
     grid_basis: int = 48
     grid_temperature: float = 1.0
     grid_warp: tuple[tuple[float, float], ...] = ()
+    grid_systematic_rel: float = 0.0
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -207,6 +211,8 @@ class ModelConfig:
             problems.append(f"output must be one of {OUTPUTS}")
         if self.grid_intervals < 4 or not self.grid_top > 1:
             problems.append("grid_intervals must be ≥ 4 and grid_top > 1")
+        if not 0.0 <= self.grid_systematic_rel < 1.0:
+            problems.append("grid_systematic_rel must be in [0, 1)")
         if not (self.grid_temperature > 0 and math.isfinite(self.grid_temperature)):
             problems.append("grid_temperature must be a positive number")
         if self.grid_warp:
@@ -232,7 +238,7 @@ class ModelConfig:
     @property
     def grid(self) -> DGrid:
         """The D grid of a "d_grid" head (units of d_max)."""
-        return DGrid(self.grid_intervals, self.grid_top)
+        return DGrid(self.grid_intervals, self.grid_top, self.grid_systematic_rel)
 
     @property
     def training_prior(self) -> TrainingPrior:

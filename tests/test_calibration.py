@@ -137,3 +137,26 @@ def test_latent_cache_groups_hold_movies_of_one_d():
     for g in range(3):
         gid = int(lat[g, 0, 0, 0])
         assert torch.all(lat[g] == gid) and float(d[g]) == pytest.approx((0.1, 0.5, 0.9)[gid])
+
+
+def test_a_shared_scale_error_is_covered_by_the_systematic_term_and_not_by_more_windows():
+    """Each group of 16 windows shares a scale error of 6 % (as a mis-calibrated D axis
+    would give); independent window noise averages down, the shared error does not."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(9)
+    f = np.linspace(0.2, 0.8, 7)
+    groups = 200
+    scale = 1 + 0.06 * rng.standard_normal((f.size, groups, 1))
+    x = f[:, None, None] * scale + 0.05 * rng.standard_normal((f.size, groups, 16))
+    ll = gaussian_log_likelihood(x, np.full_like(x, 0.05), GRID)
+
+    def coverage(grid):
+        post = posterior(ll.sum(axis=2), grid, 1.0)
+        return float(np.mean((post.lo68 <= f[:, None]) & (f[:, None] <= post.hi68)))
+
+    assert coverage(GRID) < 0.5
+    assert 0.6 <= coverage(replace(GRID, systematic_rel=0.06)) <= 0.76
+    # one sharp window at D = 0.5 read with a 10 % systematic error has sd ≈ 0.05
+    one = gaussian_log_likelihood(np.array([0.5]), np.array([0.001]), GRID)
+    assert float(posterior(one, replace(GRID, systematic_rel=0.1), 1.0).sigma[0]) == pytest.approx(0.05, rel=0.05)

@@ -259,7 +259,8 @@ def stressed(priors: SimulatorPriors, stress: str, strength: str) -> SimulatorPr
     if stress not in STRESSES or strength not in ("weak", "strong"):
         raise DleStreamError(f"unknown stress {stress!r} / {strength!r}: use one of {', '.join(STRESSES)} "
                              f"with weak or strong")
-    changes = dict(STRESSES[stress][1 if strength == "weak" else 2])
+    _, weak, strong = STRESSES[stress]
+    changes = dict(weak if strength == "weak" else strong)
     if "brightness_factor" in changes:
         k = changes.pop("brightness_factor")
         changes["brightness_photons"] = tuple(k * v for v in priors.brightness_photons)

@@ -226,7 +226,7 @@ class Trainer:
 
         donor, card = load_model_package(folder)
         if donor.config.output == "d_grid" and not donor.config.grid_basis and self.model.config.grid_basis \
-                and donor.config.grid == self.model.config.grid:
+                and donor.config.grid.knots.size == self.model.config.grid.knots.size:
             from dle_stream.training.output_basis import project_output_to_spline_basis
 
             donor = project_output_to_spline_basis(donor, self.model.config.grid_basis)
