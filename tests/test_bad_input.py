@@ -4,13 +4,10 @@ no traceback, nothing half-written."""
 import numpy as np
 import pytest
 import tifffile
-from typer.testing import CliRunner
 
 from dle_stream import ScanTiming
-from dle_stream.cli import app
 from dle_stream.recording import write_recording
 
-runner = CliRunner()
 MODEL_TIMING = ScanTiming.reference()
 
 
@@ -23,65 +20,62 @@ def one_line_error(result, *words):
 
 
 @pytest.fixture()
-def recording(tmp_path):
-    timing = ScanTiming(**{**MODEL_TIMING.to_dict(), "width_px": 40, "height_px": 40})
-    movie = np.random.default_rng(0).poisson(100, (60, 40, 40)).astype(np.uint16)
-    return write_recording(tmp_path / "rec.tif", movie, timing)
+def recording(write_movie):
+    return write_movie("rec.tif", frames=60, height=40, width=40)
 
 
-def test_missing_file(tmp_path, small_model):
-    one_line_error(runner.invoke(app, ["replay", str(tmp_path / "nope.tif"), "--model", str(small_model)]), "nope.tif")
+def test_missing_file(tmp_path, small_model, cli):
+    one_line_error(cli("replay", str(tmp_path / "nope.tif"), "--model", str(small_model)), "nope.tif")
 
 
-def test_not_an_image(tmp_path, small_model):
+def test_not_an_image(tmp_path, small_model, cli):
     bad = tmp_path / "notes.tif"
     bad.write_text("hello, this is not a TIFF")
-    one_line_error(runner.invoke(app, ["replay", str(bad), "--model", str(small_model)]), "notes.tif")
+    one_line_error(cli("replay", str(bad), "--model", str(small_model)), "notes.tif")
 
 
-def test_single_2d_image(tmp_path, small_model):
+def test_single_2d_image(tmp_path, small_model, cli):
     path = tmp_path / "one.tif"
     tifffile.imwrite(path, np.zeros((40, 40), np.uint16))
-    one_line_error(runner.invoke(app, ["replay", str(path), "--model", str(small_model)]), "one.tif")
+    one_line_error(cli("replay", str(path), "--model", str(small_model)), "one.tif")
 
 
-def test_frames_smaller_than_a_tile(tmp_path, small_model):
+def test_frames_smaller_than_a_tile(tmp_path, small_model, cli):
     timing = ScanTiming(**{**MODEL_TIMING.to_dict(), "width_px": 10, "height_px": 10})
     path = write_recording(tmp_path / "tiny.tif", np.zeros((50, 10, 10), np.uint16), timing)
-    one_line_error(runner.invoke(app, ["replay", str(path), "--model", str(small_model)]), "smaller than")
+    one_line_error(cli("replay", str(path), "--model", str(small_model)), "smaller than")
 
 
-def test_incompatible_timing_points_to_train_like(recording, small_model):
-    result = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--line-period-us", "1000"])
+def test_incompatible_timing_points_to_train_like(recording, small_model, cli):
+    result = cli("replay", str(recording), "--model", str(small_model), "--line-period-us", "1000")
     one_line_error(result, "dle-stream train --like")
 
 
-def test_existing_log_is_refused_unless_overwrite(recording, small_model, tmp_path):
+def test_existing_log_is_refused_unless_overwrite(recording, small_model, tmp_path, cli):
     log = tmp_path / "run.zarr"
-    ok = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
-                             "--log", str(log), "--no-dashboard"])
+    ok = cli("replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
+                             "--log", str(log), "--no-dashboard")
     assert ok.exit_code == 0, ok.output
-    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20",
-                                       "--log", str(log)]), "--overwrite", "--append")
-    again = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
-                                "--log", str(log), "--overwrite", "--quiet"])
+    one_line_error(cli("replay", str(recording), "--model", str(small_model), "--window", "20",
+                                       "--log", str(log)), "--overwrite", "--append")
+    again = cli("replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
+                                "--log", str(log), "--overwrite", "--quiet")
     assert again.exit_code == 0, again.output
 
 
-def test_append_needs_a_log_and_the_same_recording(recording, small_model, tmp_path):
-    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--append"]),
+def test_append_needs_a_log_and_the_same_recording(recording, small_model, tmp_path, cli, write_movie):
+    one_line_error(cli("replay", str(recording), "--model", str(small_model), "--append"),
                    "--append", "--log")
     log = tmp_path / "run.zarr"
-    ok = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
-                             "--log", str(log), "--no-dashboard"])
+    ok = cli("replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
+                             "--log", str(log), "--no-dashboard")
     assert ok.exit_code == 0, ok.output
-    other = write_recording(tmp_path / "other.tif", np.random.default_rng(1).poisson(100, (60, 40, 40)).astype(np.uint16),
-                            ScanTiming(**{**MODEL_TIMING.to_dict(), "width_px": 40, "height_px": 40}))
-    one_line_error(runner.invoke(app, ["replay", str(other), "--model", str(small_model), "--window", "20", "--hop",
-                                       "20", "--log", str(log), "--append"]), "other settings", "recording")
+    other = write_movie("other.tif", frames=60, height=40, width=40, seed=1)
+    one_line_error(cli("replay", str(other), "--model", str(small_model), "--window", "20", "--hop",
+                                       "20", "--log", str(log), "--append"), "other settings", "recording")
     # the same recording again: nothing left to add, nothing duplicated
-    again = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
-                                "--log", str(log), "--append", "--no-dashboard"])
+    again = cli("replay", str(recording), "--model", str(small_model), "--window", "20", "--hop", "20",
+                                "--log", str(log), "--append", "--no-dashboard")
     assert again.exit_code == 0, again.output
     from dle_stream.zarr_log import open_log
 
@@ -89,43 +83,43 @@ def test_append_needs_a_log_and_the_same_recording(recording, small_model, tmp_p
     assert view.n_windows == 3 and list(view.frame_start) == [0, 20, 40] and view.n_frames == 60
 
 
-def test_roi_outside_the_frame(recording, small_model):
-    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--roi", "30,30,20,20"]),
+def test_roi_outside_the_frame(recording, small_model, cli):
+    one_line_error(cli("replay", str(recording), "--model", str(small_model), "--roi", "30,30,20,20"),
                    "outside", "--roi")
 
 
 @pytest.mark.parametrize("flags, word", [(["--hop", "0"], "--hop"), (["--window", "3"], "--window"),
                                          (["--estimator", "guess"], "--estimator")])
-def test_impossible_flags(recording, small_model, flags, word):
-    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", str(small_model), *flags]), word)
+def test_impossible_flags(recording, small_model, flags, word, cli):
+    one_line_error(cli("replay", str(recording), "--model", str(small_model), *flags), word)
 
 
-def test_rics_estimator_streams(recording, small_model):
-    result = runner.invoke(app, ["replay", str(recording), "--model", str(small_model), "--estimator", "rics",
-                                 "--window", "40", "--hop", "20", "--no-dashboard"])
+def test_rics_estimator_streams(recording, small_model, cli):
+    result = cli("replay", str(recording), "--model", str(small_model), "--estimator", "rics",
+                                 "--window", "40", "--hop", "20", "--no-dashboard")
     assert result.exit_code == 0, result.output
     assert "window 0 frames 0–40" in result.output
 
 
-def test_unknown_model(recording):
-    one_line_error(runner.invoke(app, ["replay", str(recording), "--model", "no-such-model"]), "no-such-model")
+def test_unknown_model(recording, cli):
+    one_line_error(cli("replay", str(recording), "--model", "no-such-model"), "no-such-model")
 
 
-def test_timing_assumed_from_the_model_card_is_loud(tmp_path, small_model):
+def test_timing_assumed_from_the_model_card_is_loud(tmp_path, small_model, cli):
     path = tmp_path / "bare.tif"
     tifffile.imwrite(path, np.random.default_rng(1).poisson(100, (50, 40, 40)).astype(np.uint16))
-    result = runner.invoke(app, ["replay", str(path), "--model", str(small_model), "--window", "20", "--hop", "25",
-                                 "--no-dashboard"])
+    result = cli("replay", str(path), "--model", str(small_model), "--window", "20", "--hop", "25",
+                                 "--no-dashboard")
     assert result.exit_code == 0, result.output
     assert "ASSUMED" in result.output
 
 
-def test_run_needs_a_source():
-    one_line_error(runner.invoke(app, ["run"]), "--demo", "--mm-config")
-    one_line_error(runner.invoke(app, ["run", "--mm-config", "/no/such/rig.cfg"]), "rig.cfg")
+def test_run_needs_a_source(cli):
+    one_line_error(cli("run"), "--demo", "--mm-config")
+    one_line_error(cli("run", "--mm-config", "/no/such/rig.cfg"), "rig.cfg")
 
 
-def test_nan_or_infinite_pixels_stop_with_the_file_and_frame_named(tmp_path, small_model):
+def test_nan_or_infinite_pixels_stop_with_the_file_and_frame_named(tmp_path, small_model, cli):
     """A NaN pixel in frame 50 (after the first 40-frame window): exit 2 with one line that
     names the recording and the frame; the window logged before it stays in the log."""
     from dle_stream.zarr_log import open_log
@@ -136,20 +130,20 @@ def test_nan_or_infinite_pixels_stop_with_the_file_and_frame_named(tmp_path, sma
     movie[55, 3, 3] = np.inf
     path = write_recording(tmp_path / "nan.tif", movie, timing)
     log = tmp_path / "nan.zarr"
-    result = runner.invoke(app, ["replay", str(path), "--model", str(small_model), "--hop", "10", "--log", str(log),
-                                 "--no-dashboard"])
+    result = cli("replay", str(path), "--model", str(small_model), "--hop", "10", "--log", str(log),
+                                 "--no-dashboard")
     one_line_error(result, "nan.tif", "frame 50", "NaN or infinite")
     view = open_log(log)
     assert view.n_windows == 2  # windows ending at frames 40 and 50 (frame 49): logged before the bad frame
     assert np.isfinite(np.asarray(view.d)).all()
 
 
-def test_a_scan_no_model_serves_names_the_nearest_model_and_the_train_command(tmp_path):
+def test_a_scan_no_model_serves_names_the_nearest_model_and_the_train_command(tmp_path, cli):
     """The recording says how it was scanned (its line period is 2× the shipped models'
     ratio): the refusal names the scan, the nearest model and the exact train command."""
     timing = ScanTiming(0.15, 8.0, 3016.0, 130_000.0, 40, 40)
     path = write_recording(tmp_path / "slow.tif", np.random.default_rng(0).poisson(100, (50, 40, 40)).astype(np.uint16),
                            timing)
-    result = runner.invoke(app, ["replay", str(path), "--no-dashboard"])
+    result = cli("replay", str(path), "--no-dashboard")
     one_line_error(result, "does not serve this scan", "line/dwell 377", "nearest: brain-qd-low",
                    f"dle-stream train --like {path} --warm-from brain-qd-low")

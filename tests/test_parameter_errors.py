@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-from typer.testing import CliRunner
 
 from dle_stream import ScanTiming
-from dle_stream.cli import CLI_FLAGS, app
+from dle_stream.cli import CLI_FLAGS
 from dle_stream.errors import (
     DleStreamError,
     EstimatorChoiceError,
@@ -125,7 +124,7 @@ def test_session_names_its_options(tmp_path, small_model):
     assert no_flags(info.value).startswith(f"mm_config={tmp_path / 'rig.cfg'}: no such file")
 
 
-def test_timing_assumed_warning_names_fields_for_python_and_flags_for_the_cli(tmp_path, small_model):
+def test_timing_assumed_warning_names_fields_for_python_and_flags_for_the_cli(tmp_path, small_model, cli):
     from dle_stream.session import StreamOptions, replay
 
     path = tmp_path / "bare.tif"
@@ -133,23 +132,16 @@ def test_timing_assumed_warning_names_fields_for_python_and_flags_for_the_cli(tm
     result = replay(path, StreamOptions(model=str(small_model), window=20, hop=25, dashboard="quiet"))
     (assumed,) = [w for w in result.warnings if "ASSUMED" in w]
     assert "--" not in assumed and "give pixel_size_um, dwell_us, line_period_us, frame_period_us" in assumed
-    cli = CliRunner().invoke(app, ["replay", str(path), "--model", str(small_model), "--window", "20", "--hop", "25",
-                                   "--no-dashboard"])
-    assert cli.exit_code == 0, cli.output
-    text = " ".join(cli.output.split())
+    result = cli("replay", path, "--model", small_model, "--window", "20", "--hop", "25", "--no-dashboard")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
     assert ("give --pixel-size-um, --dwell-us, --line-period-us, --frame-period-us, --bidirectional or a timing file "
             "(--timing)") in text
 
 
-def test_cli_names_its_flags(tmp_path, small_model):
-    runner = CliRunner()
-    timing = ScanTiming(**{**REFERENCE.to_dict(), "width_px": 40, "height_px": 40})
-    rec = write_recording(tmp_path / "rec.tif", np.zeros((30, 40, 40), np.uint16), timing)
-
-    def error(*args):
-        result = runner.invoke(app, [*args])
-        assert result.exit_code == 2, result.output
-        return " ".join(result.output.split())
+def test_cli_names_its_flags(tmp_path, small_model, cli, write_movie):
+    rec = write_movie("rec.tif", frames=30, height=40, width=40)
+    error = cli.error
 
     assert "--roi '0,0,4.5,4': use x,y,w,h" in error("replay", str(rec), "--model", str(small_model),
                                                      "--roi", "0,0,4.5,4")
