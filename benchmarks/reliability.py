@@ -34,6 +34,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -340,7 +341,7 @@ def judge(case: Case, out: Outcome, before: str | None, w: Workspace) -> Verdict
         one_line = clean
         if clean:
             where = "stderr" if "INCOMPLETE" in out.stderr.upper() else "stdout only"
-            note = f"exit 0, warned on {where}: {warned[0][:110]}"
+            note = f"exit 0, warned on {where}: {warned[0][:200]}"
         else:
             note = f"exit {out.rc}" + (", no INCOMPLETE warning" if out.rc == 0 else "")
     else:
@@ -361,15 +362,13 @@ def judge(case: Case, out: Outcome, before: str | None, w: Workspace) -> Verdict
     boxed = " ".join(ln.strip("│ ").strip() for ln in lines if ln.startswith("│"))
     last = boxed if usage and boxed else (error_lines or lines or [""])[-1]
     if not note:
-        note = last[:150]
+        note = last[:220]
     elif case.expect == "error" and last and not out.timed_out:
-        note += ": " + last[:120]
+        note += ": " + last[:200]
     return Verdict(case, out, clean, one_line, usage, safe, note)
 
 
 def try_case(case: Case, w: Workspace) -> Verdict:
-    import shlex
-
     before = digest(w.root / case.guard) if case.guard else None
     out = run(shlex.split(case.command), w.root, extra_env=case.extra_env)
     return judge(case, out, before, w)
@@ -552,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="Words about the machine's load, for the report.")
     ap.add_argument("--only", default=None, help="Run only the cases whose command contains this text.")
     args = ap.parse_args(argv)
-    cmdline = "python benchmarks/reliability.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmdline = "python benchmarks/reliability.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     t0 = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="dle-reliability-"))
     w = Workspace(root)
