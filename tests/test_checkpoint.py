@@ -153,6 +153,7 @@ def easy_config(out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.mark.slow  # two short trainings: 40-80 s on the loaded 2-core machine
 def test_resume_after_a_kill_at_the_state_write_does_not_train_the_budget_again(tmp_path, monkeypatch):
     """The last checkpoint of a 6-step run is killed while its state is written; resuming with
     the same --steps 6 gives a head trained for exactly the steps its card counts."""
