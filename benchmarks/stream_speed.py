@@ -105,15 +105,21 @@ def main() -> None:
             rss.append((est_.frame_stop, kb.get("RssAnon", 0) / 1024, kb.get("RssFile", 0) / 1024))
 
     runner.events.estimated.connect(sample)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     runner.run(FileSource(rec))
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     fps = runner.stats.frames_in / dt
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{args.estimator}: {args.size}×{args.size} px, {len(layout.tiles)} tiles, window {args.window}, hop {args.hop}, "
           f"{args.threads} threads: {runner.stats.frames_in} frames in {dt:.1f} s = {fps:.1f} frames/s = "
           f"{fps / REFERENCE_FPS:.2f}× the 16.2 frames/s acquisition; {runner.stats.windows_done} windows "
           f"({runner.stats.windows_done * len(layout.tiles)} tile-windows); peak RSS {peak:.0f} MB")
+    # CPU time of all threads of this process over the replay: on a machine shared with other
+    # work the wall time grows, the CPU time much less; frames / (CPU s / threads) is the rate
+    # the replay could reach on that many idle cores if it kept them all busy (an upper bound)
+    bound = runner.stats.frames_in / (cpu / args.threads) if cpu > 0 else float("nan")
+    print(f"CPU time {cpu:.1f} s ({cpu / max(dt, 1e-9):.2f} cores busy on average); on {args.threads} idle cores at "
+          f"most {bound:.1f} frames/s = {bound / REFERENCE_FPS:.2f}× the acquisition")
     expected = max(0, (runner.stats.frames_in - args.window) // args.hop + 1)
     print(f"windows: {runner.stats.windows_done} done, {runner.stats.windows_skipped} skipped, "
           f"{expected} expected from {runner.stats.frames_in} frames; gaps {runner.stats.gaps}")
