@@ -48,8 +48,15 @@ class SuiteResult:
 
 
 def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str | None = None, batch: int = 32,
-              progress: Callable[[int], None] | None = None, device: str = "cpu") -> SuiteResult:
-    from dle_stream.training.priors import get_preset
+              progress: Callable[[int], None] | None = None, device: str = "cpu",
+              stress: str | None = None) -> SuiteResult:
+    """Simulate suite ``suite`` (low or high) and run ``estimators`` on it.
+
+    ``stress`` "NAME:weak" or "NAME:strong" adds one effect of a real sample
+    (:data:`dle_stream.training.priors.STRESSES`) to the suite's priors; the estimators are
+    not told (the classic tracker keeps the preset's PSF width).
+    """
+    from dle_stream.training.priors import get_preset, stressed
     from dle_stream.training.simulator import Simulator
 
     bad = [e for e in estimators if e not in ALL_ESTIMATORS]
@@ -61,6 +68,11 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
         raise DleStreamError(f"--n {n}: need at least 2 movies")
     preset = get_preset(suite)
     p, timing = preset.priors, preset.timing
+    label = suite
+    if stress:
+        name, _, strength = stress.partition(":")
+        p = stressed(p, name, strength or "weak")
+        label = f"{suite}+{name}:{strength or 'weak'}"
     sim = Simulator(p, timing, preset.tile_height, preset.tile_width, preset.frames, device)
     runners: dict[str, Callable] = {}
     if "dle" in estimators:
@@ -75,7 +87,7 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
     if "classic" in estimators:
         from dle_stream.classic import ClassicEstimator
 
-        classic = ClassicEstimator(timing, psf_sigma_xy_um=p.psf_sigma_xy_um[0], d_max_um2_s=p.d_max_um2_s,
+        classic = ClassicEstimator(timing, psf_sigma_xy_um=preset.priors.psf_sigma_xy_um[0], d_max_um2_s=p.d_max_um2_s,
                                    d_min_um2_s=p.d_min_um2_s)
         runners["classic"] = lambda b: classic.estimate_batch(b.movies.cpu().numpy())[:2]
     if "rics" in estimators:
@@ -109,7 +121,7 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
         done += m
         if progress:
             progress(m)
-    res = SuiteResult(suite, n, seed, np.concatenate(d_true), np.concatenate(vis), np.concatenate(parts),
+    res = SuiteResult(label, n, seed, np.concatenate(d_true), np.concatenate(vis), np.concatenate(parts),
                       prior=(p.d_mean_um2_s, p.d_std_um2_s))
     for name in runners:
         res.estimates[name] = (np.concatenate(est[name][0]), np.concatenate(est[name][1]))

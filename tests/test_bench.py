@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from dle_stream import DleStreamError
 from dle_stream.cli import app
 from dle_stream.metrics import calibration, prior_baseline, summarize
 
@@ -62,3 +63,12 @@ def test_bench_runs_end_to_end_on_a_tiny_suite(tmp_path):
 def test_bench_refuses_unknown_estimators(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--estimators", "magic", "--n", "4", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--estimators" in result.output
+
+
+def test_a_stressed_suite_names_its_stress_and_refuses_an_unknown_one():
+    from dle_stream.bench import run_suite
+
+    res = run_suite("low", 4, 3, ["rics"], stress="dim:strong", batch=4)
+    assert res.suite == "low+dim:strong" and len(res.estimates["rics"][0]) == 4
+    with pytest.raises(DleStreamError, match="unknown stress"):
+        run_suite("low", 4, 3, ["rics"], stress="fog:weak")
