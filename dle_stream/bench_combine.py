@@ -38,34 +38,17 @@ def run_combine(model: str, n: int = 100, seed: int = 20_241_101, batch: int = 3
                 progress: Callable[[int], None] | None = None, device: str = "cpu") -> dict:
     """Measure combined estimates of ``model``; returns the results document (see module doc)."""
     from dle_stream.estimator import DiffusionEstimator
-    from dle_stream.training.priors import SimulatorPriors
-    from dle_stream.training.simulator import Simulator
+    from dle_stream.training.calibration import simulate_cells
 
     if n < 2:
         raise DleStreamError(f"--n {n}: need at least 2 groups per cell")
     est = DiffusionEstimator.load(model, device=device)
     card = est.card
-    timing = est.timing
     d_max = float(card.d_max_um2_s)
-    priors = SimulatorPriors.from_dict(card.simulator["priors"]).operating() if card.simulator.get("priors") else \
-        SimulatorPriors(d_max_um2_s=d_max)
-    sim = Simulator(priors, timing, card.tile_height, card.tile_width, card.window_frames, device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    movies = n * max(ks)
+    all_cells = simulate_cells(est, tuple(fractions), n * max(ks), seed=seed, batch=batch, progress=progress)
     cells = []
-    for frac in fractions:
+    for frac, ll in zip(fractions, all_cells):
         d_true = frac * d_max
-        lls = []
-        done = 0
-        while done < movies:
-            m = min(batch, movies - done)
-            b = sim.simulate(m, generator=g, d_um2_s=d_true)
-            ll, _ = est.window_log_likelihoods_of_movies(b.movies.cpu().numpy(), timing)
-            lls.append(ll)
-            done += m
-            if progress:
-                progress(m)
-        ll = np.concatenate(lls)
         for k in ks:
             groups = ll[: n * k].reshape(n, k, -1)
             post = posterior(combine(groups, axis=1), est.grid, d_max)

@@ -64,10 +64,11 @@ def simulate_cells(est, fractions: tuple[float, ...], n: int, seed: int = CALIBR
     from dle_stream.training.simulator import Simulator
 
     card = est.card
-    priors = SimulatorPriors.from_dict(card.simulator["priors"]).operating()
+    d_max = float(card.d_max_um2_s)
+    priors = (SimulatorPriors.from_dict(card.simulator["priors"]).operating() if card.simulator.get("priors")
+              else SimulatorPriors(d_max_um2_s=d_max))
     sim = Simulator(priors, est.timing, card.tile_height, card.tile_width, card.window_frames, est.device)
     g = torch.Generator(device=est.device).manual_seed(seed)
-    d_max = float(card.d_max_um2_s)
     cells = []
     for f in fractions:
         lls = []

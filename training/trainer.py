@@ -329,17 +329,24 @@ class Trainer:
             d.append(dg.cpu())
         return torch.stack(lat), torch.cat(d)
 
+    def _combined_nll(self, outs: torch.Tensor, d_um2_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL of the true D after combining each group of window outputs [G, K, n]: all K
+        windows, and 4 at a time (K a multiple of 4)."""
+        assert self.grid_loss is not None  # groups only for grid heads
+        n_groups, k = outs.shape[:2]
+        target = (d_um2_s / self.d_max).to(self.device)
+        return (self.grid_loss.combined(outs, target, self.prior_log),
+                self.grid_loss.combined(outs.reshape(n_groups * k // 4, 4, -1), target.repeat_interleave(k // 4),
+                                        self.prior_log))
+
     @torch.inference_mode()
     def group_nll(self, latents: torch.Tensor, d_um2_s: torch.Tensor) -> dict[str, float]:
         """NLL of the true D after combining each group [G, K, T, latent] (K = all, and 4 at a time)."""
-        assert self.grid_loss is not None
         self.model.eval()
         n_groups, k = latents.shape[:2]
         out = torch.cat([self.model.head(x.to(self.device)) for x in latents.float()]).reshape(n_groups, k, -1)
-        target = (d_um2_s / self.d_max).to(self.device)
-        return {f"nll_k{k}": float(self.grid_loss.combined(out, target, self.prior_log)),
-                "nll_k4": float(self.grid_loss.combined(out.reshape(n_groups * k // 4, 4, -1),
-                                                        target.repeat_interleave(k // 4), self.prior_log))}
+        all_k, four = self._combined_nll(out, d_um2_s)
+        return {f"nll_k{k}": float(all_k), "nll_k4": float(four)}
 
     def validation_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED)
@@ -557,15 +564,12 @@ class Trainer:
                 n_groups, k = g_lat.shape[:2]
                 both = self.model.head(torch.cat([lat, g_lat.reshape(n_groups * k, *g_lat.shape[2:])]).to(self.device))
                 out, g_out = both[: lat.shape[0]], both[lat.shape[0]:].reshape(n_groups, k, -1)
-                assert self.grid_loss is not None  # grouped only for grid heads
-                target = (g_d / self.d_max).to(self.device)
                 # phased in over the first 30 % of the stage: combining windows whose single
                 # likelihoods are still poor only adds noise (measured: a 150-step run from
                 # scratch ended at L1 0.32 with the full weight from step 1, 0.29 without)
                 weight = min(1.0, progress / GROUP_LOSS_RAMP)
-                extra = weight * (self.grid_loss.combined(g_out, target, self.prior_log)
-                                  + self.grid_loss.combined(g_out.reshape(n_groups * k // 4, 4, -1),
-                                                            target.repeat_interleave(k // 4), self.prior_log))
+                all_k, four = self._combined_nll(g_out, g_d)
+                extra = weight * (all_k + four)
             loss, l1 = self._nll_step(self.opt_head, list(self.model.temporal.parameters()) + list(self.model.mlp.parameters()),
                                       out, d, extra)
             self.state["head_step"] += 1

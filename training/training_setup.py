@@ -54,9 +54,10 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
     ``combine_groups``: groups of windows of one D in each step's combination loss.
     """
     e2e: dict[str, Any] = {k: v for k, v in (end_to_end or {}).items() if v is not None}
-    lr_arg: dict[str, Any] = {} if lr is None else {"lr": float(lr)}
+    #: TrainConfig fields given on the command line (a resumed run keeps its own otherwise)
+    overrides: dict[str, Any] = {} if lr is None else {"lr": float(lr)}
     if combine_groups is not None:
-        lr_arg["combine_groups"] = int(combine_groups)
+        overrides["combine_groups"] = int(combine_groups)
     if ae_steps is None:  # a short --steps budget should not pretrain for 1500 steps
         ae_steps = min(DEFAULT_AE_STEPS, steps) if steps is not None else DEFAULT_AE_STEPS
     if refresh_movies < 0 or refresh_every < 1:
@@ -74,7 +75,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
             frames=saved["frames"], architecture=ModelConfig.from_dict(saved["architecture"]), seed=seed,
             device=device, steps=steps, minutes=minutes, ae_steps=saved["ae_steps"], cache_movies=cache_movies,
             val_movies=val_movies, resume=True, refresh_movies=refresh_movies, refresh_every=refresh_every,
-            **{"combine_groups": saved.get("combine_groups", 0), "group_size": saved.get("group_size", 16), **lr_arg},
+            **{"combine_groups": saved.get("combine_groups", 0), "group_size": saved.get("group_size", 16), **overrides},
             **e2e,
         )
     p = get_preset(preset)
@@ -130,6 +131,6 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         frames=p.frames, seed=seed, device=device, steps=steps, minutes=minutes, ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, encoder_from=encoder_from,
         refresh_movies=refresh_movies, refresh_every=refresh_every, architecture=architecture,
-        **lr_arg,
+        **overrides,
         warm_from=None if warm_from is None else Path(resolve_model(warm_from)), **e2e,
     )
