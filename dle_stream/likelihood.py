@@ -103,13 +103,7 @@ class DGrid:
     @cached_property
     def interp_matrix(self) -> np.ndarray:
         """[knots, F]: log-values at the fine points = knot log-values @ this (linear)."""
-        k, f = self.knots, self.fine
-        idx = np.clip(np.searchsorted(k, f, side="right") - 1, 0, k.size - 2)
-        t = (f - k[idx]) / (k[idx + 1] - k[idx])
-        mat = np.zeros((k.size, f.size))
-        mat[idx, np.arange(f.size)] = 1 - t
-        mat[idx + 1, np.arange(f.size)] += t
-        return mat
+        return _linear_interp_matrix(self.knots, self.fine)
 
     @cached_property
     def fine_weights(self) -> np.ndarray:
@@ -245,11 +239,7 @@ def warp_log_likelihood(log_likelihood: np.ndarray, grid: DGrid, warp: Sequence[
     """
     ll = np.asarray(log_likelihood, dtype=np.float64)
     k = grid.knots
-    target = warp_function(grid, warp)(k)
-    j = np.clip(np.searchsorted(k, target, side="right") - 1, 0, k.size - 2)
-    w = np.clip((target - k[j]) / (k[j + 1] - k[j]), 0.0, 1.0)
-    inside = ll[..., :-1]
-    warped = inside[..., j] * (1.0 - w) + inside[..., j + 1] * w
+    warped = ll[..., :-1] @ _linear_interp_matrix(k, warp_function(grid, warp)(k))
     return np.concatenate([warped, ll[..., -1:]], axis=-1)
 
 
@@ -384,6 +374,17 @@ def posterior(log_likelihood: np.ndarray, grid: DGrid, d_max_um2_s: float) -> Po
         d=out(median), sigma=out(std), lo68=out(lo68), hi68=out(hi68), lo95=out(lo95), hi95=out(hi95),
         p_above=out(p_above, 1.0), lower95_wide=out(lower95), d_max=float(d_max_um2_s),
     )
+
+
+def _linear_interp_matrix(knots: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """[knots, points]: values at ``points`` (within [knots[0], knots[-1]]) = knot values @ this,
+    linear between knots."""
+    idx = np.clip(np.searchsorted(knots, points, side="right") - 1, 0, knots.size - 2)
+    t = (points - knots[idx]) / (knots[idx + 1] - knots[idx])
+    mat = np.zeros((knots.size, points.size))
+    mat[idx, np.arange(points.size)] = 1 - t
+    mat[idx + 1, np.arange(points.size)] += t
+    return mat
 
 
 def _trapezoid_weights(x: np.ndarray) -> np.ndarray:
