@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dle_stream.bench import metrics, run_suite
+from dle_stream.evaluation.bench import metrics, run_suite
 from dle_stream.training.priors import STRESSES
 
 

@@ -417,7 +417,7 @@ def bench(
     """Compare estimators on a seeded simulated suite: the paper's Table 1 and Fig. 3."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dle_stream.bench import markdown_table, run_suite, write_results
+    from dle_stream.evaluation.bench import markdown_table, run_suite, write_results
 
     names = [e.strip() for e in estimators.split(",") if e.strip()]
     _check_out_folder(out, "--out")
@@ -437,7 +437,7 @@ def bench(
 def _bench_combine(model: str | None, n: int, out: Path) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dle_stream.bench_combine import BEYOND, INSIDE, KS, markdown, run_combine, write
+    from dle_stream.evaluation.bench_combine import BEYOND, INSIDE, KS, markdown, run_combine, write
 
     models = [model] if model else ["brain-qd-low", "beads-high"]
     for name in models:

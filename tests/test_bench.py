@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dle_stream import DleStreamError
 from dle_stream.cli import app
-from dle_stream.metrics import calibration, prior_baseline, summarize
+from dle_stream.evaluation.metrics import calibration, prior_baseline, summarize
 
 
 def test_metrics_against_hand_computed_values():
@@ -66,7 +66,7 @@ def test_bench_refuses_unknown_estimators(tmp_path):
 
 
 def test_a_stressed_suite_names_its_stress_and_refuses_an_unknown_one():
-    from dle_stream.bench import run_suite
+    from dle_stream.evaluation.bench import run_suite
 
     res = run_suite("low", 4, 3, ["rics"], stress="dim:strong", batch=4)
     assert res.suite == "low+dim:strong" and len(res.estimates["rics"][0]) == 4

@@ -7,7 +7,7 @@ import pytest
 
 from dle_stream import ScanTiming
 from dle_stream.classic import ClassicEstimator, blur_coefficient, cve, diameter_px, search_range_px
-from dle_stream.oracle import oracle_batch, oracle_estimate, oracle_fit
+from dle_stream.evaluation.oracle import oracle_batch, oracle_estimate, oracle_fit
 from dle_stream.training.priors import get_preset
 from dle_stream.training.simulator import Simulator
 

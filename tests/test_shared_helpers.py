@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dle_stream.evaluation.metrics import json_safe
 from dle_stream.events import FrameEvent, GapCounter
 from dle_stream.files import jsonable, write_atomic
-from dle_stream.metrics import json_safe
 from dle_stream.tiling import grid_layout, tile_boxes
 from dle_stream.windows import RollingWindows
 

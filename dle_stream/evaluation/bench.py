@@ -27,7 +27,7 @@ import torch
 
 from dle_stream import __version__
 from dle_stream.errors import DleStreamError
-from dle_stream.metrics import json_safe, prior_baseline, summarize
+from dle_stream.evaluation.metrics import json_safe, prior_baseline, summarize
 
 ALL_ESTIMATORS = ("dle", "classic", "rics", "oracle")
 SUITE_MODELS = {"low": "brain-qd-low", "high": "beads-high"}
@@ -98,7 +98,7 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
         rics = RicsEstimator(timing, psf_sigma_xy_um=None, d_max_um2_s=p.d_max_um2_s, d_min_um2_s=p.d_min_um2_s)
         runners["rics"] = lambda b: rics.estimate_batch(b.movies.cpu().numpy())[:2]
     if "oracle" in estimators:
-        from dle_stream.oracle import oracle_batch
+        from dle_stream.evaluation.oracle import oracle_batch
 
         runners["oracle"] = lambda b: oracle_batch(b, p.d_min_um2_s, p.d_max_um2_s)
     g = torch.Generator(device=device).manual_seed(seed)

@@ -25,8 +25,8 @@ import torch
 from dle_stream import __version__
 from dle_stream.combine import DISAGREE_P, disagreement_p
 from dle_stream.errors import DleStreamError
+from dle_stream.evaluation.metrics import json_safe
 from dle_stream.likelihood import combine, posterior
-from dle_stream.metrics import json_safe
 
 INSIDE = tuple(np.round(np.linspace(0.05, 0.95, 10), 3))
 BEYOND = (1.2, 1.5, 2.0, 3.0)
