@@ -301,8 +301,7 @@ class EstimateStream:
             if (self.timing.height_px, self.timing.width_px) != (height, width):
                 raise DleStreamError(_size_message(self.timing, "the source's frames", height, width))
             card = load_card(resolve_model(self.model))
-            model_timing = ScanTiming.from_dict(card.scan_timing, source=f"model {card.name} card")
-            comparison = model_timing.compare(self.timing)
+            comparison = card.timing.compare(self.timing)
             if not comparison.compatible:
                 raise DleStreamError(
                     f"model {self.model} was trained for another scan ({comparison.explain()}), so it cannot estimate "

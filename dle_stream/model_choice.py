@@ -37,7 +37,7 @@ def rank_models(scan: ScanTiming, prefer: str | None = None) -> list[tuple[float
     ranked = []
     for folder, card in list_models():
         try:
-            timing = ScanTiming.from_dict(card.scan_timing, source=f"model {card.name} card")
+            timing = card.timing
         except Exception:  # noqa: BLE001 - a package with an unreadable timing serves nothing
             continue
         ranked.append((scan_distance(timing, scan), folder, card))
@@ -56,7 +56,7 @@ def no_model_message(scan: ScanTiming, recording: str | Path | None, asked: str)
         return (f"no model serves this scan ({here}); train one: dle-stream train {like} --out models/my-scope "
                 f"--minutes 30")
     _, folder, card = ranked[0]
-    m = scan_ratios(ScanTiming.from_dict(card.scan_timing))
+    m = scan_ratios(card.timing)
     nearest = (f"nearest: {card.name} (line/dwell {m['line_per_dwell']:.4g}, frame/line {m['frame_per_line']:.4g}, "
                f"pixel {m['pixel_size_um']:g} µm)")
     return (f"model {asked} does not serve this scan ({here}) and no available model does; {nearest}; "
