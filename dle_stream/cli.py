@@ -255,6 +255,7 @@ def train(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from dle_stream.training import distributed
     from dle_stream.training.trainer import TrainConfig, resolve_device
     from dle_stream.training.trainer import train as run_training
     from dle_stream.training.training_setup import config_for
@@ -262,9 +263,11 @@ def train(
     _check_out_folder(out, "--out")
     if threads:
         torch.set_num_threads(threads)
+    # under torchrun: join the other processes (one GPU each, or gloo on CPUs); else nothing changes
+    ranks, rank_device = distributed.start(resolve_device(device))
     cfg: TrainConfig = config_for(
         out=out, preset=preset, like=like, d_max=d_max, steps=steps, minutes=minutes,
-        device=resolve_device(device), seed=seed, resume=resume, encoder_from=encoder_from,
+        device=rank_device, seed=seed, resume=resume, encoder_from=encoder_from,
         ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, name=name, refresh_movies=refresh_movies,
         refresh_every=refresh_every,
@@ -273,6 +276,9 @@ def train(
         timing_file=timing, warm_from=warm_from, steady_share=steady_share, output=output, lr=lr,
         combine_groups=combine_groups,
     )
+    if not ranks.main:  # rank 0 reports and writes; the others train their share quietly
+        run_training(cfg, log=lambda *a: None, ranks=ranks)
+        return
     console.print(f"training [bold]{cfg.name}[/]: D {cfg.priors.d_min_um2_s:g}–{cfg.priors.d_max_um2_s:g} µm²/s, "
                   f"dwell {cfg.timing.dwell_us:g} µs, line {cfg.timing.line_period_us:g} µs, "
                   f"frame {cfg.timing.frame_period_us:g} µs, device {cfg.device}")
@@ -280,7 +286,7 @@ def train(
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, transient=False, refresh_per_second=2) as progress:
         try:
-            folder = run_training(cfg, progress=progress, log=progress.console.print)
+            folder = run_training(cfg, progress=progress, log=progress.console.print, ranks=ranks)
         except KeyboardInterrupt:
             from dle_stream.model_package import CARD_FILE
 

@@ -21,13 +21,20 @@ Stages (the paper's §2.4, adapted to a CPU budget by measurement):
 A budget is ``steps`` (head steps; reproducible with ``seed``) or ``minutes`` (wall time,
 split between stages). Every ``checkpoint_minutes`` and on Ctrl-C the trainer writes
 a checkpoint and a usable model package to ``out``; ``resume`` continues from it.
+
+Several processes (``torchrun``; :mod:`dle_stream.training.distributed`): each simulates its
+own movies and takes its share of every global batch (``batch``, ``ae_batch``,
+``e2e_batch``, the combination groups, the cache and its refreshes); the gradients are
+averaged by DistributedDataParallel; rank 0 validates and writes everything.
 """
 
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,12 +44,13 @@ import torch
 
 from dle_stream import __version__
 from dle_stream.errors import DleStreamError
+from dle_stream.evaluation.metrics import json_safe, prior_baseline, summarize
 from dle_stream.likelihood import posterior, window_log_likelihood
-from dle_stream.metrics import json_safe, prior_baseline, summarize
 from dle_stream.model import DLEModel, GridLoss, ModelConfig, gaussian_nll
 from dle_stream.timing import ScanTiming
 from dle_stream.training.augment import random_raster_augment
 from dle_stream.training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
+from dle_stream.training.distributed import SINGLE, Ranks
 from dle_stream.training.latent_cache import LatentCache, simulate_latents
 from dle_stream.training.mixture import MixedSimulator
 from dle_stream.training.priors import SimulatorPriors
@@ -125,17 +133,47 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class Trainer:
-    """Runs the stages of :mod:`dle_stream.training.trainer` with a live progress display."""
+class _Part(torch.nn.Module):
+    """The parts of the model one stage trains (``names``), as one module whose forward is
+    the stage's (``forward``): what DistributedDataParallel wraps for that stage."""
 
-    def __init__(self, config: TrainConfig, progress=None, log=print):
+    def __init__(self, model: DLEModel, names: tuple[str, ...], forward: Callable):
+        super().__init__()
+        for name in names:
+            self.add_module(name, getattr(model, name))
+        self._stage_forward = (forward,)  # a tuple: a module given as forward is not a part
+
+    def forward(self, x: torch.Tensor):
+        return self._stage_forward[0](x)
+
+
+class Trainer:
+    """Runs the stages of :mod:`dle_stream.training.trainer` with a live progress display.
+
+    ``ranks``: this process's place in a multi-process run (default: a single process);
+    ``on_step(trainer, stage)``: called after every optimiser step (stage "autoencoder",
+    "end-to-end" or "predictor"), e.g. to watch the weights.
+    """
+
+    def __init__(self, config: TrainConfig, progress=None, log=print, ranks: Ranks = SINGLE,
+                 on_step: Callable[[Trainer, str], None] | None = None):
         self.cfg = config
-        self.log = log
-        self.progress = progress
+        self.ranks = ranks
+        self.log = log if ranks.main else (lambda *a, **k: None)
+        self.progress = progress if ranks.main else None
+        self.on_step = on_step
+        if ranks.distributed:
+            small = [(flag, n) for flag, n in (("the predictor batch", config.batch),
+                                               ("the autoencoder batch", config.ae_batch),
+                                               ("--e2e-batch", config.e2e_batch)) if n < ranks.world]
+            if small:
+                raise DleStreamError(f"train: {ranks.world} processes need {small[0][0]} ≥ {ranks.world} (it is "
+                                     f"{small[0][1]}, split over the processes); start fewer processes")
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
-        self.gen = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.cpu_gen = torch.Generator().manual_seed(config.seed + 1)
+        #: every rank draws its own movies (rank 0 the stream a single process draws)
+        self.gen = torch.Generator(device=self.device).manual_seed(ranks.seed(config.seed))
+        self.cpu_gen = torch.Generator().manual_seed(ranks.seed(config.seed + 1))
         self.model = DLEModel(config.architecture).to(self.device)
         arch = config.architecture
         self.grid_loss = GridLoss(arch.grid).to(self.device) if arch.output == "d_grid" else None
@@ -174,6 +212,8 @@ class Trainer:
         self.val_movies = config.val_movies
         #: (validation score, weights, step) of the best validation so far in this run
         self._best: tuple[float, dict, int] | None = None
+        #: movies_simulated as last summed over the ranks (each rank adds its own since)
+        self._movies_synced = 0
 
     # ------------------------------------------------------------------ time
     def elapsed(self) -> float:
@@ -190,6 +230,10 @@ class Trainer:
 
     # --------------------------------------------------------------- resume
     def load(self) -> None:
+        self._load()
+        self._movies_synced = self.state["movies_simulated"]
+
+    def _load(self) -> None:
         cfg = self.cfg
         if cfg.resume:
             tensors, state = load_checkpoint(self.checkpoint_dir)
@@ -202,7 +246,7 @@ class Trainer:
                 if tensors and name in state.get("optimizers", {}):
                     load_optimizer(opt, tensors, state["optimizers"][name])
             # a resumed run draws new movies: its own stream
-            self.gen.manual_seed(cfg.seed + 7919 * self.state["runs"])
+            self.gen.manual_seed(self.ranks.seed(cfg.seed + 7919 * self.state["runs"]))
             self.log(f"resumed {self.checkpoint_dir}: stage {self.state['stage']}, "
                      f"head step {self.state['head_step']}, {self._elapsed_before / 60:.1f} min trained before")
         elif cfg.warm_from is not None:
@@ -239,7 +283,15 @@ class Trainer:
         self.log(f"warm start from {folder}: {len(taken)} tensors taken"
                  + (f", new {', '.join(fresh)}" if fresh else "") + "; skipping the autoencoder stage")
 
-    def checkpoint(self, write_package: bool = True) -> None:
+    def checkpoint(self, write_package: bool = True, sync: bool = True) -> None:
+        """Write the checkpoint (and the package once the head is trained). With several
+        processes every rank calls it (``sync``: the movie count is summed over the ranks
+        first) and rank 0 writes; ``sync=False`` (after Ctrl-C) writes without waiting for them."""
+        if sync:
+            self._sync_counts()
+        self._last_ckpt = time.monotonic()
+        if not self.ranks.main:
+            return
         self.state["elapsed_s"] = self.elapsed()
         save_checkpoint(self.checkpoint_dir, self.model, self._optimizers(),
                         {**self.state, "config": _config_json(self.cfg)})
@@ -250,9 +302,37 @@ class Trainer:
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"ae": self.opt_ae, "head": self.opt_head, "e2e": self.opt_e2e}
 
-    def maybe_checkpoint(self) -> None:
-        if time.monotonic() - self._last_ckpt > self.cfg.checkpoint_minutes * 60:
-            self.checkpoint()
+    def _sync_counts(self) -> None:
+        """``movies_simulated``: the movies of all ranks (each counts its own between syncs)."""
+        new = self.state["movies_simulated"] - self._movies_synced
+        self.state["movies_simulated"] = self._movies_synced + int(round(self.ranks.total([new])[0]))
+        self._movies_synced = self.state["movies_simulated"]
+
+    def _checkpoint_due(self) -> bool:
+        return time.monotonic() - self._last_ckpt > self.cfg.checkpoint_minutes * 60
+
+    def _rank_mean(self, values: list[float]) -> list[float]:
+        """The mean over the ranks of each value (for the learning curve); every rank calls it."""
+        if not self.ranks.distributed:
+            return values
+        return [v / self.ranks.world for v in self.ranks.total(values)]
+
+    def _stage(self, names: tuple[str, ...], forward: Callable) -> Callable:
+        """The forward pass a stage trains through: ``forward`` itself in a single process,
+        else the stage's parts in DistributedDataParallel (gradients averaged over ranks)."""
+        if not self.ranks.distributed:
+            return forward
+        return self.ranks.wrap(_Part(self.model, names, forward), self.device)
+
+    @staticmethod
+    def _end_stage() -> None:
+        """Free the stage's DistributedDataParallel (its gradient hooks) before the next stage wraps
+        shared parameters again."""
+        gc.collect()
+
+    def _step_done(self, stage: str) -> None:
+        if self.on_step is not None:
+            self.on_step(self, stage)
 
     # --------------------------------------------------------------- stages
     def train_autoencoder(self) -> None:
@@ -260,26 +340,36 @@ class Trainer:
         self.model.train()
         frames_pool = None
         uses = 0
+        local_batch = self.ranks.share(cfg.ae_batch)
+        weight = self.ranks.weight(local_batch, cfg.ae_batch)
+        forward = self._stage(("encoder", "decoder"), self.model.autoencode)
         task = self._task("autoencoder", cfg.ae_steps, self.state["ae_step"])
-        while self.state["ae_step"] < cfg.ae_steps and self.budget_fraction(0.2):
+        while self.state["ae_step"] < cfg.ae_steps:
+            go, due = self.ranks.agree([self.budget_fraction(0.2), self._checkpoint_due()])
+            if not go:
+                break
             if frames_pool is None or uses >= 8:
                 with torch.no_grad():
-                    batch = self.sim.simulate(max(4, cfg.ae_batch // 32), generator=self.gen)
+                    batch = self.sim.simulate(max(4, local_batch // 32), generator=self.gen)
                 self.state["movies_simulated"] += len(batch)
                 frames_pool = batch.movies.reshape(-1, cfg.tile_height, cfg.tile_width)
                 uses = 0
-            idx = torch.randint(0, frames_pool.shape[0], (cfg.ae_batch,), generator=self.gen, device=self.device)
-            recon, target = self.model.autoencode(frames_pool[idx])
+            idx = torch.randint(0, frames_pool.shape[0], (local_batch,), generator=self.gen, device=self.device)
+            recon, target = forward(frames_pool[idx])
             loss = torch.mean((recon - target) ** 2)
             self.opt_ae.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if weight != 1.0 else loss).backward()
             self.opt_ae.step()
             uses += 1
             self.state["ae_step"] += 1
+            self._step_done("autoencoder")
             if self.state["ae_step"] % 25 == 0:
-                self._curve("autoencoder", self.state["ae_step"], loss.item(), math.nan, math.nan)
+                self._curve("autoencoder", self.state["ae_step"], self._rank_mean([loss.item()])[0], math.nan, math.nan)
             self._advance(task, f"AE loss {loss.item():.3f}")
-            self.maybe_checkpoint()
+            if due:
+                self.checkpoint()
+        del forward
+        self._end_stage()
         self.state["stage"] = "predictor"
 
     def _group_labels(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +400,8 @@ class Trainer:
 
     def fill_cache(self, cache: LatentCache, n_movies: int, fraction: float, label: str) -> None:
         task = self._task(label, n_movies, 0)
-        while cache.size < n_movies and (cache.size < 2 * self.cfg.batch or self.budget_fraction(fraction)):
+        while cache.size < n_movies and (cache.size < 2 * self.ranks.share(self.cfg.batch)
+                                         or self.budget_fraction(fraction)):
             n = min(self.cfg.sim_batch, n_movies - cache.size)
             self.add_movies(cache, n)
             self._advance(task, f"{cache.size} movies", n)
@@ -437,43 +528,57 @@ class Trainer:
         """Encoder + temporal ResNet + head on raw movies of ``e2e_frames`` frames (NLL)."""
         cfg = self.cfg
         start_step, t_start = self.state["e2e_step"], time.monotonic()
-        if self._e2e_done(start_step, t_start):
+        if self.ranks.agree([self._e2e_done(start_step, t_start)])[0]:
             return
         sim = MixedSimulator(self.train_priors, cfg.timing, cfg.tile_height, cfg.tile_width, cfg.e2e_frames,
                              self.device)
         val_sim = Simulator(cfg.priors.operating(), cfg.timing, cfg.tile_height, cfg.tile_width, cfg.e2e_frames,
                             self.device)
-        val_gen = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + 1)
-        val = self._e2e_movies(val_sim, CURVE_VALIDATION_MOVIES, val_gen, augment=False)
+        val = None
+        if self.ranks.main:  # only rank 0 validates
+            val_gen = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + 1)
+            val = self._e2e_movies(val_sim, CURVE_VALIDATION_MOVIES, val_gen, augment=False)
         params = [p for group in self.opt_e2e.param_groups for p in group["params"]]
         self.model.encoder.requires_grad_(True)
+        local_batch = self.ranks.share(cfg.e2e_batch)
+        weight = self.ranks.weight(local_batch, cfg.e2e_batch)
+        forward = self._stage(("encoder", "temporal", "mlp"), self.model)
         task = self._task("end-to-end", cfg.e2e_steps or None, 0)
         recent_loss, recent_l1 = [], []
-        while not self._e2e_done(start_step, t_start):
-            lr = _set_cosine_lr(self.opt_e2e, cfg.e2e_lr, self._e2e_progress(start_step, t_start))
-            movies, d = self._e2e_movies(sim, cfg.e2e_batch, self.gen, augment=True)
-            self.state["movies_simulated"] += cfg.e2e_batch
+        while True:
+            done, progress, due = self.ranks.agree([self._e2e_done(start_step, t_start),
+                                                    self._e2e_progress(start_step, t_start), self._checkpoint_due()])
+            if done:
+                break
+            lr = _set_cosine_lr(self.opt_e2e, cfg.e2e_lr, progress)
+            movies, d = self._e2e_movies(sim, local_batch, self.gen, augment=True)
+            self.state["movies_simulated"] += local_batch
             self.model.train()
-            loss, l1 = self._nll_step(self.opt_e2e, params, self.model(movies), d)
+            loss, l1 = self._nll_step(self.opt_e2e, params, forward(movies), d, weight=weight)
             self.state["e2e_step"] += 1
+            self._step_done("end-to-end")
             recent_loss.append(loss)
             recent_l1.append(l1)
             if self.state["e2e_step"] % 25 == 0:
-                self._curve("end-to-end", self.state["e2e_step"], np.mean(recent_loss), np.nanmean(recent_l1), math.nan, lr)
+                mean_loss, mean_l1 = self._rank_mean([float(np.mean(recent_loss)), float(np.nanmean(recent_l1))])
+                self._curve("end-to-end", self.state["e2e_step"], mean_loss, mean_l1, math.nan, lr)
                 recent_loss, recent_l1 = [], []
             self._advance(task, f"step {self.state['e2e_step']} loss {np.mean(recent_loss or [loss]):.3f} "
                                 f"L1 {np.nanmean(recent_l1 or [0]):.3g} µm²/s ({cfg.e2e_frames}-frame windows)")
-            if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
+            if due:
                 self._e2e_checkpoint(sim, val, lr)
+        del forward
+        self._end_stage()
         self._e2e_checkpoint(sim, val, math.nan)
         self.model.encoder.requires_grad_(False)
 
     def _e2e_checkpoint(self, sim: Simulator | MixedSimulator, val, lr: float) -> None:
-        metrics = self._e2e_evaluate(sim, val)
-        self._curve("end-to-end-validation", self.state["e2e_step"], metrics["nll"], metrics["l1"],
-                    metrics["best_half_l1"], lr)
-        self.log(f"end-to-end step {self.state['e2e_step']}: validation L1 {metrics['l1']:.4g} µm²/s "
-                 f"(best half {metrics['best_half_l1']:.4g}) on {len(val[1])} {self.cfg.e2e_frames}-frame movies")
+        if val is not None:  # rank 0
+            metrics = self._e2e_evaluate(sim, val)
+            self._curve("end-to-end-validation", self.state["e2e_step"], metrics["nll"], metrics["l1"],
+                        metrics["best_half_l1"], lr)
+            self.log(f"end-to-end step {self.state['e2e_step']}: validation L1 {metrics['l1']:.4g} µm²/s "
+                     f"(best half {metrics['best_half_l1']:.4g}) on {len(val[1])} {self.cfg.e2e_frames}-frame movies")
         self.checkpoint(write_package=False)
 
     @torch.inference_mode()
@@ -507,18 +612,22 @@ class Trainer:
         return post.d, post.sigma, (post.lo68, post.hi68)
 
     def _nll_step(self, opt: torch.optim.Optimizer, clip: list, out: torch.Tensor,
-                  d_um2_s: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[float, float]:
+                  d_um2_s: torch.Tensor, extra: torch.Tensor | None = None, weight: float = 1.0) -> tuple[float, float]:
         """One likelihood step (gradient norm of ``clip`` limited to 5); (loss, L1 µm²/s).
 
         The loss is the exact NLL of the true D under a grid output, or the paper's
         Gaussian NLL (Eq. 2) for a "gaussian" head. The L1 of a grid head counts only
-        movies inside the operating range (where its number is read).
+        movies inside the operating range (where its number is read). ``weight``: this
+        rank's factor for its part of the global batch (:meth:`Ranks.weight`); ``extra``
+        comes weighted.
         """
         target = (d_um2_s / self.d_max).to(self.device)
         if self.grid_loss is not None:
             loss = self.grid_loss(out, target)
         else:
             loss = gaussian_nll(out[:, 0], out[:, 1], target)
+        if weight != 1.0:
+            loss = loss * weight
         if extra is not None:  # the combination loss of groups of windows
             loss = loss + extra
         opt.zero_grad(set_to_none=True)
@@ -531,38 +640,49 @@ class Trainer:
         l1 = float(np.mean(np.abs(d_hat - truth)[inside])) if inside.any() else math.nan
         return loss.item(), l1
 
-    def train_predictor(self, cache: LatentCache, val: tuple[torch.Tensor, torch.Tensor], reserve_s: float) -> None:
+    def train_predictor(self, cache: LatentCache, val: tuple[torch.Tensor, torch.Tensor] | None,
+                        reserve_s: float) -> None:
+        """The head on cached latents; ``val``: the curve's held-out latents (rank 0; None elsewhere)."""
         cfg = self.cfg
         self.model.encoder.requires_grad_(False)
         start_step = self.state["head_step"]
         total = cfg.steps
         peak_lr = cfg.lr if start_step < 100 else cfg.lr / 3  # a warm restart when resuming a trained head
         run_budget_s = None if cfg.minutes is None else cfg.minutes * 60 - reserve_s
+        # this rank's part of each global batch, of the groups and of the cache refreshes
+        local_batch, local_groups = self.ranks.share(cfg.batch), self.ranks.share(cfg.combine_groups)
+        single_weight = self.ranks.weight(local_batch, cfg.batch)
+        group_weight = self.ranks.weight(local_groups, cfg.combine_groups)
+        local_refresh = self.ranks.share(cfg.refresh_movies)
+        forward = self._stage(("temporal", "mlp"), lambda x: self.model.head(x))
         task = self._task("predictor", total if total else None, 0)
         recent_loss, recent_l1 = [], []
         while True:
             done = self.state["head_step"] - start_step
             if total is not None and done >= total:
                 break
-            if run_budget_s is not None and self.run_elapsed() >= run_budget_s and done >= MIN_PREDICTOR_STEPS:
-                break
+            out_of_time = run_budget_s is not None and self.run_elapsed() >= run_budget_s and done >= MIN_PREDICTOR_STEPS
             if total:
                 progress = done / total
             else:
                 assert run_budget_s is not None  # TrainConfig needs --steps (≥ 1) or --minutes
                 progress = self.run_elapsed() / max(run_budget_s, 1.0)
+            stop, progress, due = self.ranks.agree([out_of_time, progress, self._checkpoint_due()])
+            if stop:
+                break
             lr = _set_cosine_lr(self.opt_head, peak_lr, progress)
             self.model.temporal.train()
             self.model.mlp.train()
-            lat, d = cache.sample(cfg.batch, self.cpu_gen)
-            groups = cache.sample_groups(cfg.combine_groups, cfg.group_size, self.cpu_gen) if self.grouped else None
+            lat, d = cache.sample(local_batch, self.cpu_gen)
+            groups = (cache.sample_groups(local_groups, cfg.group_size, self.cpu_gen)
+                      if self.grouped and local_groups else None)
             extra = None
             if groups is None:
-                out = self.model.head(lat.to(self.device))
+                out = forward(lat.to(self.device))
             else:  # one forward pass: single windows, then the groups' windows
                 g_lat, g_d = groups
                 n_groups, k = g_lat.shape[:2]
-                both = self.model.head(torch.cat([lat, g_lat.reshape(n_groups * k, *g_lat.shape[2:])]).to(self.device))
+                both = forward(torch.cat([lat, g_lat.reshape(n_groups * k, *g_lat.shape[2:])]).to(self.device))
                 out, g_out = both[: lat.shape[0]], both[lat.shape[0]:].reshape(n_groups, k, -1)
                 # phased in over the first 30 % of the stage: combining windows whose single
                 # likelihoods are still poor only adds noise (measured: a 150-step run from
@@ -570,22 +690,29 @@ class Trainer:
                 weight = min(1.0, progress / GROUP_LOSS_RAMP)
                 all_k, four = self._combined_nll(g_out, g_d)
                 extra = weight * (all_k + four)
+                if group_weight != 1.0:
+                    extra = extra * group_weight
             loss, l1 = self._nll_step(self.opt_head, list(self.model.temporal.parameters()) + list(self.model.mlp.parameters()),
-                                      out, d, extra)
+                                      out, d, extra, weight=single_weight)
             self.state["head_step"] += 1
+            self._step_done("predictor")
             recent_loss.append(loss)
             recent_l1.append(l1)
-            if self.state["head_step"] % cfg.refresh_every == 0 and cfg.refresh_movies:
-                self.add_movies(cache, cfg.refresh_movies)
+            if self.state["head_step"] % cfg.refresh_every == 0 and local_refresh:
+                self.add_movies(cache, local_refresh)
             if self.state["head_step"] % 50 == 0:
-                self._curve("predictor", self.state["head_step"], np.mean(recent_loss), np.nanmean(recent_l1), math.nan, lr)
+                mean_loss, mean_l1 = self._rank_mean([float(np.mean(recent_loss)), float(np.nanmean(recent_l1))])
+                self._curve("predictor", self.state["head_step"], mean_loss, mean_l1, math.nan, lr)
                 recent_loss, recent_l1 = [], []
             self._advance(task, f"step {self.state['head_step']} loss {np.mean(recent_loss or [loss]):.3f} "
                                 f"L1 {np.nanmean(recent_l1 or [0]):.3g} µm²/s")
-            if time.monotonic() - self._last_ckpt > cfg.checkpoint_minutes * 60:
-                self._validate_and_keep_best(cache, val, lr)
+            if due:
+                if val is not None:
+                    self._validate_and_keep_best(cache, val, lr)
                 self.checkpoint()
-        if self._best is not None:
+        del forward
+        self._end_stage()
+        if self._best is not None and val is not None:
             score = self._validate_and_keep_best(cache, val, math.nan)
             best_score, best_state, best_step = self._best
             if best_score < score:
@@ -625,14 +752,18 @@ class Trainer:
                 self.checkpoint(write_package=False)
             self.train_end_to_end()
             self.model.eval()
-            val_curve = self.validation_latents(CURVE_VALIDATION_MOVIES)
-            if self.grouped:
-                self.val_groups = self.validation_groups(max(2, CURVE_VALIDATION_MOVIES // self.cfg.group_size))
-            cache = self.cache = LatentCache(cfg.cache_movies, cfg.frames, cfg.architecture.latent)
+            val_curve = None
+            if self.ranks.main:  # only rank 0 validates
+                val_curve = self.validation_latents(CURVE_VALIDATION_MOVIES)
+                if self.grouped:
+                    self.val_groups = self.validation_groups(max(2, CURVE_VALIDATION_MOVIES // self.cfg.group_size))
+            # each rank caches its share of the movies (together: cache_movies)
+            cache_movies = self.ranks.share(cfg.cache_movies)
+            cache = self.cache = LatentCache(cache_movies, cfg.frames, cfg.architecture.latent)
             t_fill = time.monotonic()
             # the cache may take 45 % of the budget, or 10 % after a long end-to-end stage
             fill_until = 0.45 if cfg.minutes is None else max(0.45, self.run_elapsed() / (cfg.minutes * 60) + 0.1)
-            self.fill_cache(cache, cfg.cache_movies, fill_until, "latent cache")
+            self.fill_cache(cache, cache_movies, fill_until, "latent cache")
             self._last_ckpt = time.monotonic()  # the first predictor checkpoint comes a full interval later
             # reserve time for the final validation, from the measured cost of a cached movie;
             # with a short budget, validate on fewer movies (at least 64) rather than not train
@@ -648,10 +779,13 @@ class Trainer:
             usable = self.state["head_step"] > 0
             self.log("interrupted: writing a checkpoint" + (" and a usable model package" if usable else
                      " (no model package yet: the head has not been trained; continue with --resume)"))
-            if self.cache is not None:
+            if self.cache is not None and self.ranks.main:
                 self.recalibrate_batchnorm(self.cache)
-            self.checkpoint()
+            self.checkpoint(sync=False)  # the other ranks may be stopped anywhere: no collective
             raise
+        self._sync_counts()
+        if not self.ranks.main:  # rank 0 validates and writes the package
+            return cfg.out
         self.recalibrate_batchnorm(cache, batches=32)
         val = self.validation_latents(self.val_movies)
         metrics = self.evaluate(*val)
@@ -661,7 +795,7 @@ class Trainer:
         self.state["validation"] = metrics
         self._curve("validation", self.state["head_step"], metrics["dle"]["nll"], metrics["dle"]["l1"],
                     metrics["dle"]["best_half_l1"])
-        self.checkpoint()
+        self.checkpoint(sync=False)
         return cfg.out
 
     # ---------------------------------------------------------------- output
@@ -686,6 +820,7 @@ class Trainer:
                 "batch": cfg.batch, "autoencoder_batch": cfg.ae_batch, "lr": cfg.lr,
                 "movies_simulated": self.state["movies_simulated"], "time_s": round(self.elapsed(), 1),
                 "device": _device_name(self.device), "threads": torch.get_num_threads(),
+                "processes": self.ranks.world,
                 "runs": self.state["runs"] + 1,
                 "encoder_frozen_after_pretraining": self.state["e2e_step"] == 0,
                 "end_to_end_steps": self.state["e2e_step"], "end_to_end_frames": cfg.e2e_frames,
@@ -710,6 +845,8 @@ class Trainer:
         row = {"stage": stage, "step": step, "elapsed_s": round(self.elapsed(), 1), "loss": _r(loss),
                "l1_um2_s": _r(l1), "best_half_l1_um2_s": _r(best_half_l1), "lr": _r(lr)}
         self.state["curve"].append(row)
+        if not self.ranks.main:
+            return
         path = self.cfg.out / "training_curve.csv"
         new = not path.exists()
         with path.open("a", newline="") as fh:
@@ -760,6 +897,7 @@ def _config_json(cfg: TrainConfig) -> dict:
     return data
 
 
-def train(config: TrainConfig, progress=None, log=print) -> Path:
-    """Run a training and return the model package folder."""
-    return Trainer(config, progress, log).run()
+def train(config: TrainConfig, progress=None, log=print, ranks: Ranks = SINGLE) -> Path:
+    """Run a training and return the model package folder (``ranks``: this process's place
+    in a multi-process run, :func:`dle_stream.training.distributed.start`)."""
+    return Trainer(config, progress, log, ranks=ranks).run()
