@@ -95,7 +95,9 @@ def main() -> None:
 
         log_path = args.log_path or Path(tempfile.mkdtemp()) / "bench.zarr"
         log = ZarrLog.create(log_path, tile_bboxes=layout.bboxes, attrs={})
-    runner = StreamRunner(est, layout, timing, window=args.window, hop=args.hop, log=log)
+    runner = StreamRunner(est, layout, timing, window=args.window, hop=args.hop)
+    if log is not None:
+        runner.attach(log)
     rss = []
 
     def sample(est_) -> None:  # resident memory after every few windows (Linux /proc), MB

@@ -24,6 +24,9 @@ from rich.text import Text
 if TYPE_CHECKING:
     from rich.live import Live
 
+    from dle_stream.events import RunnerEvents, WindowEstimate
+    from dle_stream.runner import StreamRunner
+
 from dle_stream import report
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -64,6 +67,11 @@ def _colour(fraction: float) -> str:
 class Dashboard:
     """Shows a :class:`~dle_stream.runner.StreamRunner`'s progress.
 
+    A sink (:class:`dle_stream.protocols.Sink`) like the Zarr log: it attaches itself to
+    ``runner`` (:meth:`~dle_stream.runner.StreamRunner.attach`) and shows each ``estimated``
+    and ``warning`` event; the running combination, layout and statistics it reads from
+    the runner.
+
     Args:
         runner: the runner to watch.
         source: a one-line description of the source.
@@ -71,10 +79,14 @@ class Dashboard:
         mode: "live" (rich live display), "plain" (a line per window) or "quiet".
         console: where to draw (default: stdout).
         truth: optional {roi name: true D µm²/s} shown next to the estimates (demo, replay of simulations).
+        window_offset, frame_offset: added to the window and frame numbers shown, as the log
+            stores them (a run that appends to a log continues its numbering:
+            :attr:`dle_stream.zarr_log.ZarrLog.window_offset`).
     """
 
-    def __init__(self, runner, *, source: str, model: str, mode: str = "live", console: Console | None = None,
-                 refresh_s: float = 0.5, truth: dict | None = None):
+    def __init__(self, runner: StreamRunner, *, source: str, model: str, mode: str = "live",
+                 console: Console | None = None, refresh_s: float = 0.5, truth: dict | None = None,
+                 window_offset: int = 0, frame_offset: int = 0):
         self.runner = runner
         self.source = source
         self.model = model
@@ -83,18 +95,19 @@ class Dashboard:
         self.refresh_s = refresh_s
         self.truth = truth or {}
         self.history: list[deque[float]] = [deque(maxlen=40) for _ in runner.layout.regions]
-        # window and frame numbers as the log stores them (a run that --append-s to a log
-        # continues its numbering; 0 for a new log or none)
-        log = getattr(runner, "log", None)
-        self.window_offset = int(getattr(log, "window_offset", 0))
-        self.frame_offset = int(getattr(log, "frame_offset", 0))
+        self.window_offset = int(window_offset)
+        self.frame_offset = int(frame_offset)
         self._live: Live | None = None
         self._last = 0.0
-        runner.events.estimated.connect(self._on_estimate)
-        runner.events.warning.connect(self._on_warning)
+        runner.attach(self)
+
+    def attach(self, events: RunnerEvents) -> None:
+        """Subscribe to the runner's estimates and warnings (:class:`dle_stream.protocols.Sink`)."""
+        events.estimated.connect(self._on_estimate)
+        events.warning.connect(self._on_warning)
 
     # ------------------------------------------------------------ callbacks
-    def _on_estimate(self, est) -> None:
+    def _on_estimate(self, est: WindowEstimate) -> None:
         comb = self.runner.combination
         for i, h in enumerate(self.history):
             h.append(comb.region_d[i])

@@ -1,10 +1,34 @@
-"""The plain records that flow through a stream: frames in, window estimates out.
+"""The plain records that flow through a stream, and the runner's events that carry them.
 
 Every source (Micro-Manager, the demo camera, a replayed file) yields
 :class:`FrameEvent`; the runner turns windows of frames into :class:`WindowEstimate`
-records that the Zarr log, the dashboard and the per-ROI combination consume.
-:class:`GapCounter` reads lost frames from the camera's image numbers (for the
-Micro-Manager source and the runner alike).
+records. Outputs do not get called by the runner: each is a *sink*
+(:class:`dle_stream.protocols.Sink`) that subscribes to the runner's :class:`RunnerEvents`,
+the Zarr log (:class:`dle_stream.zarr_log.ZarrLog`) and the dashboard
+(:class:`dle_stream.dashboard.Dashboard`) alike. :class:`GapCounter` reads lost frames
+from the camera's image numbers (for the Micro-Manager source and the runner alike).
+
+Events and their payloads (:class:`RunnerEvents`; docs/design.md §2), in the order the
+runner emits them for one frame:
+
+=============  =====================  ==================================================
+event          payload                when
+=============  =====================  ==================================================
+``gap``        :class:`GapEvent`      frames were lost just before this frame (then a
+                                      ``warning``); the windows restart
+``frame``      :class:`FrameEvent`    the frame was accepted (checked and cut into tiles)
+``estimated``  :class:`WindowEstimate`  a window was estimated (the running combination
+                                      already holds it)
+``warning``    ``str``                one line for the user (gaps, stalls, notes)
+``finished``   :class:`~dle_stream.runner.RunStats`  the stream ended (flush what is
+                                      buffered; closing stays with the owner)
+=============  =====================  ==================================================
+
+A sink that keeps a record connects its ``estimated`` handler with
+:data:`RECORD_PRIORITY`, so it runs before every display: whatever a dashboard shows was
+committed first, and a kill never loses an estimate already shown. An error in a sink
+stops the emission (later sinks do not see the event) and reaches the runner's caller as
+the sink's own exception.
 """
 
 from __future__ import annotations
@@ -13,6 +37,11 @@ import enum
 from dataclasses import dataclass, field
 
 import numpy as np
+from psygnal import Signal
+
+#: Priority of a recording sink's ``estimated`` handler (psygnal calls higher first; displays
+#: connect with the default 0): the record is committed before anything shows the estimate.
+RECORD_PRIORITY = 100
 
 
 @dataclass(frozen=True)
@@ -88,6 +117,35 @@ class WindowEstimate:
     p_above: np.ndarray | None = None
     lower95_um2_s: np.ndarray | None = None
     log_likelihood: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class GapEvent:
+    """Frames lost just before frame ``frame_index``: the payload of ``RunnerEvents.gap``.
+
+    Attributes:
+        frame_index: stream index of the first frame after the gap.
+        n_lost: frames lost (from the jump in image numbers, or estimated from the
+            timestamps' step).
+        kind: what the log records as the gap's kind (``"gap"``).
+        reason: one line saying how the gap was seen.
+    """
+
+    frame_index: int
+    n_lost: int
+    kind: str = "gap"
+    reason: str = ""
+
+
+class RunnerEvents:
+    """The signals (psygnal) of one :class:`~dle_stream.runner.StreamRunner`; payloads in
+    the module's table. A sink subscribes in its ``attach(events)``."""
+
+    gap = Signal(GapEvent)
+    frame = Signal(FrameEvent)
+    estimated = Signal(WindowEstimate)
+    warning = Signal(str)
+    finished = Signal(object)  # RunStats (defined with the runner, which imports this module)
 
 
 class GapCounter:

@@ -2,7 +2,9 @@
 
 - :func:`jsonable`: any value as plain JSON types (numpy scalars and arrays, tuples,
   paths, dates, dataclasses; NaN and infinities become None, since JSON has no NaN), for
-  recording metadata, benchmark results and model-card metrics.
+  recording metadata, benchmark results and model-card metrics; with ``keep_nonfinite``
+  and ``strict``, the run log's attributes (NaN kept, as Zarr writes it; an unknown type
+  refused).
 - :func:`write_atomic`: write a file through a temporary file in the same folder, fsync,
   then rename it over the target: a kill leaves the old file or the new one, never half
   of one (model packages, CSV exports).
@@ -22,20 +24,30 @@ from typing import Any
 import numpy as np
 
 
-def jsonable(value: Any) -> Any:
+def jsonable(value: Any, *, keep_nonfinite: bool = False, strict: bool = False) -> Any:
     """``value`` as plain JSON types: dicts (keys as strings), lists, str, int, float,
     bool, None. Numpy scalars and arrays become Python numbers and lists, tuples lists,
     paths strings, dates ISO 8601, dataclasses dicts; NaN and ±inf become None; anything
-    else its ``str``."""
+    else its ``str``.
+
+    Args:
+        keep_nonfinite: keep NaN and ±inf as floats (for a document written with
+            ``json.dumps(..., allow_nan=True)``, as Zarr writes attributes: the run log).
+        strict: an object of another type becomes its ``to_dict()`` if it has one, else
+            raises :class:`TypeError` naming the type (instead of becoming its ``str``).
+    """
+    def again(v: Any) -> Any:
+        return jsonable(v, keep_nonfinite=keep_nonfinite, strict=strict)
+
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): again(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
+        return [again(v) for v in value]
     if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
+        return again(value.tolist())
     if isinstance(value, np.generic):
-        return jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
+        return again(value.item())
+    if isinstance(value, float) and not math.isfinite(value) and not keep_nonfinite:
         return None
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
@@ -44,8 +56,12 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (_dt.datetime, _dt.date)):
         return value.isoformat()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return jsonable(dataclasses.asdict(value))
-    return str(value)
+        return again(dataclasses.asdict(value))
+    if not strict:
+        return str(value)
+    if hasattr(value, "to_dict"):
+        return again(value.to_dict())
+    raise TypeError(f"a value of type {type(value).__name__} is not JSON-able: {value!r}")
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:

@@ -5,30 +5,38 @@ For every frame the runner cuts the tiles, turns each tile-frame into a feature 
 features into the per-tile rolling windows. Every hop frames, once the windows are full,
 it estimates all tiles in one batch (a log-likelihood of D per tile, summarised as
 D ± σ, intervals and flags), updates the running per-tile and per-ROI combinations
-(:mod:`dle_stream.combine`: independent windows and disjoint tiles only), writes them to the log and emits them (psygnal signal
-``events.estimated``) for the dashboard.
+(:mod:`dle_stream.combine`: independent windows and disjoint tiles only) and emits them
+(``events.estimated``).
+
+The runner calls no output: every output is a sink (:class:`dle_stream.protocols.Sink`)
+attached with :meth:`StreamRunner.attach`, which subscribes to the runner's events
+(:class:`dle_stream.events.RunnerEvents`, payloads documented there): the Zarr log records
+frames, gaps and estimates; the dashboard shows them.
 
 Gaps (a jump in the camera's image number; without image numbers, a step in the
 timestamps beyond 1.5 frame periods) restart the windows, so no window mixes frames across a gap; the gap is
-counted, logged and announced (``events.warning``). In live mode, when estimation
+counted and announced (``events.gap``, then ``events.warning``). In live mode, when estimation
 falls behind (more than a hop of frames waiting), a due window is skipped and counted;
-frames are still encoded and logged, so the record keeps every frame. Every estimate is
-committed to the log before it is emitted, so whatever was shown survives a kill.
+frames are still encoded and emitted (``events.frame``), so the record keeps every frame. A
+recording sink handles ``estimated`` first (:data:`~dle_stream.events.RECORD_PRIORITY`) and
+commits it there, so whatever was shown survives a kill.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from psygnal import Signal
+from psygnal import EmitLoopError, SignalInstance
 
 from dle_stream.combine import RunningCombination
 from dle_stream.errors import DleStreamError, EstimatorChoiceError, ParameterError, RoiError, arg
-from dle_stream.events import EstimateFlag, FrameEvent, GapCounter, WindowEstimate
+from dle_stream.events import EstimateFlag, FrameEvent, GapCounter, GapEvent, RunnerEvents, WindowEstimate
 from dle_stream.likelihood import posterior
+from dle_stream.protocols import Sink, StreamEstimator
 from dle_stream.tiling import TileLayout
 from dle_stream.timing import ScanTiming
 from dle_stream.windows import RollingWindows
@@ -37,9 +45,18 @@ from dle_stream.windows import RollingWindows
 GAP_FRAME_PERIODS = 1.5
 
 
-class RunnerEvents:
-    estimated = Signal(object)  # WindowEstimate
-    warning = Signal(str)
+__all__ = ["GAP_FRAME_PERIODS", "RunStats", "RunnerEvents", "StreamRunner"]
+
+
+def _emit(signal: SignalInstance, payload: object) -> None:
+    """Emit ``payload``; a sink's error reaches the caller as itself (psygnal wraps it in an
+    EmitLoopError), so a log that cannot write still fails with its one-line DleStreamError."""
+    try:
+        signal.emit(payload)
+    except EmitLoopError as exc:
+        if exc.__cause__ is None:
+            raise
+        raise exc.__cause__  # noqa: B904 - the sink's own exception, its cause chain kept
 
 
 @dataclass
@@ -80,16 +97,17 @@ class StreamRunner:
         timing: the stream's scan timing (window times are derived from it).
         window: frames per window (default: the model's).
         hop: frames between windows.
-        log: a :class:`dle_stream.zarr_log.ZarrLog` (or None).
         live: live mode (skip windows when behind instead of falling further behind).
         timing_assumed: the timing came from the model card, not the data: flag estimates.
         combine_windows: non-overlapping windows combined in the running per-tile estimate.
         encode_every: tile-frames are encoded in batches of this many frames.
+
+    Outputs (the Zarr log, the dashboard, anything else) are sinks: :meth:`attach` them.
     """
 
-    def __init__(self, estimator, layout: TileLayout, timing: ScanTiming, *, window: int | None = None, hop: int = 50,
-                 log=None, live: bool = False, timing_assumed: bool = False, combine_windows: int = 8,
-                 encode_every: int = 10):
+    def __init__(self, estimator: StreamEstimator, layout: TileLayout, timing: ScanTiming, *,
+                 window: int | None = None, hop: int = 50, live: bool = False, timing_assumed: bool = False,
+                 combine_windows: int = 8, encode_every: int = 10):
         self.est = estimator
         self.layout = layout
         self.timing = timing
@@ -105,7 +123,6 @@ class StreamRunner:
                 raise RoiError(f"{arg('layout')}: tile {t.bbox} is not the model's {estimator.tile_shape} px tile size")
         if not layout.tiles:
             raise RoiError(f"no tiles to estimate; check {arg('layout')} (the tiles and ROIs)")
-        self.log = log
         self.live = live
         self.timing_assumed = timing_assumed
         self.encode_every = max(1, int(encode_every))
@@ -115,6 +132,8 @@ class StreamRunner:
                                               windows_apart=math.ceil(self.window / self.hop), keep=combine_windows,
                                               grid=estimator.grid, d_max_um2_s=estimator.d_max_um2_s)
         self.events = RunnerEvents()
+        #: the attached sinks (held here, since psygnal holds its slots weakly)
+        self.sinks: list[Sink] = []
         self.stats = RunStats()
         # frames received but not encoded yet: their tiles [encode_every, n_tiles, h, w] (the
         # frames' own dtype, cut straight into this block) and their stream indices
@@ -146,8 +165,7 @@ class StreamRunner:
         if event.timestamp_s is not None:
             st.first_timestamp_s = event.timestamp_s if st.first_timestamp_s is None else st.first_timestamp_s
             st.last_timestamp_s = event.timestamp_s
-        if self.log is not None:
-            self.log.add_frame(event.index, event.timestamp_s, event.image_number)
+        _emit(self.events.frame, event)
         self._pending_index.append(event.index)
         self._arrival[event.index] = time.monotonic()
         due = self.windows.due_after(len(self._pending_index))
@@ -209,8 +227,7 @@ class StreamRunner:
             self.stats.images_lost += lost
             self._pending_index.clear()
             self.windows.restart()
-            if self.log is not None and hasattr(self.log, "add_gap"):
-                self.log.add_gap(event.index, lost, "gap")
+            _emit(self.events.gap, GapEvent(event.index, lost, "gap", reason))
             self._warn(f"gap: {reason}; windows restart")
 
     # --------------------------------------------------------------- estimates
@@ -239,10 +256,6 @@ class StreamRunner:
         )
         self._window_number += 1
         self.combination.add(log_likelihood)
-        if self.log is not None:
-            # committed before it is reported: a kill never loses an estimate already shown
-            self.log.add_estimate(est)
-            self.log.flush()
         arrival = self._arrival.get(stop - 1)
         if arrival is not None:
             self.stats.last_latency_s = time.monotonic() - arrival
@@ -250,22 +263,33 @@ class StreamRunner:
         self._arrival = {k: v for k, v in self._arrival.items() if k >= stop - 1}
         self.stats.windows_done += 1
         self.latest = est
-        self.events.estimated.emit(est)
+        # a recording sink commits it first (RECORD_PRIORITY): a kill never loses an estimate already shown
+        _emit(self.events.estimated, est)
         return est
 
     def _warn(self, message: str) -> None:
         self.stats.warnings.append(message)
         del self.stats.warnings[:-20]
-        self.events.warning.emit(message)
+        _emit(self.events.warning, message)
 
     def warn(self, message: str) -> None:
         """Record and announce a warning from outside (a stalled camera, a source note)."""
         self._warn(message)
 
-    def run(self, events, backlog=lambda: 0) -> RunStats:
-        """Process every frame of ``events`` (an iterable of FrameEvent)."""
+    def attach(self, *sinks: Sink) -> None:
+        """Attach outputs: each subscribes to :attr:`events` (``sink.attach(self.events)``)
+        and is kept alive as long as the runner."""
+        for sink in sinks:
+            sink.attach(self.events)
+            self.sinks.append(sink)
+
+    def finish(self) -> RunStats:
+        """The stream ended: emit ``events.finished`` (sinks write what they buffer)."""
+        _emit(self.events.finished, self.stats)
+        return self.stats
+
+    def run(self, events: Iterable[FrameEvent], backlog: Callable[[], int] = lambda: 0) -> RunStats:
+        """Process every frame of ``events`` (a :class:`~dle_stream.protocols.FrameSource`), then :meth:`finish`."""
         for event in events:
             self.process(event, backlog())
-        if self.log is not None:
-            self.log.flush()
-        return self.stats
+        return self.finish()

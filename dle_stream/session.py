@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -22,10 +22,14 @@ from dle_stream import __version__, report
 from dle_stream.combine import RunningCombination
 from dle_stream.dashboard import Dashboard
 from dle_stream.errors import DleStreamError, EstimatorChoiceError, ParameterError, RoiError, TimingError, arg
+from dle_stream.protocols import FrameSource, StreamEstimator
 from dle_stream.runner import RunStats, StreamRunner
 from dle_stream.stream_estimators import make_stream_estimator
 from dle_stream.tiling import TileLayout, grid_layout, parse_roi, read_rois, roi_layout
-from dle_stream.timing import ScanTiming
+from dle_stream.timing import ScanTiming, TimingComparison
+
+if TYPE_CHECKING:
+    from dle_stream.zarr_log import ZarrLog
 
 DEFAULT_MODEL = "brain-qd-low"
 
@@ -128,7 +132,7 @@ def region_truth(layout: TileLayout, d_map: np.ndarray) -> dict:
     return out
 
 
-def _open_log(opts: StreamOptions, layout: TileLayout, attrs: dict, est):
+def _open_log(opts: StreamOptions, layout: TileLayout, attrs: dict, est: StreamEstimator) -> ZarrLog | None:
     if opts.log is None:
         return None
     from dle_stream.zarr_log import ZarrLog
@@ -138,16 +142,22 @@ def _open_log(opts: StreamOptions, layout: TileLayout, attrs: dict, est):
                           d_max_um2_s=est.d_max_um2_s)
 
 
-def _run(runner: StreamRunner, events, dashboard: Dashboard, backlog=lambda: 0) -> None:
+def _run(runner: StreamRunner, events: FrameSource, dashboard: Dashboard) -> None:
     with dashboard:
         for event in events:
-            runner.process(event, backlog())
+            runner.process(event)
             dashboard.refresh()
-    if runner.log is not None:
-        runner.log.flush()
+    runner.finish()
 
 
-def _attrs(kind: str, source: str, est, timing: ScanTiming, timing_source: str, layout: TileLayout,
+def _offsets(log: ZarrLog | None) -> dict[str, int]:
+    """The window and frame numbers a dashboard adds to show them as the log stores them."""
+    if log is None:
+        return {}
+    return {"window_offset": log.window_offset, "frame_offset": log.frame_offset}
+
+
+def _attrs(kind: str, source: str, est: StreamEstimator, timing: ScanTiming, timing_source: str, layout: TileLayout,
            runner_window: int, hop: int, warnings: list[str]) -> dict:
     card = getattr(getattr(est, "estimator", None), "card", None)
     from dataclasses import asdict, is_dataclass
@@ -207,15 +217,17 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         attrs = _attrs("replay", str(recording), est, timing, timing_source, layout, window, opts.hop, warnings)
         attrs["timing_comparison"] = comparison.explain()
         log = _open_log(opts, layout, attrs, est)
-        runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, log=log, live=False,
+        runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, live=False,
                               timing_assumed=any("ASSUMED" in w for w in warnings),
                               combine_windows=opts.combine_windows)
+        if log is not None:
+            runner.attach(log)
         _warnings_to_stderr(runner, opts)
         for w in warnings:
             runner.warn(w)
         truth = truth_for(recording, layout)
         dashboard = Dashboard(runner, source=f"replay {recording.name}", model=f"{est.name} · {opts.model}",
-                              mode=opts.dashboard, console=console, truth=truth)
+                              mode=opts.dashboard, console=console, truth=truth, **_offsets(log))
         if opts.dashboard == "plain":
             for w in warnings:
                 console.print(f"warning: {w}", highlight=False, markup=False)
@@ -240,7 +252,8 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
                         c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth, c)
 
 
-def _estimator_for(opts: StreamOptions, timing: ScanTiming, recording: Path | None):
+def _estimator_for(opts: StreamOptions, timing: ScanTiming,
+                   recording: Path | None) -> tuple[StreamEstimator, TimingComparison]:
     """The stream estimator for this scan, or one line naming the nearest model and the
     train command when the chosen model does not serve it."""
     from dle_stream.model_choice import no_model_message
@@ -338,8 +351,10 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     attrs = _attrs("live", source_desc, est, timing, timing_source, layout, window, opts.hop, warnings)
     attrs["timing_comparison"] = comparison.explain()
     log = _open_log(opts, layout, attrs, est)
-    runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, log=log, live=True,
+    runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, live=True,
                           timing_assumed=any("ASSUMED" in x for x in warnings), combine_windows=opts.combine_windows)
+    if log is not None:
+        runner.attach(log)
     _warnings_to_stderr(runner, opts)
     for x in warnings:
         runner.warn(x)
@@ -349,7 +364,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
 
         truth = region_truth(layout, np.asarray(get_demo_camera(core).d_map, dtype=float))
     dashboard = Dashboard(runner, source=source_desc, model=f"{est.name} · {opts.model}", mode=opts.dashboard,
-                          console=console, truth=truth)
+                          console=console, truth=truth, **_offsets(log))
     source = MicroManagerSource(core, n_frames=frames, mode="mda", stall_timeout_s=stall_timeout_s)
     backlog = source.backlog
     try:

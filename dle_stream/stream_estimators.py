@@ -5,7 +5,8 @@ A stream estimator has two steps, so that each tile-frame is processed exactly o
 ``estimate(windows [B, T, ...]) -> log-likelihood [B, grid.n]`` runs every hop frames on
 the rolling windows of features. The log-likelihood is of D on ``grid`` (units of
 ``d_max_um2_s``, the top of the operating range in this stream's units): independent
-windows and tiles combine by adding it (:mod:`dle_stream.likelihood`). For the DLE the feature is the encoder's latent vector and
+windows and tiles combine by adding it (:mod:`dle_stream.likelihood`); the contract is
+:class:`dle_stream.protocols.StreamEstimator`. For the DLE the feature is the encoder's latent vector and
 the estimate costs only the temporal head; an estimator that needs pixels (the classic
 tracker) keeps the raw tile as its feature.
 """
@@ -19,7 +20,8 @@ import numpy as np
 
 from dle_stream.errors import EstimatorChoiceError, arg
 from dle_stream.likelihood import DGrid, gaussian_log_likelihood
-from dle_stream.timing import ScanTiming
+from dle_stream.protocols import StreamEstimator
+from dle_stream.timing import ScanTiming, TimingComparison
 
 if TYPE_CHECKING:  # imports torch; loaded lazily by make_stream_estimator
     from dle_stream.estimator import DiffusionEstimator
@@ -103,7 +105,8 @@ class ClassicStream:
         return gaussian_log_likelihood(np.asarray(d, float) / scale, np.asarray(s, float) / scale, self.grid)
 
 
-def make_stream_estimator(estimator: str, model: str, timing: ScanTiming, device: str = "cpu"):
+def make_stream_estimator(estimator: str, model: str, timing: ScanTiming,
+                          device: str = "cpu") -> tuple[StreamEstimator, TimingComparison]:
     """Load the estimator ``estimator`` ("dle", "classic" or "rics") for a stream with this timing.
 
     The model package gives the tile size, window length and D prior for every kind

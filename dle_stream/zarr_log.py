@@ -55,22 +55,22 @@ read the same way (``xarray.open_zarr(path, consolidated=False)``).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
+from psygnal import SignalInstance
 
 from dle_stream.errors import DleStreamError
-from dle_stream.events import WindowEstimate
-from dle_stream.files import write_atomic
+from dle_stream.events import RECORD_PRIORITY, FrameEvent, GapEvent, RunnerEvents, WindowEstimate
+from dle_stream.files import jsonable, write_atomic
 from dle_stream.likelihood import DGrid
 from dle_stream.log_attrs import LOG_FORMAT_VERSION, RESERVED_ATTRS, LogAttrs, LogRoi, LogSegment, is_log_marker
 
@@ -115,25 +115,11 @@ _ALL_ARRAYS = (*_WINDOW_ARRAYS, *_FRAME_ARRAYS, "gaps", "tile_bbox", "d_grid")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _jsonable(value: Any) -> Any:
-    """``value`` as plain JSON types (numpy scalars/arrays, paths, dataclasses, dates)."""
-
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        if isinstance(o, (_dt.datetime, _dt.date)):
-            return o.isoformat()
-        if dataclasses.is_dataclass(o) and not isinstance(o, type):
-            return dataclasses.asdict(o)
-        if hasattr(o, "to_dict"):
-            return o.to_dict()
-        raise TypeError(f"log attribute of type {type(o).__name__} is not JSON-able: {o!r}")
-
-    return json.loads(json.dumps(value, default=default, allow_nan=True))
+def _attr_json(value: Any) -> Any:
+    """A log attribute as plain JSON types: :func:`dle_stream.files.jsonable` with NaN kept
+    (the root document is written with ``allow_nan``, as Zarr writes attributes) and an
+    unknown type refused."""
+    return jsonable(value, keep_nonfinite=True, strict=True)
 
 
 def _now_iso() -> str:
@@ -155,7 +141,7 @@ def _normalize_rois(rois: list[dict] | None, n_tiles: int) -> list[dict]:
         if bad:
             raise ValueError(f"ROI {name!r}: tile indices {bad} outside 0..{n_tiles - 1}")
         extra = {k: v for k, v in roi.items() if k not in ("name", "bbox", "tiles")}
-        out.append({"name": name, "bbox": bbox, "tiles": tiles, **_jsonable(extra)})
+        out.append({"name": name, "bbox": bbox, "tiles": tiles, **_attr_json(extra)})
     return out
 
 
@@ -224,7 +210,7 @@ def _write_root(path: Path, attrs: LogAttrs) -> None:
     writes it.
     """
     members = {name: json.loads((path / name / "zarr.json").read_bytes()) for name in _ALL_ARRAYS}
-    doc = {"zarr_format": 3, "node_type": "group", "attributes": _jsonable(attrs.to_json()),
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": _attr_json(attrs.to_json()),
            "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": members}}
     text = json.dumps(doc, indent=1, allow_nan=True)
     write_atomic(path / "zarr.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -234,10 +220,15 @@ def _write_root(path: Path, attrs: LogAttrs) -> None:
 class ZarrLog:
     """Writes the run log of one run (see the module docstring for the layout).
 
-    Create with :meth:`ZarrLog.create`. Add records with :meth:`add_frame`,
+    Create with :meth:`ZarrLog.create`. In a run it is a sink
+    (:class:`dle_stream.protocols.Sink`): ``runner.attach(log)`` subscribes it to the
+    runner's events, frames (``frame``), gaps (``gap``) and estimates (``estimated``, each
+    committed at once and before any display sees it: :data:`~dle_stream.events.RECORD_PRIORITY`);
+    ``finished`` flushes. The records can also be added by hand with :meth:`add_frame`,
     :meth:`add_estimate` and :meth:`add_gap`; they are buffered in memory and written by
     :meth:`flush`, which runs by itself at the next add once ``flush_interval_s`` has
-    passed since the last flush, and on :meth:`close` (also via ``with``).
+    passed since the last flush, and on :meth:`close` (also via ``with``, which also
+    detaches the log from the runner's events).
 
     When a log is reopened with ``append=True`` the records of the new run are numbered
     after the ones already committed: every window number added is stored plus
@@ -272,6 +263,7 @@ class ZarrLog:
         self._gaps: list[tuple[int, int, int]] = []
         self._last_flush = time.monotonic()
         self._closed = False
+        self._attached: list[tuple[SignalInstance, Callable[..., None]]] = []
         #: replaying the same recording into its log again (--append): the first frame to
         #: read, and frames below ``logged_until`` are already in the log (not logged twice)
         self.resume_frame = 0
@@ -322,7 +314,7 @@ class ZarrLog:
             raise ValueError(f"tile_bboxes must be [n_tiles >= 1, 4] (row, col, h, w), got shape {bboxes.shape}")
         bboxes = bboxes.astype(np.int32)
         rois_n = _normalize_rois(rois, bboxes.shape[0])
-        user_attrs = _jsonable(dict(attrs or {}))
+        user_attrs = _attr_json(dict(attrs or {}))
         clash = [k for k in user_attrs if k in RESERVED_ATTRS]
         if clash:
             raise ValueError(f"log attrs {clash} are reserved for the log itself")
@@ -485,6 +477,36 @@ class ZarrLog:
         """Records buffered and not yet flushed (windows + frames + gaps)."""
         return len(self._estimates) + len(self._frames) + len(self._gaps)
 
+    # ------------------------------------------------------------------ a sink of the runner
+    def attach(self, events: RunnerEvents) -> None:
+        """Subscribe to a runner's events (:class:`dle_stream.protocols.Sink`): every frame,
+        gap and window estimate is recorded; an estimate is committed (flushed) before any
+        display handles it."""
+        for signal, slot, priority in ((events.frame, self._on_frame, 0), (events.gap, self._on_gap, 0),
+                                       (events.estimated, self._on_estimate, RECORD_PRIORITY),
+                                       (events.finished, self._on_finished, 0)):
+            signal.connect(slot, priority=priority)
+            self._attached.append((signal, slot))
+
+    def _on_frame(self, event: FrameEvent) -> None:
+        self.add_frame(event.index, event.timestamp_s, event.image_number)
+
+    def _on_gap(self, gap: GapEvent) -> None:
+        self.add_gap(gap.frame_index, gap.n_lost, gap.kind)
+
+    def _on_estimate(self, est: WindowEstimate) -> None:
+        # committed before it is reported: a kill never loses an estimate already shown
+        self.add_estimate(est)
+        self.flush()
+
+    def _on_finished(self, _stats: object) -> None:
+        self.flush()
+
+    def _detach(self) -> None:
+        for signal, slot in self._attached:
+            signal.disconnect(slot, missing_ok=True)
+        self._attached.clear()
+
     # ------------------------------------------------------------------ adding
     def add_frame(self, index: int, timestamp_s: float | None = None, image_number: int | None = None) -> None:
         """Buffer one frame's index, source timestamp (s) and camera frame counter
@@ -627,9 +649,11 @@ class ZarrLog:
         self._committed = counts
 
     def close(self) -> None:
-        """Flush what is buffered; the log cannot be added to afterwards."""
+        """Flush what is buffered and detach from the runner's events; the log cannot be added
+        to afterwards."""
         if self._closed:
             return
+        self._detach()
         self.flush()
         self._closed = True
 
@@ -661,7 +685,7 @@ class LogView:
         #: the root attributes, typed (:class:`~dle_stream.log_attrs.LogAttrs`)
         self.header = LogAttrs.from_json(group.attrs.asdict())
         #: the same as plain JSON (the run's metadata and the log's own keys, flat)
-        self.attrs: dict = _jsonable(self.header.to_json())
+        self.attrs: dict = _attr_json(self.header.to_json())
         self.n_windows = self.header.committed_windows
         self.n_frames = self.header.committed_frames
         self.n_gaps = self.header.committed_gaps

@@ -110,7 +110,8 @@ def test_runner_writes_every_window_and_frame_to_the_log(tmp_path):
     est = FrameNumberEstimator(d=None, sigma=0.2)
     log = ZarrLog.create(tmp_path / "run.zarr", tile_bboxes=layout.bboxes, rois=[r.to_dict() for r in layout.regions],
                          attrs={"source": "test"}, grid=est.grid, d_max_um2_s=est.d_max_um2_s)
-    runner = StreamRunner(est, layout, TIMING, window=40, hop=20, log=log, timing_assumed=True)
+    runner = StreamRunner(est, layout, TIMING, window=40, hop=20, timing_assumed=True)
+    runner.attach(log)
     runner.run(frames(100))
     log.close()
     view = open_log(tmp_path / "run.zarr")
@@ -126,6 +127,61 @@ def test_runner_writes_every_window_and_frame_to_the_log(tmp_path):
     assert view.grid()[1] == 10.0
     assert np.all(np.asarray(view.flags) & EstimateFlag.TIMING_ASSUMED)
     np.testing.assert_array_equal(np.asarray(view.image_number), np.arange(100))
+
+
+def _new_log(path, layout, est):
+    return ZarrLog.create(path, tile_bboxes=layout.bboxes, rois=[r.to_dict() for r in layout.regions],
+                          attrs={"source": "test"}, grid=est.grid, d_max_um2_s=est.d_max_um2_s)
+
+
+class Probe:
+    """A display-like sink: records what it saw of the log when each estimate reached it."""
+
+    def __init__(self, log):
+        self.log, self.committed_when_shown, self.gaps, self.finished = log, [], [], 0
+
+    def attach(self, events):
+        events.estimated.connect(lambda est: self.committed_when_shown.append((est.window, self.log.committed_windows)))
+        events.gap.connect(self.gaps.append)
+        events.finished.connect(lambda stats: setattr(self, "finished", stats.frames_in))
+
+
+def test_the_log_commits_each_estimate_before_any_other_sink_sees_it(tmp_path):
+    layout = grid_layout(40, 60, 20, 20)
+    est = FrameNumberEstimator()
+    log = _new_log(tmp_path / "run.zarr", layout, est)
+    runner = StreamRunner(est, layout, TIMING, window=40, hop=20)
+    probe = Probe(log)
+    runner.attach(probe)  # attached first, still served after the log (RECORD_PRIORITY)
+    runner.attach(log)
+    numbers = list(range(50)) + list(range(53, 53 + 80))  # 3 images lost before frame 50
+    runner.run(frames(130, image_numbers=numbers))
+    # windows from frames 0, 50, 70, 90, each committed when shown
+    assert probe.committed_when_shown == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert [(g.frame_index, g.n_lost, g.kind) for g in probe.gaps] == [(50, 3, "gap")]
+    assert probe.finished == 130 and log.pending == 0  # finished: the frames after the last window are written
+    log.close()
+    view = open_log(tmp_path / "run.zarr")
+    assert view.n_frames == 130 and view.n_windows == 4
+    assert [(g["frame_index"], g["n_lost"], g["kind"]) for g in view.gap_records()] == [(50, 3, "gap")]
+
+
+def test_a_sink_error_reaches_the_caller_as_itself_and_stops_the_event(tmp_path, monkeypatch):
+    layout = grid_layout(40, 60, 20, 20)
+    est = FrameNumberEstimator()
+    log = _new_log(tmp_path / "run.zarr", layout, est)
+    runner = StreamRunner(est, layout, TIMING, window=40, hop=20)
+    probe = Probe(log)
+    runner.attach(log, probe)
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log, "_write_data", disk_full)
+    with pytest.raises(DleStreamError, match="cannot write the run log"):
+        for ev in frames(40):
+            runner.process(ev)
+    assert probe.committed_when_shown == []  # never shown, since it was not committed
 
 
 def test_live_mode_skips_windows_when_behind_but_keeps_every_frame():

@@ -283,6 +283,20 @@ def test_append_continues_numbering(tmp_path):
         new_log(path, append=True, overwrite=True)
 
 
+def test_run_attributes_keep_nan_and_refuse_what_json_cannot_hold(tmp_path):
+    from dle_stream.timing import ScanTiming
+
+    timing = ScanTiming.reference()
+    attrs = {**ATTRS, "offset": math.nan, "gain": np.float32(2.0), "timing": timing, "when": Path("/data/x.tif")}
+    ZarrLog.create(tmp_path / "run.zarr", tile_bboxes=BBOXES, rois=ROIS, attrs=attrs).close()
+    view = open_log(tmp_path / "run.zarr")
+    assert math.isnan(view.attrs["offset"])  # NaN stays NaN (not None): the root document allows it
+    assert view.attrs["gain"] == 2.0 and view.attrs["when"] == "/data/x.tif"
+    assert view.attrs["timing"] == timing.to_dict()  # an object with to_dict() is stored as its dict
+    with pytest.raises(TypeError, match="object"):
+        ZarrLog.create(tmp_path / "other.zarr", tile_bboxes=BBOXES, attrs={**ATTRS, "bad": object()})
+
+
 # ------------------------------------------------------------------ bad paths
 def test_unwritable_path_is_a_one_line_error(tmp_path):
     blocker = tmp_path / "a_file"
