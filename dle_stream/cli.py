@@ -52,6 +52,12 @@ CLI_FLAGS: dict[str, str] = {
     "realtime": "--realtime",
     "demo": "--demo",
     "mm_config": "--mm-config",
+    "log": "--log",
+    "overwrite": "--overwrite",
+    "append": "--append",
+    "suite": "--suite",
+    "n": "--n",
+    "estimators": "--estimators",
 }
 
 

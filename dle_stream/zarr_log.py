@@ -68,7 +68,7 @@ import numpy as np
 import zarr
 from psygnal import SignalInstance
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, ParameterError, arg
 from dle_stream.events import RECORD_PRIORITY, FrameEvent, GapEvent, RunnerEvents, WindowEstimate
 from dle_stream.files import jsonable, write_atomic
 from dle_stream.likelihood import DGrid
@@ -145,9 +145,10 @@ def _normalize_rois(rois: list[dict] | None, n_tiles: int) -> list[dict]:
     return out
 
 
-#: run attributes that must match to --append to a log, and how the user sets each
-_SAME_SETTINGS = (("estimator", "the estimator (--estimator)"), ("window_frames", "the window (--window)"),
-                  ("hop_frames", "the hop (--hop)"), ("mode", "the kind of run (replay or run)"))
+#: run attributes that must match to append to a log, and how the user sets each (the
+#: parameters are named with errors.arg: the command line shows its flags)
+_SAME_SETTINGS = (("estimator", f"the estimator ({arg('estimator')})"), ("window_frames", f"the window ({arg('window')})"),
+                  ("hop_frames", f"the hop ({arg('hop')})"), ("mode", "the kind of run (replay or run)"))
 
 
 def _model_identity(attrs: dict) -> tuple | None:
@@ -164,9 +165,9 @@ def _check_same_settings(path: Path, old: dict, new: dict) -> None:
     if old.get("mode") == "replay" and new.get("mode") == "replay" and old.get("source") != new.get("source"):
         differ.append(f"the recording ({old.get('source')} then, {new.get('source')} now)")
     if differ:
-        raise DleStreamError(f"run log {path} was written with other settings: {'; '.join(differ)} "
+        raise ParameterError(f"run log {path} was written with other settings: {'; '.join(differ)} "
                              f"{'differs' if len(differ) == 1 else 'differ'}; "
-                             f"--append needs the same ones, or choose another --log path")
+                             f"{arg('append', True)} needs the same ones, or choose another {arg('log')} path")
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:
@@ -308,7 +309,8 @@ class ZarrLog:
         """
         path = Path(path)
         if overwrite and append:
-            raise DleStreamError("--overwrite and --append exclude each other; give only one")
+            raise ParameterError(f"{arg('overwrite', True)} and {arg('append', True)} exclude each other; "
+                                 f"give only one")
         bboxes = np.asarray(tile_bboxes)
         if bboxes.ndim != 2 or bboxes.shape[1] != 4 or bboxes.shape[0] < 1:
             raise ValueError(f"tile_bboxes must be [n_tiles >= 1, 4] (row, col, h, w), got shape {bboxes.shape}")
@@ -322,17 +324,18 @@ class ZarrLog:
         exists = path.exists() and not (path.is_dir() and not any(path.iterdir()))
         if exists:
             if path.is_file():
-                raise DleStreamError(
-                    f"run log path {path} is a file, not a run log; choose another --log path")
+                raise ParameterError(
+                    f"run log path {path} is a file, not a run log; choose another {arg('log')} path")
             group = _open_group(path, "r+")
             is_log = group is not None and _is_log(group)
             if not (overwrite or append):
-                raise DleStreamError(
-                    f"run log {path} already exists; use --overwrite or --append, or choose another --log path")
+                raise ParameterError(
+                    f"run log {path} already exists; use {arg('overwrite', True)} or {arg('append', True)}, "
+                    f"or choose another {arg('log')} path")
             if not is_log:
-                raise DleStreamError(
+                raise ParameterError(
                     f"{path} exists and is not a dle-stream run log; refusing to "
-                    f"{'overwrite' if overwrite else 'append to'} it; choose another --log path")
+                    f"{'overwrite' if overwrite else 'append to'} it; choose another {arg('log')} path")
             if append:
                 assert group is not None  # is_log
                 return cls._reopen(group, path, bboxes, rois_n, user_attrs, flush_interval_s)
@@ -342,9 +345,9 @@ class ZarrLog:
         except DleStreamError:
             raise
         except OSError as exc:
-            raise DleStreamError(
+            raise ParameterError(
                 f"cannot write the run log at {path} ({exc.strerror or exc}); "
-                f"choose a writable location with --log") from exc
+                f"choose a writable location for the run log ({arg('log')})") from exc
         return cls(group, path, header, flush_interval_s=flush_interval_s)
 
     @staticmethod
@@ -405,15 +408,15 @@ class ZarrLog:
             except ValueError as exc:
                 missing.append(f"readable attributes: {exc}")
             if missing:
-                raise DleStreamError(
+                raise ParameterError(
                     f"run log {path} is incomplete (missing {', '.join(missing)}); "
-                    f"use --overwrite or choose another --log path")
+                    f"use {arg('overwrite', True)} or choose another {arg('log')} path")
             old = np.asarray(_array(group, "tile_bbox")[:])
             if old.shape != bboxes.shape or not np.array_equal(old, bboxes):
-                raise DleStreamError(
+                raise ParameterError(
                     f"run log {path} has a different tile geometry ({old.shape[0]} tiles) than this run "
-                    f"({bboxes.shape[0]} tiles, or other positions); --append needs the same tiles: "
-                    f"use --overwrite or choose another --log path")
+                    f"({bboxes.shape[0]} tiles, or other positions); {arg('append', True)} needs the same tiles: "
+                    f"use {arg('overwrite', True)} or choose another {arg('log')} path")
             _check_same_settings(path, dict(old_header.run), user_attrs)
             cw, cf, cg = old_header.committed_windows, old_header.committed_frames, old_header.committed_gaps
             # Drop anything a killed flush wrote past the committed rows.
@@ -448,9 +451,9 @@ class ZarrLog:
                                         format_version=LOG_FORMAT_VERSION)
             _write_root(path, header)
         except OSError as exc:
-            raise DleStreamError(
+            raise ParameterError(
                 f"cannot write the run log at {path} ({exc.strerror or exc}); "
-                f"choose a writable location with --log") from exc
+                f"choose a writable location for the run log ({arg('log')})") from exc
         log = cls(group, path, header, flush_interval_s=flush_interval_s,
                   window_offset=window_offset, frame_offset=frame_offset)
         log.resume_frame = resume_frame
@@ -573,7 +576,7 @@ class ZarrLog:
         except OSError as exc:
             raise DleStreamError(
                 f"cannot write the run log at {self.path} ({exc.strerror or exc}); "
-                f"check the disk and the --log location") from exc
+                f"check the disk and the log's location") from exc
         self._estimates.clear()
         self._frames.clear()
         self._gaps.clear()
@@ -830,7 +833,7 @@ def open_log(path: str | os.PathLike) -> LogView:
     """
     path = Path(path)
     if not path.exists():
-        raise DleStreamError(f"run log {path} does not exist; check the path (a folder written by --log)")
+        raise DleStreamError(f"run log {path} does not exist; check the path (the folder a run wrote its log to)")
     try:
         group = _open_group(path, "r")
     except PermissionError as exc:
@@ -838,7 +841,7 @@ def open_log(path: str | os.PathLike) -> LogView:
     if group is None or not _is_log(group):
         raise DleStreamError(
             f"{path} is not a dle-stream run log (no Zarr v3 group with dle_stream attributes); "
-            f"check the path (a folder written by --log)")
+            f"check the path (the folder a run wrote its log to)")
     try:
         return LogView(group, path)
     except (KeyError, ValueError, TypeError, OSError) as exc:

@@ -128,7 +128,7 @@ def test_failed_overwrite_keeps_the_old_file(tmp_path):
 def test_write_recording_refuses_existing_by_default(tmp_path):
     target = write_recording(tmp_path / "a.ome.tif", movie(5), timing())
     stamp = target.stat().st_mtime_ns, target.read_bytes()
-    with pytest.raises(DleStreamError, match="--overwrite"):
+    with pytest.raises(DleStreamError, match="overwrite=True"):
         write_recording(target, movie(5, seed=1), timing())
     assert (target.stat().st_mtime_ns, target.read_bytes()) == stamp
 

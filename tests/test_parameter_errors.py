@@ -102,6 +102,57 @@ def test_file_source_names_frame_period_s_not_a_flag(tmp_path):
         FileSource(path, frame_period_s=-1.0)
 
 
+def test_run_log_recording_writer_and_bench_name_their_parameters(tmp_path):
+    """They told Python callers to pass --overwrite, --append, --log, --suite, --n, --estimators."""
+    from dle_stream.evaluation.bench import run_suite
+    from dle_stream.evaluation.bench_combine import run_combine
+    from dle_stream.zarr_log import ZarrLog
+
+    bboxes = np.array([[0, 0, 20, 20]])
+    path = tmp_path / "run.zarr"
+    ZarrLog.create(path, tile_bboxes=bboxes, attrs={"mode": "replay", "hop_frames": 50}).close()
+    with pytest.raises(ParameterError) as info:
+        ZarrLog.create(path, tile_bboxes=bboxes)
+    assert "use overwrite=True or append=True, or choose another log path" in no_flags(info.value)
+    assert "use --overwrite or --append, or choose another --log path" in info.value.message_for(CLI_FLAGS)
+    with pytest.raises(ParameterError) as info:
+        ZarrLog.create(path, tile_bboxes=bboxes, overwrite=True, append=True)
+    assert no_flags(info.value) == "overwrite=True and append=True exclude each other; give only one"
+    with pytest.raises(ParameterError) as info:
+        ZarrLog.create(path, tile_bboxes=bboxes, attrs={"mode": "replay", "hop_frames": 20}, append=True)
+    assert "the hop (hop) differs; append=True needs the same ones" in no_flags(info.value)
+    assert "the hop (--hop) differs; --append needs the same ones, or choose another --log path" in \
+        info.value.message_for(CLI_FLAGS)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ParameterError) as info:
+        ZarrLog.create(blocker / "run.zarr", tile_bboxes=bboxes)
+    assert no_flags(info.value).endswith("choose a writable location for the run log (log)")
+    assert info.value.message_for(CLI_FLAGS).endswith("choose a writable location for the run log (--log)")
+
+    rec = write_recording(tmp_path / "rec.tif", np.zeros((3, 20, 20), np.uint16),
+                          ScanTiming(**{**REFERENCE.to_dict(), "width_px": 20, "height_px": 20}))
+    with pytest.raises(ParameterError) as info:
+        write_recording(rec, np.zeros((3, 20, 20), np.uint16),
+                        ScanTiming(**{**REFERENCE.to_dict(), "width_px": 20, "height_px": 20}))
+    assert "pass overwrite=True to replace it" in no_flags(info.value)
+    assert "pass --overwrite to replace it" in info.value.message_for(CLI_FLAGS)
+
+    with pytest.raises(ParameterError) as info:
+        run_suite("mid", 10, 1, ["dle"])
+    assert no_flags(info.value) == "suite=mid: no such suite; use suite=low, high or combine"
+    assert info.value.message_for(CLI_FLAGS) == "--suite mid: no such suite; use --suite low, high or combine"
+    with pytest.raises(ParameterError) as info:
+        run_suite("low", 10, 1, ["magic"])
+    assert no_flags(info.value).startswith("estimators=magic: choose from dle,")
+    with pytest.raises(ParameterError) as info:
+        run_suite("low", 1, 1, ["dle"])
+    assert info.value.message_for(CLI_FLAGS) == "--n 1: need at least 2 movies"
+    with pytest.raises(ParameterError) as info:
+        run_combine("brain-qd-low", n=1)
+    assert no_flags(info.value) == "n=1: need at least 2 groups per cell"
+
+
 def test_session_names_its_options(tmp_path, small_model):
     from dle_stream.session import StreamOptions, replay, run_live
 

@@ -238,7 +238,7 @@ def test_killed_at_any_moment_leaves_a_readable_log(tmp_path):
 def test_existing_store_is_refused_without_a_flag(tmp_path):
     path = tmp_path / "run.zarr"
     new_log(path).close()
-    with pytest.raises(DleStreamError, match="use --overwrite or --append") as info:
+    with pytest.raises(DleStreamError, match="use overwrite=True or append=True") as info:
         new_log(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
@@ -301,7 +301,7 @@ def test_run_attributes_keep_nan_and_refuse_what_json_cannot_hold(tmp_path):
 def test_unwritable_path_is_a_one_line_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    with pytest.raises(DleStreamError, match="--log") as info:
+    with pytest.raises(DleStreamError, match="a writable location for the run log") as info:
         new_log(blocker / "run.zarr")
     assert str(blocker / "run.zarr") in str(info.value) and "\n" not in str(info.value)
 
@@ -312,7 +312,7 @@ def test_no_permission_is_a_one_line_error(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        with pytest.raises(DleStreamError, match="--log"):
+        with pytest.raises(DleStreamError, match="a writable location for the run log"):
             new_log(locked / "run.zarr")
     finally:
         locked.chmod(0o700)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dle_stream import __version__
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import ParameterError, arg
 from dle_stream.evaluation.metrics import json_safe, prior_baseline, summarize
 
 ALL_ESTIMATORS = ("dle", "classic", "rics", "oracle")
@@ -61,11 +61,13 @@ def run_suite(suite: str, n: int, seed: int, estimators: list[str], model: str |
 
     bad = [e for e in estimators if e not in ALL_ESTIMATORS]
     if bad or not estimators:
-        raise DleStreamError(f"--estimators {','.join(estimators)}: choose from {','.join(ALL_ESTIMATORS)}")
+        raise ParameterError(f"{arg('estimators', placeholder=','.join(estimators))}: choose from "
+                             f"{','.join(ALL_ESTIMATORS)}")
     if suite not in SUITE_MODELS:
-        raise DleStreamError(f"--suite {suite}: no such suite; use --suite {', '.join(SUITE_MODELS)} or combine")
+        raise ParameterError(f"{arg('suite', placeholder=suite)}: no such suite; use "
+                             f"{arg('suite', placeholder=', '.join(SUITE_MODELS) + ' or combine')}")
     if n < 2:
-        raise DleStreamError(f"--n {n}: need at least 2 movies")
+        raise ParameterError(f"{arg('n', n)}: need at least 2 movies")
     preset = get_preset(suite)
     p, timing = preset.priors, preset.timing
     label = suite

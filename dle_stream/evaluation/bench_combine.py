@@ -24,7 +24,7 @@ import torch
 
 from dle_stream import __version__
 from dle_stream.combine import DISAGREE_P, disagreement_p
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import ParameterError, arg
 from dle_stream.evaluation.metrics import json_safe
 from dle_stream.likelihood import combine, posterior
 
@@ -41,7 +41,7 @@ def run_combine(model: str, n: int = 100, seed: int = 20_241_101, batch: int = 3
     from dle_stream.training.calibration import simulate_cells
 
     if n < 2:
-        raise DleStreamError(f"--n {n}: need at least 2 groups per cell")
+        raise ParameterError(f"{arg('n', n)}: need at least 2 groups per cell")
     est = DiffusionEstimator.load(model, device=device)
     card = est.card
     d_max = float(card.d_max_um2_s)

@@ -45,7 +45,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from dle_stream.errors import DleStreamError
+from dle_stream.errors import DleStreamError, ParameterError, arg
 from dle_stream.recording import metadata as md
 from dle_stream.recording.formats import WRITE_FORMATS, write_format_from_suffix
 from dle_stream.recording.zarr_store import TIMESTAMPS_ARRAY
@@ -248,20 +248,20 @@ def check_output_path(path: Path, fmt: str, overwrite: bool) -> None:
             pass  # an empty folder: nothing to lose
         elif is_own_recording_store(path):
             if not overwrite:
-                raise DleStreamError(f"{path}: a recording already exists there; pass --overwrite to replace it, "
-                                     f"or choose another output path")
+                raise ParameterError(f"{path}: a recording already exists there; pass {arg('overwrite', True)} to "
+                                     f"replace it, or choose another output path")
         else:
             attrs = _zarr_attributes(path) or {}
             marker = attrs.get("dle_stream")
             what = ("a dle-stream run log" if isinstance(marker, dict) and marker.get("kind") == "run_log"
                     else "a folder that dle-stream did not write")
-            raise DleStreamError(f"{path}: is {what}; refusing to replace it (not even with --overwrite); "
-                                 f"choose another output path")
+            raise ParameterError(f"{path}: is {what}; refusing to replace it (not even with "
+                                 f"{arg('overwrite', True)}); choose another output path")
     elif path.exists() or path.is_symlink():
         if fmt == "zarr":
             raise DleStreamError(f"{path}: is a file, but a Zarr recording is a folder; choose another output path")
         if not overwrite:
-            raise DleStreamError(f"{path}: the file already exists; pass --overwrite to replace it, "
+            raise ParameterError(f"{path}: the file already exists; pass {arg('overwrite', True)} to replace it, "
                                  f"or choose another output path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DleStreamError(f"{path}: the folder {parent} is not writable; choose a writable output path")
