@@ -58,6 +58,10 @@ CLI_FLAGS: dict[str, str] = {
     "suite": "--suite",
     "n": "--n",
     "estimators": "--estimators",
+    "out": "--out",
+    "recordings": "RECORDINGS",
+    "workers": "--workers",
+    "scheduler": "--scheduler",
 }
 
 
@@ -382,6 +386,49 @@ def replay(
                            _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
     result = run_replay(recording, opts, realtime=realtime, channel=channel, console=console)
     describe_result(result, console)
+
+
+@app.command()
+@user_errors
+def batch(
+    recordings: list[Path] = typer.Argument(..., help="Recordings to replay (TIFF family or Zarr), e.g. runs/*.tif."),
+    out: Path = typer.Option(..., "--out", help="Folder for one Zarr log per recording and the table results.csv."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running dask scheduler (tcp://HOST:8786); default: a local cluster."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes of the local cluster (default: one per core)."),
+    model: str = MODEL, estimator: str = ESTIMATOR, tiles: str = TILES, roi: Optional[list[str]] = ROI,
+    rois: Optional[Path] = ROIS, window: Optional[int] = WINDOW, hop: int = HOP,
+    channel: Optional[int] = typer.Option(None, "--channel", help="Channel to use in multi-channel recordings."),
+    pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
+    line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
+    bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
+) -> None:
+    """Replay many recordings on a Dask cluster: a log each, one table of every estimate (needs dle-stream[cluster])."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dle_stream.batch import TABLE_NAME, replay_batch, summary
+
+    opts = _stream_options(model, estimator, tiles, roi, rois, window, hop, None, False, False, False, True,
+                           _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
+    console.print(f"starting {'the cluster at ' + scheduler if scheduler else 'a local dask cluster'} "
+                  f"for {len(recordings)} recordings", markup=False, highlight=False)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("recordings", total=len({r.expanduser().absolute() for r in recordings}), info="")
+        failed = 0
+
+        def report(o) -> None:
+            nonlocal failed
+            failed += not o.ok
+            line = (f"FAILED {o.recording}: {o.error}" if not o.ok
+                    else f"{o.status} {o.recording}: {o.windows} windows → {o.log}")
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            progress.update(task, advance=1, info=f"{failed} failed" if failed else "")
+
+        outcomes = replay_batch(recordings, out, opts, channel=channel, scheduler=scheduler, workers=workers,
+                                on_outcome=report)
+    console.print(f"{summary(outcomes)}; table: {out / TABLE_NAME}", markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,0 +1,160 @@
+"""`dle-stream batch`: many recordings on a 2-worker local Dask cluster.
+
+The batch's table must hold exactly what replaying each recording on its own logs; a
+recording that fails is reported and the others finish; a rerun skips complete logs and
+continues a partial one (as a worker killed mid-recording leaves it).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("dask.distributed")
+
+from dle_stream import ScanTiming  # noqa: E402
+from dle_stream.batch import TABLE_COLUMNS, log_name  # noqa: E402
+from dle_stream.recording import write_recording  # noqa: E402
+from dle_stream.session import StreamOptions, replay  # noqa: E402
+from dle_stream.zarr_log import open_log  # noqa: E402
+
+VALUES = ("d", "sigma", "lo68", "hi68", "lo95", "hi95", "p_above", "flags")
+COLUMN = {"d": "d_um2_s", "sigma": "sigma_um2_s", "lo68": "lo68_um2_s", "hi68": "hi68_um2_s", "lo95": "lo95_um2_s",
+          "hi95": "hi95_um2_s", "p_above": "p_above", "flags": "flag_bits"}
+
+
+def movie(frames: int, seed: int, size: int = 40) -> np.ndarray:
+    return np.random.default_rng(seed).poisson(100, (frames, size, size)).astype(np.uint16)
+
+
+def write(path, frames: int, seed: int):
+    timing = ScanTiming(**{**ScanTiming.reference().to_dict(), "width_px": 40, "height_px": 40})
+    return write_recording(path, movie(frames, seed), timing)
+
+
+def serial(recording, model, folder):
+    """The recording replayed on its own (as `dle-stream replay --log`): its log's values."""
+    log = folder / log_name(recording)
+    replay(recording, StreamOptions(model=str(model), hop=20, log=log, dashboard="quiet"))
+    view = open_log(log)
+    return {name: view.array(name) for name in VALUES}
+
+
+def assert_rows_equal_serial(table: pd.DataFrame, recording, expected: dict) -> None:
+    rows = table[table["recording"] == str(recording)].sort_values(["window", "tile"])
+    n_windows, n_tiles = expected["d"].shape
+    assert len(rows) == n_windows * n_tiles > 0
+    assert rows["window"].tolist() == np.repeat(np.arange(n_windows), n_tiles).tolist()
+    for name in VALUES:
+        got = rows[COLUMN[name]].to_numpy().astype(expected[name].dtype).reshape(n_windows, n_tiles)
+        np.testing.assert_array_equal(got, expected[name], err_msg=f"{recording.name}: {name}")
+
+
+@pytest.fixture(scope="module")
+def first_batch(tmp_path_factory, small_model_module):
+    """Three recordings and a broken file, batched on 2 workers; the serial replays."""
+    from typer.testing import CliRunner
+
+    from dle_stream.cli import app
+
+    tmp = tmp_path_factory.mktemp("batch")
+    recs = [write(tmp / f"rec{i}.tif", 100, seed=i) for i in range(3)]
+    bad = tmp / "broken.tif"
+    bad.write_text("not a TIFF")
+    out = tmp / "results"
+    args = [*map(str, recs), str(bad), "--out", str(out), "--workers", "2", "--model", str(small_model_module),
+            "--hop", "20"]
+    result = CliRunner().invoke(app, ["batch", *args])
+    expected = {r: serial(r, small_model_module, tmp / "serial") for r in recs}
+    return tmp, recs, bad, out, args, result, expected
+
+
+@pytest.fixture(scope="module")
+def small_model_module(tmp_path_factory):
+    from dle_stream.model import DLEModel, ModelConfig
+    from dle_stream.model_package import ModelCard, save_model_package
+
+    folder = tmp_path_factory.mktemp("m") / "tiny"
+    cfg = ModelConfig(temporal_channels=16, head_hidden=16)
+    timing = ScanTiming.reference()
+    card = ModelCard(name="tiny", tile_height=20, tile_width=20, window_frames=40, d_min_um2_s=0.0,
+                     d_max_um2_s=1.5, scan_timing=timing.to_dict(), pixel_size_um=timing.pixel_size_um,
+                     architecture=cfg.to_dict())
+    save_model_package(folder, DLEModel(cfg), card)
+    return folder
+
+
+def test_a_batch_on_two_workers_gives_what_replaying_each_recording_gives(first_batch):
+    tmp, recs, bad, out, _, result, expected = first_batch
+    table = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    assert tuple(table.columns) == TABLE_COLUMNS
+    for rec in recs:
+        assert (out / log_name(rec)).is_dir()
+        assert_rows_equal_serial(table, rec, expected[rec])
+    assert set(table["roi"]) == {"frame"} and set(table["tile"]) == {0, 1, 2, 3}
+    # the window's time is its middle in acquisition time
+    assert np.allclose(table["time_s"], (table["t_start_s"] + table["t_stop_s"]) / 2)
+
+
+def test_a_failing_recording_is_reported_and_the_others_finish(first_batch):
+    tmp, recs, bad, out, _, result, _ = first_batch
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"FAILED {bad}" in text and "not a readable TIFF" in text
+    assert "4 recordings: 3 replayed, 1 failed" in text
+    assert str(bad) not in set(pd.read_csv(out / "results.csv")["recording"])
+
+
+def test_a_rerun_skips_complete_logs_and_continues_a_partial_one(first_batch, small_model_module):
+    from typer.testing import CliRunner
+
+    from dle_stream.cli import app
+
+    tmp, recs, bad, out, args, _, expected = first_batch
+    # a fourth recording whose log a killed worker left partial: its first 60 frames logged
+    late = tmp / "late.tif"
+    write(late, 60, seed=7)
+    replay(late, StreamOptions(model=str(small_model_module), hop=20, log=out / log_name(late), dashboard="quiet"))
+    late.unlink()
+    write(late, 100, seed=7)  # the whole recording, the first 60 frames as before
+    partial_windows = open_log(out / log_name(late)).n_windows
+    assert 0 < partial_windows
+    before = {rec: (out / log_name(rec) / "zarr.json").read_bytes() for rec in recs}
+    result = CliRunner().invoke(app, ["batch", *args[:3], str(late), *args[3:]])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "3 already complete (skipped)" in text and "1 continued" in text, text
+    for rec in recs:  # skipped: their logs untouched
+        assert (out / log_name(rec) / "zarr.json").read_bytes() == before[rec]
+    table = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    for rec in recs:
+        assert_rows_equal_serial(table, rec, expected[rec])
+    # the continued log holds every window of the whole recording, as a replay from scratch
+    fresh = tmp / "fresh"
+    fresh.mkdir()
+    shutil.copy(late, fresh / late.name)
+    full = serial(fresh / late.name, small_model_module, tmp / "serial-late")
+    assert open_log(out / log_name(late)).n_windows == full["d"].shape[0] > partial_windows
+    late_rows = table[table["recording"] == str(late)].copy()
+    late_rows["recording"] = str(fresh / late.name)
+    assert_rows_equal_serial(late_rows, fresh / late.name, full)
+
+
+def test_bad_batch_arguments_are_one_line_errors(tmp_path, cli, write_movie):
+    rec = write_movie("a.tif")
+    other = tmp_path / "sub"
+    other.mkdir()
+    twin = write_movie("sub/a.tif")
+    assert "--workers 0: must be at least 1" in cli.error("batch", rec, "--out", tmp_path / "o", "--workers", "0")
+    assert "--workers 2 sizes a local cluster" in cli.error("batch", rec, "--out", tmp_path / "o", "--workers", "2",
+                                                           "--scheduler", "tcp://127.0.0.1:1")
+    assert "would share the log" in cli.error("batch", rec, twin, "--out", tmp_path / "o")
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a folder" in cli.error("batch", rec, "--out", tmp_path / "file")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("a,b\n1,2\n")
+    assert "did not write" in cli.error("batch", rec, "--out", mine)
+    assert (mine / "results.csv").read_text() == "a,b\n1,2\n"  # never overwritten
