@@ -402,7 +402,7 @@ def batch(
     line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
     bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
 ) -> None:
-    """Replay many recordings on a Dask cluster: a log each, one table of every estimate (needs dle-stream[cluster])."""
+    """Replay many recordings on a Dask cluster: a log each, one table of every estimate (needs the optional cluster extra)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dle_stream.batch import TABLE_NAME, replay_batch, summary
