@@ -16,8 +16,11 @@ Root attributes (flat, as plain ``zarr`` and ``xarray`` show them)::
                         {"opened", "first_window_row", "first_frame_row", "window_offset",
                          "frame_offset", "attrs" (the appended run's metadata)}
     ...                 the run's own metadata, as the caller gave it when the log was
-                        created (software, mode, source, estimator, model_card,
-                        scan_timing, window_frames, hop_frames, start_time, ...)
+                        created; a run of ``replay`` or ``run`` writes the fields of
+                        :class:`RunMetadata` (software, mode, source, estimator,
+                        model_card, scan_timing, timing_source, timing_warnings,
+                        tile_geometry, window_frames, hop_frames, start_time,
+                        timing_comparison); other keys are kept as given
 
 Format versions: 1 and 2 (earlier logs) have the same attributes as 3; format 3 adds,
 in the same root document and written in the same write as the committed counts, the
@@ -35,7 +38,8 @@ from typing import Any, TypeGuard
 
 from dle_stream.errors import DleStreamError
 
-__all__ = ["LOG_FORMAT_VERSION", "LOG_KIND", "LogAttrs", "LogRoi", "LogSegment", "RESERVED_ATTRS", "is_log_marker"]
+__all__ = ["LOG_FORMAT_VERSION", "LOG_KIND", "LogAttrs", "LogRoi", "LogSegment", "RESERVED_ATTRS", "RunMetadata",
+           "is_log_marker"]
 
 #: the format this version writes; it reads every format up to it
 LOG_FORMAT_VERSION = 3
@@ -80,6 +84,81 @@ class LogRoi:
         return {"name": self.name, "bbox": list(self.bbox), "tiles": list(self.tiles), **self.extra}
 
 
+def _opt(kind: type, value: Any) -> Any:
+    return None if value is None else kind(value)
+
+
+@dataclass(frozen=True)
+class RunMetadata:
+    """What a run records about itself in its log (the root attributes the caller gives).
+
+    Every field is optional (a log written from Python may hold any of them, or other keys,
+    kept in ``extra``); the versions are the log's (``format_version``).
+
+    Attributes:
+        software: "dle-stream X.Y.Z".
+        mode: "replay" or "live".
+        source: the recording's path, or the live source in words.
+        estimator: "dle", "classic" or "rics".
+        model_card: the model package's card (:class:`dle_stream.model_package.ModelCard`
+            as a dict), None for none.
+        scan_timing: the stream's :meth:`dle_stream.timing.ScanTiming.to_dict`.
+        timing_source: where the timing came from, in words.
+        timing_warnings: the warnings about the timing (e.g. assumed from the model card).
+        tile_geometry: frame and tile sizes, px, number of tiles, uncovered pixels.
+        window_frames, hop_frames: the window length and hop, frames.
+        start_time: ISO 8601 time the run started.
+        timing_comparison: the model's training scan against this one, in words.
+        extra: any other key (kept as given).
+    """
+
+    software: str | None = None
+    mode: str | None = None
+    source: str | None = None
+    estimator: str | None = None
+    model_card: Mapping[str, Any] | None = None
+    scan_timing: Mapping[str, Any] | None = None
+    timing_source: str | None = None
+    timing_warnings: tuple[str, ...] = ()
+    tile_geometry: Mapping[str, Any] | None = None
+    window_frames: int | None = None
+    hop_frames: int | None = None
+    start_time: str | None = None
+    timing_comparison: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+
+    @classmethod
+    def from_json(cls, attrs: Mapping[str, Any]) -> RunMetadata:
+        """The run's metadata from a log's root attributes (the log's own keys ignored)."""
+        names = cls.field_names()
+        get = attrs.get
+        return cls(
+            software=_opt(str, get("software")), mode=_opt(str, get("mode")), source=_opt(str, get("source")),
+            estimator=_opt(str, get("estimator")), model_card=get("model_card"), scan_timing=get("scan_timing"),
+            timing_source=_opt(str, get("timing_source")),
+            timing_warnings=tuple(str(w) for w in get("timing_warnings") or ()),
+            tile_geometry=get("tile_geometry"), window_frames=_opt(int, get("window_frames")),
+            hop_frames=_opt(int, get("hop_frames")), start_time=_opt(str, get("start_time")),
+            timing_comparison=_opt(str, get("timing_comparison")),
+            extra={k: v for k, v in attrs.items() if k not in names and k not in RESERVED_ATTRS},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The root attributes of the run: every field (None as null), then ``extra``."""
+        doc: dict[str, Any] = {}
+        for name in self.field_names():
+            value = getattr(self, name)
+            if name == "timing_warnings":
+                doc[name] = list(value)
+            else:
+                doc[name] = dict(value) if isinstance(value, Mapping) else value
+        return {**doc, **self.extra}
+
+
 @dataclass(frozen=True)
 class LogSegment:
     """One run that wrote to the log: when it opened it, where its rows start, the offsets
@@ -121,20 +200,22 @@ class LogAttrs:
 
     # ---------------------------------------------------------- run settings
     @property
+    def metadata(self) -> RunMetadata:
+        """The run's metadata, typed (:class:`RunMetadata`)."""
+        return RunMetadata.from_json(self.run)
+
+    @property
     def mode(self) -> str | None:
-        """"replay" or "run" (the kind of run that created the log), when recorded."""
-        value = self.run.get("mode")
-        return None if value is None else str(value)
+        """"replay" or "live" (the kind of run that created the log), when recorded."""
+        return self.metadata.mode
 
     @property
     def window_frames(self) -> int | None:
-        value = self.run.get("window_frames")
-        return None if value is None else int(value)
+        return self.metadata.window_frames
 
     @property
     def hop_frames(self) -> int | None:
-        value = self.run.get("hop_frames")
-        return None if value is None else int(value)
+        return self.metadata.hop_frames
 
     # ------------------------------------------------------------ conversion
     @classmethod

@@ -22,6 +22,7 @@ from dle_stream import __version__, report
 from dle_stream.combine import RunningCombination
 from dle_stream.dashboard import Dashboard
 from dle_stream.errors import DleStreamError, EstimatorChoiceError, ParameterError, RoiError, TimingError, arg
+from dle_stream.log_attrs import RunMetadata
 from dle_stream.protocols import FrameSource, StreamEstimator
 from dle_stream.runner import RunStats, StreamRunner
 from dle_stream.stream_estimators import make_stream_estimator
@@ -158,20 +159,22 @@ def _offsets(log: ZarrLog | None) -> dict[str, int]:
 
 
 def _attrs(kind: str, source: str, est: StreamEstimator, timing: ScanTiming, timing_source: str, layout: TileLayout,
-           runner_window: int, hop: int, warnings: list[str]) -> dict:
+           runner_window: int, hop: int, warnings: list[str], comparison: TimingComparison) -> dict:
+    """The run's metadata for its log (:class:`dle_stream.log_attrs.RunMetadata`)."""
     card = getattr(getattr(est, "estimator", None), "card", None)
     from dataclasses import asdict, is_dataclass
 
-    return {
-        "software": f"dle-stream {__version__}", "mode": kind, "source": source, "estimator": est.name,
-        "model_card": asdict(card) if is_dataclass(card) and not isinstance(card, type) else None,
-        "scan_timing": timing.to_dict(), "timing_source": timing_source, "timing_warnings": warnings,
-        "tile_geometry": {"frame_height_px": layout.frame_height, "frame_width_px": layout.frame_width,
-                          "tile_height_px": est.tile_shape[0], "tile_width_px": est.tile_shape[1],
-                          "n_tiles": len(layout.tiles), "uncovered_px": layout.uncovered_px},
-        "window_frames": runner_window, "hop_frames": hop,
-        "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return RunMetadata(
+        software=f"dle-stream {__version__}", mode=kind, source=source, estimator=est.name,
+        model_card=asdict(card) if is_dataclass(card) and not isinstance(card, type) else None,
+        scan_timing=timing.to_dict(), timing_source=timing_source, timing_warnings=tuple(warnings),
+        tile_geometry={"frame_height_px": layout.frame_height, "frame_width_px": layout.frame_width,
+                       "tile_height_px": est.tile_shape[0], "tile_width_px": est.tile_shape[1],
+                       "n_tiles": len(layout.tiles), "uncovered_px": layout.uncovered_px},
+        window_frames=runner_window, hop_frames=hop,
+        start_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        timing_comparison=comparison.explain(),
+    ).to_json()
 
 
 def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, channel: int | None = None,
@@ -214,8 +217,8 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
                 f"estimated" + (f" ({rec.truncation_note})" if rec.truncated else "")
                 + f"; use a shorter {arg('window')} (at most {rec.n_frames})" * (rec.n_frames > 0)
                 + "; re-export or re-acquire the recording" * (rec.n_frames == 0))
-        attrs = _attrs("replay", str(recording), est, timing, timing_source, layout, window, opts.hop, warnings)
-        attrs["timing_comparison"] = comparison.explain()
+        attrs = _attrs("replay", str(recording), est, timing, timing_source, layout, window, opts.hop, warnings,
+                       comparison)
         log = _open_log(opts, layout, attrs, est)
         runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, live=False,
                               timing_assumed=any("ASSUMED" in w for w in warnings),
@@ -348,8 +351,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     layout = make_layout(h, w, est.tile_shape, opts)
     window = opts.window or est.window_frames
     source_desc = "demo camera (simulated)" if demo else f"Micro-Manager {mm_config or core.getCameraDevice()}"
-    attrs = _attrs("live", source_desc, est, timing, timing_source, layout, window, opts.hop, warnings)
-    attrs["timing_comparison"] = comparison.explain()
+    attrs = _attrs("live", source_desc, est, timing, timing_source, layout, window, opts.hop, warnings, comparison)
     log = _open_log(opts, layout, attrs, est)
     runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, live=True,
                           timing_assumed=any("ASSUMED" in x for x in warnings), combine_windows=opts.combine_windows)

@@ -642,3 +642,18 @@ def test_replaying_a_memory_mapped_tiff_keeps_resident_memory_flat(tmp_path):
         grown_mb = (rss_file_kb() - before) / 1024
     assert first.shape == (1, 64, 64) and total > 0
     assert grown_mb < 5, f"file-backed resident memory grew by {grown_mb:.1f} MB over a 20 MB recording"
+
+
+def test_recording_document_is_typed_and_reads_back():
+    from dle_stream.recording import metadata as md
+
+    timing = ScanTiming(**{**ScanTiming.reference().to_dict(), "width_px": 40, "height_px": 30})
+    doc = md.RecordingDocument(timing, {"truth": {"d_um2_s": np.float32(0.5)}}, np.array([0.0, 0.06]),
+                               software_version="9.9").to_json()
+    assert doc["schema"] == md.DLE_SCHEMA and doc["software"] == {"name": "dle-stream", "version": "9.9"}
+    assert doc["extra"] == {"truth": {"d_um2_s": 0.5}} and doc["frame_timestamps_s"] == [0.0, 0.06]
+    read = md.from_document(json.dumps(doc), "x.tif")
+    assert read is not None and ScanTiming(**read.fields) == timing
+    np.testing.assert_array_equal(read.frame_timestamps_s, [0.0, 0.06])
+    with pytest.raises(DleStreamError, match="cannot be stored as JSON"):
+        md.RecordingDocument(timing, {"bad": float("nan")}).to_json()

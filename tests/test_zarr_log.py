@@ -297,6 +297,24 @@ def test_run_attributes_keep_nan_and_refuse_what_json_cannot_hold(tmp_path):
         ZarrLog.create(tmp_path / "other.zarr", tile_bboxes=BBOXES, attrs={**ATTRS, "bad": object()})
 
 
+def test_run_metadata_is_typed_and_keeps_other_keys(tmp_path):
+    from dle_stream.log_attrs import RunMetadata
+
+    meta = RunMetadata(software="dle-stream 0.1.0", mode="replay", source="rec.tif", estimator="dle",
+                       scan_timing={"dwell_us": 8.0}, timing_warnings=("timing ASSUMED",), window_frames=400,
+                       hop_frames=50, extra={"operator": "kk"})
+    doc = meta.to_json()
+    assert list(doc)[:4] == ["software", "mode", "source", "estimator"] and doc["operator"] == "kk"
+    assert doc["model_card"] is None and doc["timing_warnings"] == ["timing ASSUMED"]
+    ZarrLog.create(tmp_path / "run.zarr", tile_bboxes=BBOXES, attrs=doc).close()
+    header = open_log(tmp_path / "run.zarr").header
+    assert header.metadata == meta
+    assert (header.mode, header.window_frames, header.hop_frames) == ("replay", 400, 50)
+    # a log written from Python with keys of its own: typed fields None, the rest kept
+    loose = RunMetadata.from_json(ATTRS)
+    assert loose.estimator == "dle" and loose.mode is None and loose.extra["window_length"] == 400
+
+
 # ------------------------------------------------------------------ bad paths
 def test_unwritable_path_is_a_one_line_error(tmp_path):
     blocker = tmp_path / "a_file"

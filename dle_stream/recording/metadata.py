@@ -94,24 +94,50 @@ def _positive(value: Any) -> float | None:
 
 
 # ------------------------------------------------------ dle-stream document
-def make_document(timing: ScanTiming, extra: dict[str, Any] | None, frame_timestamps_s: np.ndarray | None) -> dict:
-    """dle-stream's metadata document (see the module docstring)."""
+def _software_version() -> str:
     from dle_stream import __version__
 
-    doc: dict[str, Any] = {
-        "schema": DLE_SCHEMA,
-        "software": {"name": "dle-stream", "version": __version__},
-        "timing": timing.to_dict(),
-        "extra": {},
-    }
-    if extra:
-        try:
-            doc["extra"] = json.loads(json.dumps(extra, default=_json_default, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise DleStreamError(f"recording metadata cannot be stored as JSON ({exc}); pass plain numbers, strings, lists and dicts") from None
-    if frame_timestamps_s is not None:
-        doc["frame_timestamps_s"] = [float(t) for t in frame_timestamps_s]
-    return doc
+    return __version__
+
+
+@dataclass(frozen=True)
+class RecordingDocument:
+    """dle-stream's own metadata document of a recording, schema :data:`DLE_SCHEMA` (see the
+    module docstring); :meth:`to_json` gives the JSON object the writer stores. Reading goes
+    through :func:`from_document`, which keeps what a damaged document still gives.
+
+    Attributes:
+        timing: the recording's scan timing.
+        extra: the caller's JSON-able metadata (e.g. the simulator's ground truth).
+        frame_timestamps_s: per-frame acquisition times, s (TIFF; a Zarr store keeps an array).
+        software_version: the dle-stream version that wrote it.
+    """
+
+    timing: ScanTiming
+    extra: dict[str, Any] | None = None
+    frame_timestamps_s: np.ndarray | None = None
+    software_version: str = field(default_factory=_software_version)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "schema": DLE_SCHEMA,
+            "software": {"name": "dle-stream", "version": self.software_version},
+            "timing": self.timing.to_dict(),
+            "extra": {},
+        }
+        if self.extra:
+            try:
+                doc["extra"] = json.loads(json.dumps(self.extra, default=_json_default, allow_nan=False))
+            except (TypeError, ValueError) as exc:
+                raise DleStreamError(f"recording metadata cannot be stored as JSON ({exc}); pass plain numbers, strings, lists and dicts") from None
+        if self.frame_timestamps_s is not None:
+            doc["frame_timestamps_s"] = [float(t) for t in self.frame_timestamps_s]
+        return doc
+
+
+def make_document(timing: ScanTiming, extra: dict[str, Any] | None, frame_timestamps_s: np.ndarray | None) -> dict:
+    """dle-stream's metadata document (see the module docstring): :class:`RecordingDocument` as JSON."""
+    return RecordingDocument(timing, extra, frame_timestamps_s).to_json()
 
 
 def _json_default(value: Any) -> Any:
