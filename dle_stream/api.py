@@ -47,6 +47,7 @@ from dle_stream import report
 from dle_stream.combine import RunningCombination
 from dle_stream.errors import DleStreamError
 from dle_stream.events import EstimateFlag, FrameEvent, WindowEstimate
+from dle_stream.protocols import StreamEstimator
 from dle_stream.recording import Recording
 from dle_stream.results import ResultTable, flag_text
 from dle_stream.runner import RunStats, StreamRunner
@@ -196,7 +197,7 @@ class EstimateStream:
         self.truth: dict[str, float] = {}
         self.timing_assumed = False
         self.runner: StreamRunner | None = None
-        self._est: Any = None
+        self._est: StreamEstimator | None = None
         self._recording: Recording | None = None
         self._owns_recording = False
         self._label = ""  # what to name in errors about frames (a file)
@@ -410,8 +411,8 @@ class EstimateStream:
                                      name="estimates per window and tile", columns=WINDOW_COLUMNS)
         return Estimates(
             windows=windows, tiles=self._tile_table(), rois=self._roi_table(), timing=self.timing,
-            timing_source=self.timing_source, model=self.model, estimator=self._est.name,
-            window_frames=self.runner.window, hop_frames=self.hop, d_max_um2_s=float(self._est.d_max_um2_s),
+            timing_source=self.timing_source, model=self.model, estimator=self.runner.est.name,
+            window_frames=self.runner.window, hop_frames=self.hop, d_max_um2_s=float(self.runner.est.d_max_um2_s),
             frames=self.runner.stats.frames_in, layout=self.layout, stats=self.runner.stats,
             warnings=list(self.warnings), combination=self.runner.combination)
 

@@ -53,6 +53,11 @@ class LiveFrameSource(Protocol):
         """Stop acquiring (idempotent)."""
         ...
 
+    @property
+    def error(self) -> str | None:
+        """Why acquisition ended early (one line), or None."""
+        ...
+
 
 class StreamEstimator(Protocol):
     """An estimator in two steps, so that each tile-frame is processed once.

@@ -23,7 +23,7 @@ from dle_stream.combine import RunningCombination
 from dle_stream.dashboard import Dashboard
 from dle_stream.errors import DleStreamError, EstimatorChoiceError, ParameterError, RoiError, TimingError, arg
 from dle_stream.log_attrs import RunMetadata
-from dle_stream.protocols import FrameSource, StreamEstimator
+from dle_stream.protocols import FrameSource, LiveFrameSource, StreamEstimator
 from dle_stream.runner import RunStats, StreamRunner
 from dle_stream.stream_estimators import make_stream_estimator
 from dle_stream.tiling import TileLayout, grid_layout, parse_roi, read_rois, roi_layout
@@ -367,7 +367,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
         truth = region_truth(layout, np.asarray(get_demo_camera(core).d_map, dtype=float))
     dashboard = Dashboard(runner, source=source_desc, model=f"{est.name} · {opts.model}", mode=opts.dashboard,
                           console=console, truth=truth, **_offsets(log))
-    source = MicroManagerSource(core, n_frames=frames, mode="mda", stall_timeout_s=stall_timeout_s)
+    source: LiveFrameSource = MicroManagerSource(core, n_frames=frames, mode="mda", stall_timeout_s=stall_timeout_s)
     backlog = source.backlog
     try:
         with dashboard:
