@@ -62,6 +62,7 @@ CLI_FLAGS: dict[str, str] = {
     "recordings": "RECORDINGS",
     "workers": "--workers",
     "scheduler": "--scheduler",
+    "windows": "--windows",
 }
 
 
@@ -599,6 +600,51 @@ def log_export(
         raise DleStreamError(f"--csv {csv_path}: cannot write it ({exc.strerror or exc}); choose a writable path") from None
     n = rows[0]
     console.print(f"wrote {n} rows to {csv_path}", markup=False, highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------- check
+@app.command()
+@user_errors
+def check(
+    recording: Path = typer.Argument(..., help="Recording to check: TIFF, OME-TIFF, ImageJ, ScanImage TIFF or Zarr."),
+    model: str = MODEL,
+    windows: int = typer.Option(4, "--windows", help="Windows of the model's length to look at, spread over the recording."),
+    channel: Optional[int] = typer.Option(None, "--channel", help="Channel to use in a multi-channel recording."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a table."),
+    pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
+    line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
+    bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
+) -> None:
+    """Does the recording look like what the model was trained on? Brightness, PSF width, density, motion against the trained ranges (exit status 1 when outside)."""
+    import json
+
+    from dle_stream.recording_check import check_recording
+
+    res = check_recording(recording, model=model, windows=windows, channel=channel, names=CLI_FLAGS,
+                          timing_flags=_timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us,
+                                                     bidirectional), timing_file=timing)
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), ensure_ascii=False))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"recording check: {recording.name} against {res.model} "
+                            f"({res.tiles} tiles × {res.windows} windows of {res.frames} frames)")
+        for col in ("quantity", "measured", "trained range", "unit", "verdict"):
+            table.add_column(col)
+        def fmt(x: Optional[float]) -> str:
+            return "—" if x is None else f"{x:.3g}"
+
+        for r in res.rows:
+            rng = f"≤ {fmt(r.high)}" if r.low is None else f"{fmt(r.low)}–{fmt(r.high)}"
+            verdict = {"ok": "ok", "low": "[bold red]below[/]", "high": "[bold red]above[/]"}.get(r.status, r.status)
+            table.add_row(r.label, fmt(r.value) + (f" ({r.note})" if r.note else ""), rng, r.unit, verdict)
+        console.print(table)
+        for w in res.warnings:
+            console.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
+        console.print(res.summary_line(), markup=False, highlight=False, soft_wrap=True)
+    if not res.ok:
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------- models

@@ -1,0 +1,428 @@
+"""The recording check: does a recording look like what the model was trained on?
+
+A model is trained on simulated movies (docs/design.md §4) whose particles, PSF, noise and
+motion come from the priors in its card. ``dle-stream check RECORDING`` measures, from the
+data alone, the quantities the network depends on and compares each with the range the
+model saw in training; a recording outside that range gets a warning that names the
+quantity, its measured value and the trained range.
+
+What is measured, per tile of the model's size and per window of the model's length (a
+few windows spread over the recording), then the median over tiles and windows:
+
+- **brightness** (noise σ): the in-focus spot's brightness above the local background, in
+  units of the background's noise. Frames are normalised as the classic tracker does
+  (:mod:`dle_stream.classic`: each frame's median subtracted, divided by the movie's
+  robust noise σ_n), spots are located with ``trackpy.locate`` (same diameter from the
+  PSF prior, same band pass, same noise-calibrated ``minmass``), and the value is the 90th
+  percentile of the spots' masses (the in-focus ones; blurred or out-of-focus spots are
+  dimmer). Gain- and offset-free, as the network is (it normalises frames by median and
+  MAD). The background level itself cannot be told apart from the detector's gain and
+  offset in one recording; it reaches the network only through the noise it adds, i.e.
+  through this ratio.
+- **PSF width** σxy (µm): from the autocorrelation of each frame *along the scan line*
+  at lags 1 and 3 px. A pixel's noise is independent of its neighbours', so these lags
+  hold the particles' light only; the line is scanned in tens of µs, so the particles
+  do not move while the PSF is drawn (across lines they do: that is the motion blur the
+  network reads). A Gaussian PSF of std s px gives C(k) ∝ exp(−k²/4s²), so
+  s² = 2 / ln(C(1)/C(3)); σxy = s · pixel size. Not measured where the lag-3
+  correlation is not clearly above its noise (a tile without particles) or where the
+  noise of the two lags leaves s uncertain by more than :data:`PSF_MAX_REL_ERROR`.
+- **density** (spots per frame per 100 µm²): located spots per frame per area.
+- **whole-field motion** (× noise): every pair of consecutive frames is cross-correlated
+  (FFT); the centroid of the correlation's positive part within ±5 px is the frame-to-
+  frame shift. Diffusing particles step independently from frame to frame, so the
+  shifts' spectrum is flat; periodic whole-field motion (heartbeat, breathing) puts a
+  peak in it. The value is the largest power of the shifts' periodogram (x and y added)
+  over its median power; its frequency is reported beside it.
+
+The trained ranges come from the model itself: :func:`reference` simulates tiles from the
+card's simulator priors and scan timing (seeded; the steady-density share included, D in
+the operating range), measures each quantity the same way and keeps the
+:data:`LOW_PERCENTILE`–:data:`HIGH_PERCENTILE` percentiles (motion: only the upper one).
+The measurements are cached per model (``$XDG_CACHE_HOME/dle-stream/recording-check``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dle_stream.errors import DleStreamError, ParameterError, arg
+from dle_stream.timing import ScanTiming
+
+#: Version of the measurements (a change invalidates cached references).
+CHECK_VERSION = 3
+#: Percentiles of the reference tiles that bound the trained range.
+LOW_PERCENTILE = 0.5
+HIGH_PERCENTILE = 99.5
+#: Reference tiles simulated per model, and their seed.
+REFERENCE_TILES = 384
+REFERENCE_SEED = 20_251_214
+#: Quantile of the located spots' masses taken as the in-focus brightness; fewest spots.
+BRIGHT_QUANTILE = 0.9
+MIN_SPOTS = 5
+#: Largest frame-to-frame shift looked at, px.
+SHIFT_RADIUS_PX = 5
+#: The lag-3 autocorrelation must exceed this many standard errors of noise for a PSF width.
+PSF_MIN_Z = 8.0
+#: Largest relative error of the PSF width (from the noise of the two lags) still reported.
+PSF_MAX_REL_ERROR = 0.2
+#: Windows per recording the check looks at (evenly spread).
+DEFAULT_WINDOWS = 4
+
+
+@dataclass(frozen=True)
+class Quantity:
+    name: str
+    label: str
+    unit: str
+    fmt: str
+    two_sided: bool = True
+
+
+QUANTITIES: tuple[Quantity, ...] = (
+    Quantity("brightness", "brightness above background", "noise σ", "{:.3g}"),
+    Quantity("psf_width_um", "PSF width σxy", "µm", "{:.3g}"),
+    Quantity("density", "spot density", "per frame per 100 µm²", "{:.3g}"),
+    Quantity("motion", "whole-field motion", "× noise", "{:.3g}", two_sided=False),
+)
+NAMES = tuple(q.name for q in QUANTITIES)
+
+
+# ------------------------------------------------------------------ measuring
+def _normalise(movie: np.ndarray) -> np.ndarray:
+    """Each frame's median subtracted, divided by the movie's robust noise σ (as classic.py)."""
+    from dle_stream.classic import MAD_TO_STD
+
+    m = np.asarray(movie, dtype=np.float64)
+    m = m - np.median(m.reshape(m.shape[0], -1), axis=1)[:, None, None]
+    s = MAD_TO_STD * float(np.median(np.abs(m)))
+    return m / s if s > 0 else m
+
+
+def psf_width_px(norm: np.ndarray) -> float:
+    """σxy in px from the along-line autocorrelation at lags 1 and 3 of a normalised movie; NaN
+    when the particles' light is not clearly above the noise."""
+    c1 = float(np.mean(norm[:, :, 1:] * norm[:, :, :-1]))
+    prod3 = norm[:, :, 3:] * norm[:, :, :-3]
+    c3 = float(np.mean(prod3))
+    se = 1.0 / math.sqrt(prod3.size)  # of unit-variance independent noise
+    if not (c3 > PSF_MIN_Z * se and c1 > c3):
+        return math.nan
+    log_ratio = math.log(c1 / c3)
+    # relative error of s from the noise in c1 and c3: too uncertain widths are not measured
+    if math.hypot(se / c1, se / c3) / (2 * log_ratio) > PSF_MAX_REL_ERROR:
+        return math.nan
+    return math.sqrt(2.0 / log_ratio)
+
+
+def frame_shifts(norm: np.ndarray, radius: int = SHIFT_RADIUS_PX) -> tuple[np.ndarray, np.ndarray]:
+    """Shift (x, y) px from each frame to the next: the centroid of the positive part of
+    their cross-correlation within ±radius px. [T − 1] each."""
+    T, H, W = norm.shape
+    z = norm - norm.mean(axis=(1, 2), keepdims=True)
+    f = np.fft.rfft2(z, s=(2 * H, 2 * W))
+    cc = np.fft.irfft2(f[:-1].conj() * f[1:], s=(2 * H, 2 * W))
+    r = int(min(radius, H - 1, W - 1))
+    rows = np.r_[2 * H - r:2 * H, 0:r + 1]
+    cols = np.r_[2 * W - r:2 * W, 0:r + 1]
+    win = np.clip(cc[:, rows][:, :, cols], 0.0, None)
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    tot = win.sum(axis=(1, 2))
+    tot = np.where(tot > 0, tot, 1.0)
+    return (win * xx).sum(axis=(1, 2)) / tot, (win * yy).sum(axis=(1, 2)) / tot
+
+
+def motion_score(sx: np.ndarray, sy: np.ndarray, frame_period_s: float) -> tuple[float, float]:
+    """(largest periodogram power of the shifts over its median, its frequency in Hz)."""
+    n = sx.size
+    if n < 8:
+        return math.nan, math.nan
+    p = np.abs(np.fft.rfft(sx - sx.mean())) ** 2 + np.abs(np.fft.rfft(sy - sy.mean())) ** 2
+    p = p[1:]
+    med = float(np.median(p))
+    if not med > 0:
+        return math.nan, math.nan
+    k = int(np.argmax(p))
+    return float(p[k] / med), float((k + 1) / (n * frame_period_s))
+
+
+def movie_statistics(movie: np.ndarray, pixel_size_um: float, frame_period_s: float,
+                     psf_guess_um: float) -> dict[str, float]:
+    """The check's quantities for one tile's movie [T, H, W] (detector values).
+
+    ``psf_guess_um`` sets trackpy's feature diameter (the model's PSF prior, as the classic
+    tracker takes it). Returns {quantity: value} plus ``motion_hz``; NaN where not measurable.
+    """
+    from dle_stream.classic import _locate, diameter_px, noise_minmass
+
+    movie = np.asarray(movie)
+    if movie.ndim != 3 or min(movie.shape) < 3:
+        raise DleStreamError(f"recording check: need a movie [frames, height, width] of at least 3 each, got {movie.shape}")
+    T, H, W = movie.shape
+    norm = _normalise(movie)
+    d = diameter_px(psf_guess_um, pixel_size_um)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, _, mass = _locate(norm, d, noise_minmass(H, W, d))
+    area_100um2 = H * W * pixel_size_um**2 / 100.0
+    s = psf_width_px(norm)
+    sx, sy = frame_shifts(norm)
+    score, hz = motion_score(sx, sy, frame_period_s)
+    return {
+        "brightness": float(np.quantile(mass, BRIGHT_QUANTILE)) if mass.size >= MIN_SPOTS else math.nan,
+        "psf_width_um": s * pixel_size_um,
+        "density": mass.size / T / area_100um2,
+        "motion": score,
+        "motion_hz": hz,
+    }
+
+
+# ------------------------------------------------------------------ reference
+@dataclass
+class Reference:
+    """Each quantity measured on tiles simulated from a model's training priors."""
+
+    model: str
+    values: dict[str, list[float]]
+    n_tiles: int
+    frames: int
+    seed: int
+
+    def range_of(self, name: str) -> tuple[float | None, float | None]:
+        v = np.asarray(self.values[name], dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            return None, None
+        q = next(q for q in QUANTITIES if q.name == name)
+        lo = float(np.percentile(v, LOW_PERCENTILE)) if q.two_sided else None
+        return lo, float(np.percentile(v, HIGH_PERCENTILE))
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dle-stream" / "recording-check"
+
+
+def _reference_key(card, n_tiles: int, seed: int) -> str:
+    doc = {"v": CHECK_VERSION, "priors": card.simulator.get("priors"), "timing": card.scan_timing,
+           "tile": [card.tile_height, card.tile_width], "frames": card.window_frames, "n": n_tiles, "seed": seed}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_priors(card):
+    """The card's simulator priors (D in the operating range), or the preset's by the card's D range."""
+    from dle_stream.training.priors import SimulatorPriors, get_preset
+
+    data = card.simulator.get("priors") if isinstance(card.simulator, dict) else None
+    if data:
+        return SimulatorPriors.from_dict(data).with_(d_beyond=(0.0, 0.0))
+    preset = get_preset("high" if card.d_max_um2_s > 5 else "low")
+    return preset.priors.with_(d_min_um2_s=card.d_min_um2_s, d_max_um2_s=card.d_max_um2_s)
+
+
+def reference(model: str, *, n_tiles: int | None = None, seed: int = REFERENCE_SEED, cache: bool = True,
+              progress=None) -> Reference:
+    """The quantities on ``n_tiles`` (default :data:`REFERENCE_TILES`) tiles simulated from
+    ``model``'s card (priors, timing, tile size, window length), cached on disk."""
+    import torch
+
+    from dle_stream.model_package import load_card, resolve_model
+    from dle_stream.training.mixture import MixedSimulator
+
+    n_tiles = int(n_tiles or REFERENCE_TILES)
+    card = load_card(resolve_model(model))
+    path = _cache_dir() / f"{card.name}-{_reference_key(card, n_tiles, seed)}.json"
+    if cache and path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+            return Reference(**doc)
+        except (ValueError, TypeError):
+            pass  # a damaged cache file is simply recomputed
+    priors = training_priors(card)
+    timing = card.timing
+    sim = MixedSimulator(priors, timing, card.tile_height, card.tile_width, card.window_frames)
+    g = torch.Generator().manual_seed(seed)
+    values: dict[str, list[float]] = {k: [] for k in (*NAMES, "motion_hz")}
+    done = 0
+    while done < n_tiles:
+        m = min(16, n_tiles - done)
+        batch = sim.simulate(m, generator=g)
+        for movie in batch.movies.cpu().numpy():
+            st = movie_statistics(movie, timing.pixel_size_um, timing.frame_period_us * 1e-6,
+                                  priors.psf_sigma_xy_um[0])
+            for k, v in st.items():
+                values[k].append(v if math.isfinite(v) else math.nan)
+        done += m
+        if progress:
+            progress(m)
+    ref = Reference(card.name, values, n_tiles, card.window_frames, seed)
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(ref)).replace("NaN", "null"))
+            tmp.replace(path)
+        except OSError:
+            pass  # no writable cache: the reference is simulated again next time
+    ref.values = {k: [math.nan if x is None else x for x in v] for k, v in ref.values.items()}
+    return ref
+
+
+# ------------------------------------------------------------------ checking
+@dataclass
+class CheckRow:
+    """One quantity: the recording's value, the trained range and the verdict."""
+
+    name: str
+    label: str
+    unit: str
+    value: float | None
+    low: float | None
+    high: float | None
+    status: str  # "ok", "low", "high" or "not measured"
+    tiles_measured: int
+    note: str = ""
+
+    @property
+    def outside(self) -> bool:
+        return self.status in ("low", "high")
+
+    def text(self) -> str:
+        q = next(q for q in QUANTITIES if q.name == self.name)
+
+        def f(x: float | None) -> str:
+            return "—" if x is None else q.fmt.format(x)
+
+        trained = f"≤ {f(self.high)}" if self.low is None else f"{f(self.low)}–{f(self.high)}"
+        if self.status == "not measured":
+            return f"{self.label}: not measured ({self.note or 'no particles seen'})"
+        word = {"low": "below", "high": "above", "ok": "within"}[self.status]
+        extra = f" ({self.note})" if self.note else ""
+        return f"{self.label} {f(self.value)} {self.unit}{extra} {word} the trained {trained}"
+
+
+@dataclass
+class CheckResult:
+    """The recording check of one recording against one model."""
+
+    recording: str
+    model: str
+    tiles: int
+    windows: int
+    frames: int
+    rows: list[CheckRow]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def outside(self) -> list[CheckRow]:
+        return [r for r in self.rows if r.outside]
+
+    @property
+    def ok(self) -> bool:
+        return not self.outside
+
+    def summary_line(self) -> str:
+        if self.ok:
+            measured = [r.label for r in self.rows if r.status == "ok"]
+            return ("recording check: within what the model was trained for (" + ", ".join(measured) + ")"
+                    if measured else "recording check: nothing measurable (no particles seen)")
+        return "recording check: OUTSIDE what the model was trained for: " + "; ".join(r.text() for r in self.outside)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["percentiles"] = [LOW_PERCENTILE, HIGH_PERCENTILE]
+        return d
+
+
+def compare(values: dict[str, np.ndarray], ref: Reference, *, recording: str = "", tiles: int = 0, windows: int = 0,
+            frames: int = 0) -> CheckResult:
+    """The check's verdict for per-tile values (each quantity's median over its finite values)."""
+    rows = []
+    for q in QUANTITIES:
+        v = np.asarray(values[q.name], dtype=float)
+        ok = np.isfinite(v)
+        lo, hi = ref.range_of(q.name)
+        note = ""
+        if not ok.any() or hi is None:
+            rows.append(CheckRow(q.name, q.label, q.unit, None, lo, hi, "not measured", 0))
+            continue
+        value = float(np.median(v[ok]))
+        if q.name == "motion":
+            hz = np.asarray(values.get("motion_hz", []), dtype=float)
+            hz = hz[np.isfinite(hz)]
+            if hz.size:
+                note = f"peak at {float(np.median(hz)):.2g} Hz"
+        status = "low" if lo is not None and value < lo else "high" if value > hi else "ok"
+        rows.append(CheckRow(q.name, q.label, q.unit, value, lo, hi, status, int(ok.sum()), note if status != "ok" else ""))
+    return CheckResult(recording, ref.model, tiles, windows, frames, rows)
+
+
+def check_movie(movie: np.ndarray, timing: ScanTiming, ref: Reference, psf_guess_um: float,
+                tile_shape: tuple[int, int] = (20, 20), windows: int = DEFAULT_WINDOWS,
+                window_frames: int | None = None, label: str = "movie") -> CheckResult:
+    """Check a movie array [T, H, W] (the full frame; ``timing`` its scan)."""
+    from dle_stream.tiling import grid_layout
+
+    movie = np.asarray(movie)
+    T, H, W = movie.shape
+    wf = int(window_frames or ref.frames)
+    if windows < 1:
+        raise ParameterError(f"{arg('windows', windows)}: must be at least 1")
+    if T < wf:
+        raise ParameterError(f"{label}: {T} frames, fewer than one {wf}-frame window of the model; the check needs "
+                             f"at least {wf} frames")
+    layout = grid_layout(H, W, *tile_shape)
+    starts = sorted({int(round(x)) for x in np.linspace(0, T - wf, min(windows, T - wf + 1))})
+    values: dict[str, list[float]] = {k: [] for k in (*NAMES, "motion_hz")}
+    for s in starts:
+        for tile in layout.tiles:
+            r, c, h, w = tile.bbox
+            st = movie_statistics(movie[s:s + wf, r:r + h, c:c + w], timing.pixel_size_um,
+                                  timing.frame_period_us * 1e-6, psf_guess_um)
+            for k, v in st.items():
+                values[k].append(v)
+    return compare({k: np.asarray(v) for k, v in values.items()}, ref, recording=label, tiles=len(layout.tiles),
+                   windows=len(starts), frames=wf)
+
+
+def check_recording(path: str | Path, *, model: str = "brain-qd-low", windows: int = DEFAULT_WINDOWS,
+                    channel: int | None = None, timing_flags: dict[str, Any] | None = None,
+                    timing_file: str | Path | None = None, names: dict[str, str] | None = None,
+                    progress=None) -> CheckResult:
+    """Check a recording on disk against ``model`` (its scan timing as ``replay`` takes it)."""
+    from dle_stream.model_package import load_card, resolve_model
+    from dle_stream.recording import open_recording, resolve_timing
+
+    if windows < 1:
+        raise ParameterError(f"{arg('windows', windows)}: must be at least 1")
+    card = load_card(resolve_model(model))
+    path = Path(path)
+    with open_recording(path, channel=channel) as rec:
+        t = card.timing
+        fallback = ScanTiming(t.pixel_size_um, t.dwell_us, t.line_period_us, t.frame_period_us,
+                              max(rec.width, t.width_px), max(rec.height, t.height_px), t.bidirectional)
+        timing, _, notes = resolve_timing(rec, flags=timing_flags, timing_file=timing_file, fallback=fallback,
+                                          fallback_label=f"the model card of {model}", names=names)
+        if rec.height < card.tile_height or rec.width < card.tile_width:
+            raise DleStreamError(f"{path}: frames of {rec.height}×{rec.width} px are smaller than the model's "
+                                 f"{card.tile_height}×{card.tile_width}-px tile; use a larger recording")
+        if rec.n_frames < card.window_frames:
+            raise DleStreamError(f"{path}: {rec.n_frames} frames, fewer than one {card.window_frames}-frame window of "
+                                 f"model {card.name}; the check needs at least {card.window_frames} frames")
+        ref = reference(model, progress=progress)
+        movie = rec.read(0, rec.n_frames)
+    psf = training_priors(card).psf_sigma_xy_um[0]
+    res = check_movie(movie, timing, ref, psf, (card.tile_height, card.tile_width), windows, card.window_frames,
+                      label=str(path))
+    res.warnings = list(notes)
+    return res
