@@ -1,4 +1,5 @@
-"""`dle-stream batch`: many recordings on a 2-worker local Dask cluster.
+"""`dle-stream batch`: many recordings on a 2-worker local Dask cluster (needs the
+``cluster`` extra, which the README's test command and .ci/run install).
 
 The batch's table must hold exactly what replaying each recording on its own logs; a
 recording that fails is reported and the others finish; a rerun skips complete logs and
@@ -13,13 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("dask.distributed")
-
-from dle_stream import ScanTiming  # noqa: E402
-from dle_stream.batch import TABLE_COLUMNS, log_name  # noqa: E402
-from dle_stream.recording import write_recording  # noqa: E402
-from dle_stream.session import StreamOptions, replay  # noqa: E402
-from dle_stream.zarr_log import open_log  # noqa: E402
+from dle_stream import ScanTiming
+from dle_stream.batch import TABLE_COLUMNS, log_name
+from dle_stream.recording import write_recording
+from dle_stream.session import StreamOptions, replay
+from dle_stream.zarr_log import open_log
 
 VALUES = ("d", "sigma", "lo68", "hi68", "lo95", "hi95", "p_above", "flags")
 COLUMN = {"d": "d_um2_s", "sigma": "sigma_um2_s", "lo68": "lo68_um2_s", "hi68": "hi68_um2_s", "lo95": "lo95_um2_s",
