@@ -317,18 +317,22 @@ def train(
 @user_errors
 def calibrate(
     model: Path = typer.Argument(..., help="Model package folder to calibrate (rewritten in place: card and weights)."),
-    movies: int = typer.Option(256, "--movies", help="Held-out simulated movies per true D value (25 values)."),
+    movies: int = typer.Option(512, "--movies", help="Held-out simulated windows per true D value (25 values): movies/8 tiles × 8 consecutive windows; at least 128."),
 ) -> None:
-    """Calibrate a grid model's likelihood for combining: its D axis and temperature, fitted on held-out movies of known D."""
+    """Calibrate a grid model's likelihood for combining (smoothing, D axis, temperature, systematic error, disagreement scale), fitted on held-out movies of known D."""
     from dle_stream.training.calibration import calibrate as fit
 
-    r = fit(model, n_per_cell=movies)
+    r = fit(model, n_per_cell=movies, log=lambda m: console.print(m, markup=False))
     b, a = r["before"], r["after"]
-    console.print(f"{model}: temperature {r['temperature']:.3g}, D axis warped at {r['warp_points']} points"
+    console.print(f"{model}: temperature {r['temperature']:.3g}, systematic error {r['systematic_rel']:.0%} of D, "
+                  f"D axis warped at {r['warp_points']} points, disagreement scale {r['lr_scale']:.2g}"
                   + (" (output projected on the smooth basis)" if r["projected_to_spline_basis"] else "")
-                  + f"; 68 % intervals hold the true D (10–90 % of the range, {movies} movies per D) after "
-                  + ", ".join(f"K = {k}: {b[f'coverage68_k{k}']:.0%} → {a[f'coverage68_k{k}']:.0%}" for k in (1, 4, 16))
-                  + f"; largest |z mean| at K = 16 {b['max_abs_cell_z_mean_k16']:.2f} → {a['max_abs_cell_z_mean_k16']:.2f}",
+                  + f"; 68 % intervals hold the true D (10–90 % of the range, {r['n_per_cell']} windows per D, "
+                  + "cell by cell, fewest–most) "
+                  + "; ".join(f"{k.replace('_', ' ')}: {b[k]['coverage68_min']:.0%}–{b[k]['coverage68_max']:.0%} → "
+                              f"{a[k]['coverage68_min']:.0%}–{a[k]['coverage68_max']:.0%}" for k in a)
+                  + "; disagreement false alarms " + ", ".join(f"{k.replace('_', ' ')} {v:.0%}"
+                                                              for k, v in r["disagreement_false_alarms"].items()),
                   markup=False)
 
 

@@ -48,18 +48,21 @@ def inverse_variance(d: np.ndarray, sigma: np.ndarray, axis=None) -> tuple[np.nd
     return mean, sig
 
 
-def disagreement_p(log_likelihoods: np.ndarray, axis: int = 0) -> np.ndarray:
+def disagreement_p(log_likelihoods: np.ndarray, axis: int = 0, lr_scale: float = 1.0) -> np.ndarray:
     """p-value of "the parts along ``axis`` share one D" (likelihood-ratio test).
 
     ``log_likelihoods`` [..., n] on one grid (each part's own maximum need not be 0);
-    NaN parts are left out. Fewer than two parts give p = 1.
+    NaN parts are left out. Fewer than two parts give p = 1. ``lr_scale``: the statistic is
+    divided by it before it is referred to χ² (a model's calibration,
+    :attr:`dle_stream.likelihood.DGrid.lr_scale`: its likelihoods are not exact, and the
+    statistic of homogeneous parts was measured this many times larger than χ²'s).
     """
     ll = np.moveaxis(np.asarray(log_likelihoods, dtype=np.float64), axis, 0)
     ok = np.all(np.isfinite(ll), axis=-1)  # [K, ...]
     safe = np.where(ok[..., None], ll, 0.0)
     separate = np.where(ok, safe.max(axis=-1), 0.0).sum(axis=0)
     joint = safe.sum(axis=0).max(axis=-1)
-    lam = np.maximum(2.0 * (separate - joint), 0.0)
+    lam = np.maximum(2.0 * (separate - joint), 0.0) / lr_scale
     dof = ok.sum(axis=0) - 1
     with np.errstate(invalid="ignore"):
         p = stats.chi2.sf(lam, np.maximum(dof, 1))
@@ -99,6 +102,7 @@ class RunningCombination:
         self.tile: Posterior = posterior(nan_tiles, self.grid, self.d_max_um2_s)
         self.region: Posterior = posterior(nan_regions, self.grid, self.d_max_um2_s)
         self.tile_windows = np.zeros(n_tiles, dtype=int)
+        self.region_windows = np.zeros(len(regions), dtype=int)
         self.tile_disagree = np.zeros(n_tiles, dtype=bool)
         self.region_disagree = np.zeros(len(regions), dtype=bool)
         self.region_p = np.ones(len(regions))
@@ -126,16 +130,17 @@ class RunningCombination:
         chosen = np.stack(list(self.history)[::-1][:: self.apart])  # latest, then every `apart` back
         self.tile_windows = np.all(np.isfinite(chosen), axis=-1).sum(axis=0)
         self.tile_log_likelihood = combine(chosen, axis=0)
-        self.tile_disagree = disagreement_p(chosen, axis=0) < DISAGREE_P
-        self.tile = posterior(self.tile_log_likelihood, self.grid, self.d_max_um2_s)
+        self.tile_disagree = disagreement_p(chosen, axis=0, lr_scale=self.grid.lr_scale) < DISAGREE_P
+        self.tile = posterior(self.tile_log_likelihood, self.grid, self.d_max_um2_s, n_windows=self.tile_windows)
         parts = []
         for i, tiles in enumerate(self.regions):
             own = self.tile_log_likelihood[tiles]
             parts.append(combine(own, axis=0))
-            self.region_p[i] = disagreement_p(own, axis=0)
+            self.region_p[i] = disagreement_p(own, axis=0, lr_scale=self.grid.lr_scale)
             with np.errstate(all="ignore"):
                 ds = self.tile.d[tiles]
                 self.region_tile_range[i] = (np.nanmin(ds), np.nanmax(ds)) if np.isfinite(ds).any() else (np.nan, np.nan)
         self.region_log_likelihood = np.stack(parts) if parts else np.zeros((0, self.grid.n))
+        self.region_windows = np.array([int(self.tile_windows[t].sum()) for t in self.regions], dtype=int)
         self.region_disagree = self.region_p < DISAGREE_P
-        self.region = posterior(self.region_log_likelihood, self.grid, self.d_max_um2_s)
+        self.region = posterior(self.region_log_likelihood, self.grid, self.d_max_um2_s, n_windows=self.region_windows)

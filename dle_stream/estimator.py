@@ -238,7 +238,7 @@ class DiffusionEstimator:
         config = self.model.config
         if config.output == "d_grid":
             return window_log_likelihood(out, config.grid, config.training_prior, config.grid_temperature,
-                                         config.grid_warp)
+                                         config.grid_warp, config.grid_smooth_knots, config.grid_temperature_profile)
         return gaussian_log_likelihood(out[:, 0], out[:, 1], config.grid)
 
     # ------------------------------------------------------- CPU parallelism

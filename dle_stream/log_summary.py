@@ -71,9 +71,11 @@ def independent_windows(frame_start: np.ndarray, frame_stop: np.ndarray, usable:
 
 def _summary_row(kind: str, name: str, tiles: list[int], bbox: list[int], ll: np.ndarray, flags: np.ndarray,
                  windows: int, last_ll: np.ndarray, parts_p: float, tile_range: tuple[float, float],
-                 grid: DGrid, d_max: float) -> dict:
-    post = posterior(ll, grid, d_max)
-    last = posterior(last_ll, grid, d_max)
+                 grid: DGrid, d_max: float, added: int, last_added: int = 1) -> dict:
+    """``added`` / ``last_added``: windows summed into ``ll`` / ``last_ll`` (all tiles' for an
+    ROI), for the model's information weight (:func:`dle_stream.likelihood.information_weight`)."""
+    post = posterior(ll, grid, d_max, n_windows=max(added, 1))
+    last = posterior(last_ll, grid, d_max, n_windows=max(last_added, 1))
     n_total = flags.size
     return {
         "kind": kind, "name": name, "tiles": tiles, "bbox": bbox,
@@ -100,15 +102,17 @@ def _summarize(view: LogView) -> list[dict]:
     usable = np.all(np.isfinite(ll), axis=-1)  # [W, T]
     tile_ll = np.full((view.n_tiles, grid.n), np.nan)
     tile_d = np.full(view.n_tiles, np.nan)
+    tile_n = np.zeros(view.n_tiles, dtype=int)
     rows = []
     for t in range(view.n_tiles):
         keep = independent_windows(start, stop, usable[:, t])
+        tile_n[t] = int(keep.sum())
         chosen = ll[keep, t]
         tile_ll[t] = combine(chosen, axis=0) if keep.any() else np.nan
         last = ll[np.flatnonzero(usable[:, t])[-1], t] if usable[:, t].any() else np.full(grid.n, np.nan)
         row = _summary_row("tile", f"tile {t}", [t], [int(v) for v in view.tile_bbox[t]], tile_ll[t], f[:, t],
-                           int(keep.sum()), last, float(disagreement_p(chosen)) if keep.any() else 1.0,
-                           (math.nan, math.nan), grid, d_max)
+                           int(keep.sum()), last, float(disagreement_p(chosen, lr_scale=grid.lr_scale)) if keep.any() else 1.0,
+                           (math.nan, math.nan), grid, d_max, int(tile_n[t]))
         tile_d[t] = row["d_um2_s"]
         rows.append(row)
     for roi in view.rois:
@@ -121,7 +125,9 @@ def _summarize(view: LogView) -> list[dict]:
             spread = (float(np.nanmin(ds)), float(np.nanmax(ds))) if np.isfinite(ds).any() else (math.nan, math.nan)
         rows.append(_summary_row("roi", str(roi["name"]), tiles, [int(v) for v in roi["bbox"]], combine(own, axis=0),
                                  f[:, tiles], max((r["n_windows"] for r in rows if r["tiles"][0] in tiles), default=0),
-                                 last, float(disagreement_p(own)), spread, grid, d_max))
+                                 last, float(disagreement_p(own, lr_scale=grid.lr_scale)), spread, grid, d_max,
+                                 int(tile_n[tiles].sum()),
+                                 int(usable[last_rows[-1], tiles].sum()) if last_rows else 1))
     return rows
 
 

@@ -161,6 +161,15 @@ class ModelConfig:
         grid_systematic_rel: relative systematic error of the model's D scale that adding
             windows does not average out (fitted with the warp; see
             :attr:`dle_stream.likelihood.DGrid.systematic_rel`).
+        grid_smooth_knots: the window log-likelihood is smoothed over this many knots before
+            the warp (:func:`dle_stream.likelihood.smooth_log_likelihood`; 0: not smoothed).
+        grid_temperature_profile: points (D, factor), D in units of d_max: each window's
+            temperature is ``grid_temperature`` times this profile read where the window's
+            likelihood peaks (:func:`dle_stream.likelihood.window_temperatures`; empty: 1).
+        grid_combine_exponent: β: K windows added carry the information of K^(1 − β) exact
+            ones (:attr:`dle_stream.likelihood.DGrid.combine_exponent`; 0: exact).
+        grid_lr_scale: how many times χ² the likelihood-ratio statistic of homogeneous parts
+            was measured (:attr:`dle_stream.likelihood.DGrid.lr_scale`; 1: taken as exact).
         grid_prior_in_range, grid_prior_beyond: the training prior of a "d_grid" head,
             divided out to turn its output into a likelihood: these shares of the training
             movies had D uniform on [0, d_max] and on [d_max, top·d_max]; the rest on
@@ -187,12 +196,17 @@ class ModelConfig:
     grid_temperature: float = 1.0
     grid_warp: tuple[tuple[float, float], ...] = ()
     grid_systematic_rel: float = 0.0
+    grid_smooth_knots: float = 0.0
+    grid_temperature_profile: tuple[tuple[float, float], ...] = ()
+    grid_lr_scale: float = 1.0
+    grid_combine_exponent: float = 0.0
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
         self.encoder_strides = tuple(int(s) for s in self.encoder_strides)
         self.temporal_strides = tuple(int(s) for s in self.temporal_strides)
         self.grid_warp = tuple((float(a), float(b)) for a, b in self.grid_warp)
+        self.grid_temperature_profile = tuple((float(a), float(b)) for a, b in self.grid_temperature_profile)
         problems = []
         if len(self.encoder_channels) != 4 or len(self.encoder_strides) != 4:
             problems.append("encoder_channels and encoder_strides need 4 entries each (the 5th layer is dense)")
@@ -213,6 +227,16 @@ class ModelConfig:
             problems.append("grid_intervals must be ≥ 4 and grid_top > 1")
         if not 0.0 <= self.grid_systematic_rel < 1.0:
             problems.append("grid_systematic_rel must be in [0, 1)")
+        if not (0.0 <= self.grid_smooth_knots <= 20.0):
+            problems.append("grid_smooth_knots must be in [0, 20]")
+        prof = self.grid_temperature_profile
+        if prof and (len(prof) < 2 or any(b1 <= b0 for (b0, _), (b1, _) in zip(prof, prof[1:]))
+                     or not all(f > 0 and math.isfinite(f) for _, f in prof)):
+            problems.append("grid_temperature_profile needs two or more points (D increasing, factor > 0)")
+        if not 0.0 <= self.grid_combine_exponent < 1.0:
+            problems.append("grid_combine_exponent must be in [0, 1)")
+        if not (self.grid_lr_scale > 0 and math.isfinite(self.grid_lr_scale)):
+            problems.append("grid_lr_scale must be a positive number")
         if not (self.grid_temperature > 0 and math.isfinite(self.grid_temperature)):
             problems.append("grid_temperature must be a positive number")
         if self.grid_warp:
@@ -238,7 +262,8 @@ class ModelConfig:
     @property
     def grid(self) -> DGrid:
         """The D grid of a "d_grid" head (units of d_max)."""
-        return DGrid(self.grid_intervals, self.grid_top, self.grid_systematic_rel)
+        return DGrid(self.grid_intervals, self.grid_top, self.grid_systematic_rel, self.grid_lr_scale,
+                     self.grid_combine_exponent)
 
     @property
     def training_prior(self) -> TrainingPrior:

@@ -160,3 +160,75 @@ def test_a_shared_scale_error_is_covered_by_the_systematic_term_and_not_by_more_
     # one sharp window at D = 0.5 read with a 10 % systematic error has sd ≈ 0.05
     one = gaussian_log_likelihood(np.array([0.5]), np.array([0.001]), GRID)
     assert float(posterior(one, replace(GRID, systematic_rel=0.1), 1.0).sigma[0]) == pytest.approx(0.05, rel=0.05)
+
+
+def test_smoothing_keeps_a_gaussian_likelihood_and_removes_knot_scale_bumps():
+    """A Gaussian log-likelihood in the knot index (quadratic) keeps its peak and width
+    under smoothing; an alternating bump on top of it, the same for every window, is
+    damped — so 64 windows added no longer stick to the bumps."""
+    from dle_stream.likelihood import smooth_log_likelihood
+
+    j = np.arange(GRID.knots.size, dtype=float)
+    quad = -0.5 * ((j - 70.3) / 6.0) ** 2
+    bumps = 0.4 * np.cos(np.pi * j / 1.5)  # a period of 3 knots
+    ll = np.concatenate([quad + bumps, [-50.0]])
+    smoothed = smooth_log_likelihood(ll, 3.0)[:-1]
+    inner = (j > 20) & (j < j.size - 20)
+    residual = smoothed - quad
+    assert np.ptp(residual[inner]) < 0.02  # a constant offset only: same peak, same width
+    assert smooth_log_likelihood(ll, 3.0)[-1] == -50.0
+    assert int(np.argmax(64 * smoothed)) == 70
+
+
+def test_likelihood_ratio_scale_recovers_the_false_alarm_rate_of_over_confident_parts():
+    """Parts that report σ/√2 for errors of σ make Λ twice a χ² variable: referred to χ² as
+    they are, far more than 1 % of homogeneous groups are called inconsistent; the fitted
+    scale is near 2 and, on fresh draws, brings the rate back to about 1 %."""
+    from dle_stream.combine import disagreement_p
+    from dle_stream.training.calibration import fit_lr_scale
+
+    def draws(seed, k=8, groups=3000):
+        rng = np.random.default_rng(seed)
+        truth = rng.uniform(0.3, 0.7, (groups, 1))
+        x = truth + 0.05 * rng.standard_normal((groups, k))
+        return gaussian_log_likelihood(x, np.full_like(x, 0.05 / np.sqrt(2)), GRID)
+
+    fit = draws(11)
+    scale, rates = fit_lr_scale({"k8": fit})
+    assert 1.6 <= scale <= 2.6
+    fresh = draws(12)
+    assert np.mean(disagreement_p(fresh, axis=1) < 0.01) > 0.1
+    assert np.mean(disagreement_p(fresh, axis=1, lr_scale=scale) < 0.01) <= 0.035
+
+
+def test_temperature_profile_makes_windows_honest_where_one_temperature_cannot():
+    """Windows report σ twice their true error below D = 0.5·d_max and their true error
+    above: no single temperature makes both halves' 68 % intervals right; the fitted
+    profile (read at each window's own peak) does, on fresh draws."""
+    from dle_stream.likelihood import window_temperatures
+    from dle_stream.training.calibration import coverage_table, fit_temperature_profile
+
+    f = np.round(np.arange(0.125, 0.9, 0.05), 3)
+
+    def draws(seed, n=256):
+        rng = np.random.default_rng(seed)
+        x = f[:, None] + 0.04 * rng.standard_normal((f.size, n))
+        reported = np.where(f[:, None] < 0.5, 0.08, 0.04) * np.ones_like(x)
+        return gaussian_log_likelihood(x, reported, GRID)[:, :, None, :]  # [cells, n, K = 1, entries]
+
+    cells = np.arange(f.size)
+    low, high = f < 0.5, f > 0.5
+
+    def coverage(sets, t, profile=()):
+        return coverage_table(sets, f, GRID, t, cells, profile)["k1"][:, 0]
+
+    fit = {"k1": draws(21)}
+    one_t = [coverage(fit, t) for t in (0.25, 0.5, 1.0)]
+    assert all(abs(c[low].mean() - 0.683) > 0.08 or abs(c[high].mean() - 0.683) > 0.08 for c in one_t)
+    profile = fit_temperature_profile(fit, f, GRID, 1.0, cells)
+    fresh = {"k1": draws(22)}
+    c = coverage(fresh, 1.0, profile)
+    assert abs(c[low].mean() - 0.683) < 0.06 and abs(c[high].mean() - 0.683) < 0.06
+    # the profile is read where each window peaks: a window peaking at 0.2 gets the low-D temperature
+    t = window_temperatures(gaussian_log_likelihood(np.array([0.2, 0.8]), np.array([0.05, 0.05]), GRID), GRID, 1.0, profile)
+    assert t[0] < 0.5 < 0.8 < t[1]

@@ -174,8 +174,9 @@ def test_the_best_validated_weights_are_kept_when_the_curve_turns_up(tmp_path):
 
 
 def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained, tmp_path):
-    """`calibrate` fits a D-axis warp and a temperature on movies of known D, stores both
-    (and what it measured) in the card, and the loaded estimator's likelihoods use them."""
+    """`calibrate` fits a smoothing, a D-axis warp, a temperature, a systematic error and the
+    disagreement test's scale on movies of known D, stores them (and what it measured) in
+    the card, and the loaded estimator's likelihoods and D grid use them."""
     import shutil
 
     from dle_stream.training.calibration import calibrate
@@ -185,17 +186,23 @@ def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained,
     raw = DiffusionEstimator.load(pkg)
     batch = Simulator(easy_config(pkg).priors, get_preset("low").timing, frames=100).simulate(8, seed=5)
     before, _ = raw.window_log_likelihoods_of_movies(batch.movies.numpy(), raw.timing)
-    r = calibrate(pkg, n_per_cell=16, fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.25))
+    r = calibrate(pkg, n_per_cell=128, fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.25))
     assert 0.1 <= r["temperature"] <= 2.0 and r["warp_points"] == 6
+    assert r["tiles_per_cell"] == 16 and r["windows_per_tile"] == 8
+    assert set(r["after"]) == {"k1", "independent_k4", "independent_k16", "tile_k8"}
     est = DiffusionEstimator.load(pkg)
     cfg = est.model.config
     assert cfg.grid_temperature == pytest.approx(r["temperature"]) and len(cfg.grid_warp) == 6
+    assert cfg.grid_smooth_knots > 0 and est.grid.lr_scale == pytest.approx(r["lr_scale"]) and r["lr_scale"] >= 1
+    assert est.grid.systematic_rel == pytest.approx(r["systematic_rel"])
     assert all(b1 >= b0 for (_, b0), (_, b1) in zip(cfg.grid_warp, cfg.grid_warp[1:]))
     assert est.card.training["likelihood_calibration"]["seed"] == r["seed"]
     after, _ = est.window_log_likelihoods_of_movies(batch.movies.numpy(), est.timing)
     assert not np.allclose(before, after)
     with pytest.raises(DleStreamError, match="within the grid"):
-        calibrate(pkg, n_per_cell=16, fractions=(0.5, 3.0))
+        calibrate(pkg, n_per_cell=128, fractions=(0.5, 3.0))
+    with pytest.raises(DleStreamError, match="too few"):
+        calibrate(pkg, n_per_cell=64)
 
 
 def test_a_bidirectional_model_estimates_a_tile_far_from_column_0_as_well_as_one_at_it(tmp_path):

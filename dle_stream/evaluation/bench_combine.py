@@ -51,7 +51,7 @@ def run_combine(model: str, n: int = 100, seed: int = 20_241_101, batch: int = 3
         d_true = frac * d_max
         for k in ks:
             groups = ll[: n * k].reshape(n, k, -1)
-            post = posterior(combine(groups, axis=1), est.grid, d_max)
+            post = posterior(combine(groups, axis=1), est.grid, d_max, n_windows=np.full(n, k))
             z = (post.d - d_true) / post.sigma
             cells.append({
                 "d_fraction": float(frac), "d_true_um2_s": d_true, "k": k, "n": n,
@@ -63,7 +63,7 @@ def run_combine(model: str, n: int = 100, seed: int = 20_241_101, batch: int = 3
                 "above_range": float(np.mean(post.above_range)),
                 "above_or_little_information": float(np.mean(post.above_range | post.little_information)),
                 "little_information": float(np.mean(post.little_information & ~post.above_range)),
-                "disagree_false_alarm": (float(np.mean(disagreement_p(groups, axis=1) < DISAGREE_P))
+                "disagree_false_alarm": (float(np.mean(disagreement_p(groups, axis=1, lr_scale=est.grid.lr_scale) < DISAGREE_P))
                                          if k > 1 else None),
             })
     return {
