@@ -88,8 +88,14 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_back_on_two(two_pro
 
     out = tmp_path / "model"
     shutil.copytree(two_process_run, out)
-    result = cli("train", "--resume", "--out", out, "--steps", "3", "--cache-movies", "32", "--val-movies", "16",
-                 "--device", "cpu")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:  # one thread, as each torchrun process has (two contend badly on a loaded machine)
+        result = cli("train", "--resume", "--out", out, "--steps", "3", "--cache-movies", "32", "--val-movies", "16",
+                     "--device", "cpu", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     assert state(out)["head_step"] == 9 and card(out)["training"]["runs"] == 2
     assert card(out)["training"]["processes"] == 1

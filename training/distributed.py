@@ -88,6 +88,11 @@ class Ranks:
         torch.distributed.all_reduce(t)
         return t.cpu().tolist()
 
+    def wait_for_all(self) -> None:
+        """Return when every rank has come here (an all-reduce of nothing: works on any backend)."""
+        if self.distributed:
+            self.total([0.0])
+
     def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """``module`` in DistributedDataParallel (gradients averaged over the ranks; rank 0's
         weights and buffers copied to all at construction); itself when single."""

@@ -784,7 +784,8 @@ class Trainer:
             self.checkpoint(sync=False)  # the other ranks may be stopped anywhere: no collective
             raise
         self._sync_counts()
-        if not self.ranks.main:  # rank 0 validates and writes the package
+        if not self.ranks.main:  # rank 0 validates and writes the package; the others wait for it, so
+            self.ranks.wait_for_all()  # that no process leaves the group while another still works
             return cfg.out
         self.recalibrate_batchnorm(cache, batches=32)
         val = self.validation_latents(self.val_movies)
@@ -796,6 +797,7 @@ class Trainer:
         self._curve("validation", self.state["head_step"], metrics["dle"]["nll"], metrics["dle"]["l1"],
                     metrics["dle"]["best_half_l1"])
         self.checkpoint(sync=False)
+        self.ranks.wait_for_all()
         return cfg.out
 
     # ---------------------------------------------------------------- output
