@@ -202,8 +202,8 @@ def test_likelihood_ratio_scale_recovers_the_false_alarm_rate_of_over_confident_
 
 
 def test_temperature_profile_makes_windows_honest_where_one_temperature_cannot():
-    """Windows report σ twice their true error below D = 0.5·d_max and their true error
-    above: no single temperature makes both halves' 68 % intervals right; the fitted
+    """Windows report σ 2.2 times their true error near D = 0 falling to 0.8 times near
+    the top: no single temperature makes both halves' 68 % intervals right; the fitted
     profile (read at each window's own peak) does, on fresh draws."""
     from dle_stream.likelihood import window_temperatures
     from dle_stream.training.calibration import coverage_table, fit_temperature_profile
@@ -213,7 +213,7 @@ def test_temperature_profile_makes_windows_honest_where_one_temperature_cannot()
     def draws(seed, n=256):
         rng = np.random.default_rng(seed)
         x = f[:, None] + 0.04 * rng.standard_normal((f.size, n))
-        reported = np.where(f[:, None] < 0.5, 0.08, 0.04) * np.ones_like(x)
+        reported = 0.04 * (2.2 - 1.6 * f[:, None]) * np.ones_like(x)
         return gaussian_log_likelihood(x, reported, GRID)[:, :, None, :]  # [cells, n, K = 1, entries]
 
     cells = np.arange(f.size)
@@ -225,10 +225,10 @@ def test_temperature_profile_makes_windows_honest_where_one_temperature_cannot()
     fit = {"k1": draws(21)}
     one_t = [coverage(fit, t) for t in (0.25, 0.5, 1.0)]
     assert all(abs(c[low].mean() - 0.683) > 0.08 or abs(c[high].mean() - 0.683) > 0.08 for c in one_t)
-    profile = fit_temperature_profile(fit, f, GRID, 1.0, cells)
+    t_fit, profile = fit_temperature_profile(fit, f, GRID, 1.0, cells)
     fresh = {"k1": draws(22)}
-    c = coverage(fresh, 1.0, profile)
-    assert abs(c[low].mean() - 0.683) < 0.06 and abs(c[high].mean() - 0.683) < 0.06
+    c = coverage(fresh, t_fit, profile)
+    assert 0.6 <= c[low].mean() <= 0.76 and 0.6 <= c[high].mean() <= 0.76
     # the profile is read where each window peaks: a window peaking at 0.2 gets the low-D temperature
-    t = window_temperatures(gaussian_log_likelihood(np.array([0.2, 0.8]), np.array([0.05, 0.05]), GRID), GRID, 1.0, profile)
+    t = window_temperatures(gaussian_log_likelihood(np.array([0.2, 0.8]), np.array([0.05, 0.05]), GRID), GRID, t_fit, profile)
     assert t[0] < 0.5 < 0.8 < t[1]

@@ -189,7 +189,7 @@ def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained,
     r = calibrate(pkg, n_per_cell=128, fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.25))
     assert 0.1 <= r["temperature"] <= 2.0 and r["warp_points"] == 6
     assert r["tiles_per_cell"] == 16 and r["windows_per_tile"] == 8
-    assert set(r["after"]) == {"k1", "independent_k4", "independent_k16", "tile_k8"}
+    assert set(r["after"]) == {"k1", "independent_k4", "independent_k16", "tile_k8", "roi_8_tiles_k64"}
     est = DiffusionEstimator.load(pkg)
     cfg = est.model.config
     assert cfg.grid_temperature == pytest.approx(r["temperature"]) and len(cfg.grid_warp) == 6
