@@ -395,9 +395,11 @@ class Posterior:
 
     @property
     def little_information(self) -> np.ndarray:
-        """Too little information: the range cannot be told apart, or the posterior is nearly the prior."""
-        undecided = (self.p_above >= P_ABOVE_RULED_OUT) & ~self.above_range
-        return undecided | (self.sigma > LITTLE_INFORMATION_STD * self.d_max)
+        """Too little information: the range cannot be told apart, or the posterior is nearly the prior.
+        Never together with :attr:`above_range` (then the data do say something: D > x)."""
+        above = self.above_range
+        undecided = (self.p_above >= P_ABOVE_RULED_OUT) & ~above
+        return (undecided | (self.sigma > LITTLE_INFORMATION_STD * self.d_max)) & ~above
 
 
 def posterior(log_likelihood: np.ndarray, grid: DGrid, d_max_um2_s: float,

@@ -117,3 +117,16 @@ def test_combine_skips_missing_windows():
     both = posterior(combine(ll), GRID, 1.0)
     assert float(both.d) == pytest.approx(0.45, abs=3e-3)
     assert np.isnan(posterior(combine(ll[1:2]), GRID, 1.0).d)
+
+
+def test_a_window_above_the_range_is_not_also_called_uninformative():
+    """Data that place D well above the range leave the in-range posterior wide (its σ
+    is that of a flat prior), yet they say something: "D > x", not "little information"."""
+    from dle_stream.likelihood import DGrid, posterior
+
+    grid = DGrid()
+    ll = np.where(grid.knots <= 1.0, -4.0, 0.0)  # flat and 4 nats lower inside the range
+    post = posterior(np.concatenate([ll, [0.0]])[None], grid, 1.0)
+    assert bool(post.above_range[0])
+    assert float(post.sigma[0]) > 0.2  # the in-range part alone is nearly flat
+    assert not bool(post.little_information[0])
