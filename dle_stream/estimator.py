@@ -83,7 +83,7 @@ class DiffusionEstimator:
     @property
     def timing(self) -> ScanTiming:
         """The scan timing the model was trained for."""
-        return ScanTiming.from_dict(self.card.scan_timing, source=f"model {self.card.name} card")
+        return self.card.timing
 
     @property
     def tile_shape(self) -> tuple[int, int]:

@@ -104,7 +104,7 @@ class ModelCard:
     @property
     def timing(self) -> ScanTiming:
         """The training scan timing as a :class:`ScanTiming`."""
-        return ScanTiming.from_dict(self.scan_timing, source="model card scan_timing")
+        return ScanTiming.from_dict(self.scan_timing, source=f"model {self.name} card scan_timing")
 
     @property
     def model_config(self) -> ModelConfig:
