@@ -411,9 +411,9 @@ def posterior(log_likelihood: np.ndarray, grid: DGrid, d_max_um2_s: float,
     into each row (their information is weighted by :func:`information_weight`; None: one).
     """
     ll = np.asarray(log_likelihood, dtype=np.float64)
-    weight = information_weight(grid, n_windows)
-    if not np.isscalar(weight):
-        ll = ll * np.asarray(weight)[..., None]
+    weight = np.asarray(information_weight(grid, n_windows))
+    if np.any(weight != 1.0):  # (a scalar count too: `log show` passes one per row)
+        ll = ll * weight[..., None]
     lead = ll.shape[:-1]
     flat = ll.reshape(-1, ll.shape[-1])
     bad = ~np.all(np.isfinite(flat), axis=-1)

@@ -303,3 +303,26 @@ def test_plain_mode_prints_one_line_per_window():
             runner.process(ev)
     lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("window")]
     assert len(lines) == 3 and "frames 0–40" in lines[0]
+
+
+def test_an_information_exponent_makes_k_windows_count_as_k_to_the_one_minus_beta():
+    """Sixteen identical Gaussian windows of σ = 0.05·d_max: as exact likelihoods the
+    combined σ is 0.05/√16; counted as 16^(1−β) windows (β = 0.5) it is 0.05/16^0.25 — in
+    a tile's running estimate over time and in an ROI that adds 4 tiles' windows."""
+    from dataclasses import replace
+
+    from dle_stream.likelihood import posterior
+
+    grid = DGrid()
+    one = gaussian_log_likelihood(np.array([0.5]), np.array([0.05]), grid)[0]
+    sixteen = 16 * one
+    assert float(posterior(sixteen, grid, 1.0).sigma) == pytest.approx(0.05 / 4, rel=0.03)
+    weak = replace(grid, combine_exponent=0.5)
+    assert float(posterior(sixteen, weak, 1.0, n_windows=16).sigma) == pytest.approx(0.05 / 2, rel=0.03)
+    # the running combination: 4 tiles × 4 non-overlapping windows, one ROI of all 4 tiles
+    comb = RunningCombination(4, [[0, 1, 2, 3]], windows_apart=1, keep=4, grid=weak, d_max_um2_s=1.0)
+    for _ in range(4):
+        comb.add(np.tile(one, (4, 1)))
+    assert comb.tile_windows.tolist() == [4, 4, 4, 4] and comb.region_windows.tolist() == [16]
+    assert comb.tile_sigma == pytest.approx(np.full(4, 0.05 / 4 ** 0.25), rel=0.03)
+    assert float(comb.region_sigma[0]) == pytest.approx(0.05 / 2, rel=0.03)
