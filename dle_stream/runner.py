@@ -161,11 +161,13 @@ class StreamRunner:
         if len(self._pending_index) != slot:  # a gap emptied the pending frames: this one comes first
             self._pending_block()[len(self._pending_index)] = tiles
         st = self.stats
-        st.frames_in += 1
         if event.timestamp_s is not None:
             st.first_timestamp_s = event.timestamp_s if st.first_timestamp_s is None else st.first_timestamp_s
             st.last_timestamp_s = event.timestamp_s
         _emit(self.events.frame, event)
+        # counted once the sinks (the log first) have it: a Ctrl-C while the log records the
+        # frame must not leave the summary's count one frame ahead of the log
+        st.frames_in += 1
         self._pending_index.append(event.index)
         self._arrival[event.index] = time.monotonic()
         due = self.windows.due_after(len(self._pending_index))
