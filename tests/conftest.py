@@ -45,13 +45,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(slow)
 
 
-@pytest.fixture()
-def small_model(tmp_path_factory):
-    """A tiny but valid model package with the reference timing (weights untrained), 40-frame windows."""
+def make_small_model(folder):
+    """Write a tiny but valid model package (reference timing, untrained weights, 40-frame windows) to ``folder``."""
     from dle_stream.model import DLEModel, ModelConfig
     from dle_stream.model_package import ModelCard, save_model_package
 
-    folder = tmp_path_factory.mktemp("m") / "tiny"
     cfg = ModelConfig(temporal_channels=16, head_hidden=16)
     timing = ScanTiming.reference()
     card = ModelCard(name="tiny", tile_height=20, tile_width=20, window_frames=40, d_min_um2_s=0.0,
@@ -59,6 +57,12 @@ def small_model(tmp_path_factory):
                      architecture=cfg.to_dict())
     save_model_package(folder, DLEModel(cfg), card)
     return folder
+
+
+@pytest.fixture()
+def small_model(tmp_path_factory):
+    """A tiny but valid model package with the reference timing (weights untrained), 40-frame windows."""
+    return make_small_model(tmp_path_factory.mktemp("m") / "tiny")
 
 
 @pytest.fixture()

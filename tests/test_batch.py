@@ -73,17 +73,9 @@ def first_batch(tmp_path_factory, small_model_module):
 
 @pytest.fixture(scope="module")
 def small_model_module(tmp_path_factory):
-    from dle_stream.model import DLEModel, ModelConfig
-    from dle_stream.model_package import ModelCard, save_model_package
+    from conftest import make_small_model
 
-    folder = tmp_path_factory.mktemp("m") / "tiny"
-    cfg = ModelConfig(temporal_channels=16, head_hidden=16)
-    timing = ScanTiming.reference()
-    card = ModelCard(name="tiny", tile_height=20, tile_width=20, window_frames=40, d_min_um2_s=0.0,
-                     d_max_um2_s=1.5, scan_timing=timing.to_dict(), pixel_size_um=timing.pixel_size_um,
-                     architecture=cfg.to_dict())
-    save_model_package(folder, DLEModel(cfg), card)
-    return folder
+    return make_small_model(tmp_path_factory.mktemp("m") / "tiny")
 
 
 def test_a_batch_on_two_workers_gives_what_replaying_each_recording_gives(first_batch):

@@ -64,10 +64,8 @@ TEMPERATURES = np.geomspace(0.1, 2.0, 81)
 SYSTEMATICS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2)
 
 
-def simulate_cells(est, fractions: tuple[float, ...], n: int, seed: int = CALIBRATION_SEED, batch: int = 32,
-                   progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Raw window log-likelihoods [cells, n, grid entries] of ``est`` for movies of D fixed at
-    each fraction of d_max (the model's operating priors and scan otherwise)."""
+def _operating_simulator(est):
+    """A simulator of ``est``'s operating priors, scan and window, and its d_max (µm²/s)."""
     from dle_stream.training.priors import SimulatorPriors
     from dle_stream.training.simulator import Simulator
 
@@ -75,7 +73,14 @@ def simulate_cells(est, fractions: tuple[float, ...], n: int, seed: int = CALIBR
     d_max = float(card.d_max_um2_s)
     priors = (SimulatorPriors.from_dict(card.simulator["priors"]).operating() if card.simulator.get("priors")
               else SimulatorPriors(d_max_um2_s=d_max))
-    sim = Simulator(priors, est.timing, card.tile_height, card.tile_width, card.window_frames, est.device)
+    return Simulator(priors, est.timing, card.tile_height, card.tile_width, card.window_frames, est.device), d_max
+
+
+def simulate_cells(est, fractions: tuple[float, ...], n: int, seed: int = CALIBRATION_SEED, batch: int = 32,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Raw window log-likelihoods [cells, n, grid entries] of ``est`` for movies of D fixed at
+    each fraction of d_max (the model's operating priors and scan otherwise)."""
+    sim, d_max = _operating_simulator(est)
     g = torch.Generator(device=est.device).manual_seed(seed)
     cells = []
     for f in fractions:
@@ -97,14 +102,7 @@ def simulate_tile_cells(est, fractions: tuple[float, ...], tiles: int, windows: 
     the model's priors draw them) each filmed for ``windows`` consecutive, non-overlapping
     windows — what a stream's running estimate of one tile combines (the windows of a tile
     share its sample, so their errors are not independent)."""
-    from dle_stream.training.priors import SimulatorPriors
-    from dle_stream.training.simulator import Simulator
-
-    card = est.card
-    d_max = float(card.d_max_um2_s)
-    priors = (SimulatorPriors.from_dict(card.simulator["priors"]).operating() if card.simulator.get("priors")
-              else SimulatorPriors(d_max_um2_s=d_max))
-    sim = Simulator(priors, est.timing, card.tile_height, card.tile_width, card.window_frames, est.device)
+    sim, d_max = _operating_simulator(est)
     g = torch.Generator(device=est.device).manual_seed(seed)
     cells = []
     for f in fractions:
