@@ -242,7 +242,8 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     resume: bool = typer.Option(False, "--resume", help="Continue the training checkpointed in --out."),
     encoder_from: Optional[Path] = typer.Option(None, "--encoder-from", help="Reuse (frozen) the encoder of this model package; skips pretraining."),
-    warm_from: Optional[str] = typer.Option(None, "--warm-from", help="Start from this model package's weights (name or folder): skips pretraining; a new output layer where shapes differ."),
+    warm_from: Optional[str] = typer.Option(None, "--warm-from", "--from", help="Start from this model package's weights (name or folder): skips pretraining; a new output layer where shapes differ. Default for a scan given by --like, timing flags or --timing: the nearest available model with the same D range."),
+    scratch: bool = typer.Option(False, "--scratch", help="Train from scratch (autoencoder pretraining first), not from the nearest available model."),
     output: Optional[str] = typer.Option(None, "--output", help="Window output: d_grid (a combinable likelihood of D; default) or gaussian (the paper's D ± σ)."),
     steady_share: Optional[float] = typer.Option(None, "--steady-share", help="Share of training movies with a steady particle density (default 0: the paper's spreading cloud only)."),
     combine_groups: Optional[int] = typer.Option(None, "--combine-groups", help="Grid heads: groups of 16 windows of one D per step whose combined likelihood joins the loss (default 2; 0: single windows only)."),
@@ -276,23 +277,43 @@ def train(
         torch.set_num_threads(threads)
     # under torchrun: join the other processes (one GPU each, or gloo on CPUs); else nothing changes
     ranks, rank_device = distributed.start(resolve_device(device))
-    cfg: TrainConfig = config_for(
-        out=out, preset=preset, like=like, d_max=d_max, steps=steps, minutes=minutes,
-        device=rank_device, seed=seed, resume=resume, encoder_from=encoder_from,
-        ae_steps=ae_steps,
-        cache_movies=cache_movies, val_movies=val_movies, name=name, refresh_movies=refresh_movies,
-        refresh_every=refresh_every,
-        end_to_end={"e2e_steps": e2e_steps, "e2e_minutes": e2e_minutes, "e2e_frames": e2e_frames, "e2e_batch": e2e_batch},
-        flags=_timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional),
-        timing_file=timing, warm_from=warm_from, steady_share=steady_share, output=output, lr=lr,
-        combine_groups=combine_groups,
-    )
+    if scratch and (warm_from is not None or encoder_from is not None):
+        raise DleStreamError("--scratch trains from scratch: leave out --from/--warm-from and --encoder-from")
+    flags = _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional)
+
+    def configure(warm: str | Path | None, d_max_um2_s: float | None) -> TrainConfig:
+        return config_for(
+            out=out, preset=preset, like=like, d_max=d_max_um2_s, steps=steps, minutes=minutes,
+            device=rank_device, seed=seed, resume=resume, encoder_from=encoder_from,
+            ae_steps=ae_steps,
+            cache_movies=cache_movies, val_movies=val_movies, name=name, refresh_movies=refresh_movies,
+            refresh_every=refresh_every,
+            end_to_end={"e2e_steps": e2e_steps, "e2e_minutes": e2e_minutes, "e2e_frames": e2e_frames, "e2e_batch": e2e_batch},
+            flags=flags, timing_file=timing, warm_from=warm, steady_share=steady_share, output=output, lr=lr,
+            combine_groups=combine_groups,
+        )
+
+    cfg: TrainConfig = configure(warm_from, d_max)
+    note = None
+    own_scan = like is not None or timing is not None or any(v is not None for v in flags.values())
+    if own_scan and not (scratch or resume or warm_from is not None or encoder_from is not None):
+        # a new scan: start from the nearest available model with this D range (item 2 of issue 16)
+        from dle_stream.model_choice import warm_start_note, warm_start_parent
+
+        lo, hi = cfg.priors.d_min_um2_s, cfg.priors.d_max_um2_s
+        chosen = warm_start_parent(cfg.timing, lo, hi)
+        if chosen is not None:
+            dist, parent_folder, parent = chosen
+            cfg = configure(parent_folder, hi)  # the preset's (or --d-max's) range, not the parent's
+            note = warm_start_note(dist, parent, lo, hi)
     if not ranks.main:  # rank 0 reports and writes; the others train their share quietly
         run_training(cfg, log=lambda *a: None, ranks=ranks)
         return
     console.print(f"training [bold]{cfg.name}[/]: D {cfg.priors.d_min_um2_s:g}–{cfg.priors.d_max_um2_s:g} µm²/s, "
                   f"dwell {cfg.timing.dwell_us:g} µs, line {cfg.timing.line_period_us:g} µs, "
                   f"frame {cfg.timing.frame_period_us:g} µs, device {cfg.device}")
+    if note is not None:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:>6.0f}"),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, transient=False, refresh_per_second=2) as progress:

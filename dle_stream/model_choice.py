@@ -6,6 +6,8 @@ its direction. :func:`scan_distance` measures how far two scans are in those ter
 model serves the scan), :func:`rank_models` orders the available packages by it, and
 :func:`no_model_message` is the one-line answer for a scan no model serves: the nearest
 model, how far its ratios are, and the exact command that trains one (warm-started from it).
+:func:`warm_start_parent` is the package ``dle-stream train`` starts from when a new scan's
+training is not told where to start (``--from MODEL`` or ``--scratch``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,68 @@ def rank_models(scan: ScanTiming, prefer: str | None = None) -> list[tuple[float
         ranked.append((scan_distance(timing, scan), folder, card))
     ranked.sort(key=lambda r: (round(r[0], 9), r[2].name != prefer))
     return ranked
+
+
+#: D prior ranges whose ends differ by less than this share of the wanted range count as the same
+SAME_RANGE_TOLERANCE = 0.1
+
+
+def d_range_distance(card: ModelCard, d_min_um2_s: float, d_max_um2_s: float) -> float:
+    """|log| of the ratio of the model's D prior width to the wanted one (0: the same width)."""
+    have = card.d_max_um2_s - card.d_min_um2_s
+    want = d_max_um2_s - d_min_um2_s
+    if not (have > 0 and want > 0):
+        return math.inf
+    return abs(math.log(have / want))
+
+
+def same_d_range(card: ModelCard, d_min_um2_s: float, d_max_um2_s: float) -> bool:
+    """The model's D prior is the wanted one (both ends within :data:`SAME_RANGE_TOLERANCE` of its width)."""
+    width = d_max_um2_s - d_min_um2_s
+    return (abs(card.d_min_um2_s - d_min_um2_s) <= SAME_RANGE_TOLERANCE * width
+            and abs(card.d_max_um2_s - d_max_um2_s) <= SAME_RANGE_TOLERANCE * width)
+
+
+def warm_start_parent(scan: ScanTiming, d_min_um2_s: float, d_max_um2_s: float,
+                      models: list[tuple[Path, ModelCard]] | None = None) -> tuple[float, Path, ModelCard] | None:
+    """The package a training for ``scan`` and the D prior [d_min, d_max] µm²/s starts from
+    by default: (scan distance, folder, card), or None when no package is available.
+
+    The D range comes first: a warm start keeps the parent's output layer, whose D grid is in
+    units of the parent's ``d_max``, so a parent trained for another range would start every
+    window's likelihood in the wrong place (the low-D preset starts from brain-qd-low, the
+    high one from beads-high). Among the models with the wanted range (ends within 10 % of its
+    width) the nearest by :func:`scan_distance` wins (ties: by name); when none has that range,
+    the nearest by scan distance plus :func:`d_range_distance`. ``models``: (folder, card)
+    pairs to choose from (default: :func:`~dle_stream.model_package.list_models`).
+    """
+    candidates = []
+    for folder, card in (list_models() if models is None else models):
+        try:
+            timing = card.timing
+        except Exception:  # noqa: BLE001 - a package with an unreadable timing serves nothing
+            continue
+        dist = scan_distance(timing, scan)
+        same = same_d_range(card, d_min_um2_s, d_max_um2_s)
+        extra = 0.0 if same else d_range_distance(card, d_min_um2_s, d_max_um2_s)
+        if not math.isfinite(extra):
+            continue
+        candidates.append(((not same, round(dist + extra, 9), card.name), dist, folder, card))
+    if not candidates:
+        return None
+    _, dist, folder, card = min(candidates, key=lambda c: c[0])
+    return dist, folder, card
+
+
+def warm_start_note(dist: float, card: ModelCard, d_min_um2_s: float, d_max_um2_s: float) -> str:
+    """What ``train`` says about a default warm start: the parent, why it, and how to choose otherwise."""
+    r = scan_ratios(card.timing)
+    rng = ("the same D range" if same_d_range(card, d_min_um2_s, d_max_um2_s)
+           else f"D {card.d_min_um2_s:g}–{card.d_max_um2_s:g} µm²/s, no available model has "
+                f"{d_min_um2_s:g}–{d_max_um2_s:g}")
+    return (f"warm start from {card.name}, the nearest available model ({rng}; its scan: line/dwell "
+            f"{r['line_per_dwell']:.4g}, frame/line {r['frame_per_line']:.4g}, pixel {r['pixel_size_um']:g} µm; "
+            f"distance {dist:.2f}); --scratch trains from scratch, --from MODEL starts from another")
 
 
 def no_model_message(scan: ScanTiming, recording: str | Path | None, asked: str) -> str:
