@@ -198,10 +198,11 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         except DleStreamError as exc:  # the card cannot describe this frame: the recording may
             fallback, card_error = None, exc
         try:
-            timing, timing_source, warnings = resolve_timing(
+            resolved = resolve_timing(
                 rec, flags=opts.timing_flags, timing_file=opts.timing_file, fallback=fallback,
                 fallback_label=f"the model card of {opts.model}", names=opts.parameter_names,
             )
+            timing, timing_source, warnings = resolved
         except DleStreamError:
             if card_error is not None:
                 raise card_error from None
@@ -221,7 +222,7 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
                        comparison)
         log = _open_log(opts, layout, attrs, est)
         runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, live=False,
-                              timing_assumed=any("ASSUMED" in w for w in warnings),
+                              timing_assumed=bool(resolved.assumed),
                               combine_windows=opts.combine_windows)
         if log is not None:
             runner.attach(log)
@@ -341,9 +342,10 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
               read_timing_file(opts.timing_file) if opts.timing_file else {},
               {k: v for k, v in opts.timing_flags.items() if v is not None}]
     merged = {k: v for layer in layers for k, v in layer.items()}
-    timing, timing_source, warnings = resolve_timing(
+    resolved = resolve_timing(
         None, flags=merged, fallback=model_timing_for(opts.model, h, w),
         fallback_label=f"the model card of {opts.model}", names=opts.parameter_names)
+    timing, timing_source, warnings = resolved
     warnings = notes + warnings
     est, comparison = _estimator_for(opts, timing, None)
     if demo and not opts.roi and opts.rois_file is None:  # the demo's two halves, as two ROIs
@@ -354,7 +356,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     attrs = _attrs("live", source_desc, est, timing, timing_source, layout, window, opts.hop, warnings, comparison)
     log = _open_log(opts, layout, attrs, est)
     runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, live=True,
-                          timing_assumed=any("ASSUMED" in x for x in warnings), combine_windows=opts.combine_windows)
+                          timing_assumed=bool(resolved.assumed), combine_windows=opts.combine_windows)
     if log is not None:
         runner.attach(log)
     _warnings_to_stderr(runner, opts)

@@ -114,6 +114,54 @@ def test_timing_assumed_from_the_model_card_is_loud(tmp_path, small_model, cli):
     assert "ASSUMED" in result.output
 
 
+def _timing_assumed_flags(log_path):
+    from dle_stream.events import EstimateFlag
+    from dle_stream.zarr_log import open_log
+
+    flags = np.asarray(open_log(log_path).flags) & EstimateFlag.TIMING_ASSUMED
+    assert flags.size and (flags.all() or not flags.any())  # every estimate or none
+    return bool(flags.all())
+
+
+def test_replay_flags_estimates_when_timing_is_assumed(tmp_path, small_model, write_movie):
+    from dle_stream.session import StreamOptions, replay
+
+    bare = tmp_path / "bare.tif"  # no timing metadata: the model card's timing is assumed
+    tifffile.imwrite(bare, np.random.default_rng(1).poisson(100, (60, 20, 20)).astype(np.uint16))
+    for path, assumed in ((bare, True), (write_movie("rec.tif", frames=60, height=20, width=20), False)):
+        log = tmp_path / f"{path.stem}.zarr"
+        replay(path, StreamOptions(model=str(small_model), window=40, hop=20, log=log, dashboard="quiet"))
+        assert _timing_assumed_flags(log) is assumed, path
+
+
+@pytest.mark.parametrize("assumed", [True, False])
+@pytest.mark.parametrize("mode", ["replay", "live"])
+def test_timing_assumed_flag_keys_off_the_typed_result_not_the_warning_text(tmp_path, small_model, write_movie,
+                                                                            monkeypatch, assumed, mode):
+    """replay and run flag estimates TIMING_ASSUMED from resolve_timing's ``assumed``
+    fields, whatever its warnings say (here: the word ASSUMED exactly when nothing was)."""
+    import dle_stream.recording as recording
+    from dle_stream.recording import ResolvedTiming
+    from dle_stream.session import StreamOptions, replay, run_live
+
+    real = recording.resolve_timing
+
+    def resolve(*args, **kwargs):
+        r = real(*args, **kwargs)
+        assert r.assumed == ()  # the timing is complete: only the fake below assumes
+        return ResolvedTiming(r.timing, r.source, [] if assumed else ["nothing ASSUMED here"],
+                              assumed=("dwell_us",) if assumed else (), defaulted=r.defaulted)
+
+    monkeypatch.setattr(recording, "resolve_timing", resolve)
+    log = tmp_path / "run.zarr"
+    opts = StreamOptions(model=str(small_model), window=40, hop=20, log=log, dashboard="quiet")
+    if mode == "replay":
+        replay(write_movie("rec.tif", frames=60, height=20, width=20), opts)
+    else:
+        run_live(opts, demo=True, frames=60, height=20, width=20, realtime=False)
+    assert _timing_assumed_flags(log) is assumed
+
+
 def test_run_needs_a_source(cli):
     one_line_error(cli("run"), "--demo", "--mm-config")
     one_line_error(cli("run", "--mm-config", "/no/such/rig.cfg"), "rig.cfg")

@@ -423,6 +423,26 @@ def test_fallback_fills_missing_fields_with_a_loud_warning(imagej_recording):
     assert "give --dwell-us, --line-period-us" in cli_warnings[0] and "(--timing)" in cli_warnings[0]
 
 
+def test_the_result_names_the_fields_assumed_and_defaulted(tmp_path, imagej_recording):
+    """Which fields were not read or given is a typed attribute, not a word in the warnings;
+    the result still unpacks as (timing, source, warnings)."""
+    card = ScanTiming.reference()
+    resolved = resolve_timing(imagej_recording, fallback=card, fallback_label="model card 'dle-low'")
+    timing, source, warnings = resolved
+    assert (resolved.timing, resolved.source, resolved.warnings) == (timing, source, warnings)
+    assert resolved.assumed == ("dwell_us", "line_period_us", "bidirectional")  # the ImageJ file has the rest
+    assert resolved.defaulted == ()
+    resolved = resolve_timing(imagej_recording, flags={"dwell_us": 10.0, "line_period_us": 300.0}, fallback=card)
+    assert resolved.assumed == ("bidirectional",)
+    resolved = resolve_timing(imagej_recording, flags={"dwell_us": 10.0, "line_period_us": 300.0})
+    assert resolved.assumed == () and resolved.defaulted == ("bidirectional",)
+    assert resolved.timing.bidirectional is False
+    path = write_recording(tmp_path / "rec.tif", movie(), TIMING)
+    with open_recording(path) as rec:
+        resolved = resolve_timing(rec, fallback=card)
+    assert resolved.assumed == () and resolved.defaulted == () and resolved.warnings == []
+
+
 def test_missing_field_without_fallback_names_the_parameter(imagej_recording):
     with pytest.raises(TimingError, match="dwell_us, line_period_us unknown.*give dwell_us, line_period_us or a "
                                           r"timing file \(timing_file\)") as info:

@@ -6,7 +6,8 @@
 - :func:`write_recording` writes a movie (an array or a stream of frames) with its
   :class:`~dle_stream.timing.ScanTiming` as ImageJ TIFF, OME-TIFF or OME-Zarr;
 - :func:`resolve_timing` decides the timing of a stream from flags, a timing file, the
-  recording's metadata and a fallback, in that order.
+  recording's metadata and a fallback, in that order, as a :class:`ResolvedTiming` that
+  names the fields it assumed.
 
 Every problem with a file raises :class:`~dle_stream.errors.DleStreamError` with one line
 naming the file and the fix.
@@ -15,7 +16,12 @@ naming the file and the fix.
 from dle_stream.recording.base import Recording
 from dle_stream.recording.formats import open_recording
 from dle_stream.recording.metadata import DLE_TIFF_TAG, DLE_ZARR_KEY
-from dle_stream.recording.timing_sources import GIVEN_FIELDS, read_timing_file, resolve_timing
+from dle_stream.recording.timing_sources import (
+    GIVEN_FIELDS,
+    ResolvedTiming,
+    read_timing_file,
+    resolve_timing,
+)
 from dle_stream.recording.writer import write_recording
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "DLE_ZARR_KEY",
     "GIVEN_FIELDS",
     "Recording",
+    "ResolvedTiming",
     "open_recording",
     "read_timing_file",
     "resolve_timing",

@@ -8,6 +8,11 @@ only valid if the microscope really scanned with that timing.
 ``bidirectional`` is the one field with a default: when nothing gives it, the scan is
 assumed unidirectional, with a warning naming ``bidirectional``.
 
+The result, :class:`ResolvedTiming`, unpacks as ``(timing, source, warnings)`` and says in
+typed attributes which fields were not read or given: ``assumed`` (taken from the
+fallback) and ``defaulted`` (``bidirectional`` set to unidirectional). Callers key off
+those, never off the warnings' text.
+
 Messages name the fields as the caller gives them (``dwell_us``, ``timing_file``); the
 CLI passes ``names`` (field → its flag) so that they read ``--dwell-us``, ``--timing``.
 """
@@ -15,7 +20,7 @@ CLI passes ``names`` (field → its flag) so that they read ``--dwell-us``, ``--
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +63,53 @@ def read_timing_file(path: Path) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
+class ResolvedTiming(tuple[ScanTiming, str, list[str]]):
+    """What :func:`resolve_timing` decided: a ``(timing, source, warnings)`` tuple with
+    typed attributes for the fields that were not read or given.
+
+    Attributes:
+        timing, source, warnings: the tuple's three items (see :func:`resolve_timing`).
+        assumed: the ScanTiming fields taken from the fallback (e.g. a model card), in
+            ScanTiming field order; empty when the fallback was not used. Non-empty means
+            the estimates hold only if the microscope really used that timing.
+        defaulted: the fields set to a built-in default, not read, given or assumed from
+            the fallback: ``("bidirectional",)`` when the scan direction was unknown and
+            taken as unidirectional, else empty.
+
+    Equality and unpacking are those of the 3-tuple; ``assumed`` and ``defaulted`` are
+    read by name only.
+    """
+
+    assumed: tuple[str, ...]
+    defaulted: tuple[str, ...]
+
+    def __new__(cls, timing: ScanTiming, source: str, warnings: list[str],
+                assumed: Sequence[str] = (), defaulted: Sequence[str] = ()) -> ResolvedTiming:
+        self = super().__new__(cls, (timing, source, warnings))
+        self.assumed = tuple(assumed)
+        self.defaulted = tuple(defaulted)
+        return self
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # copy and pickle keep the attributes
+        return (*self, self.assumed, self.defaulted)
+
+    @property
+    def timing(self) -> ScanTiming:
+        return self[0]
+
+    @property
+    def source(self) -> str:
+        return self[1]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self[2]
+
+    def __repr__(self) -> str:
+        return (f"ResolvedTiming(timing={self.timing!r}, source={self.source!r}, warnings={self.warnings!r}, "
+                f"assumed={self.assumed!r}, defaulted={self.defaulted!r})")
+
+
 def resolve_timing(
     recording: Recording | None,
     *,
@@ -66,7 +118,7 @@ def resolve_timing(
     fallback: ScanTiming | None = None,
     fallback_label: str = "the model card",
     names: Mapping[str, str] | None = None,
-) -> tuple[ScanTiming, str, list[str]]:
+) -> ResolvedTiming:
     """The scan timing for a stream, where each field came from, and warnings.
 
     Args:
@@ -81,8 +133,11 @@ def resolve_timing(
             its flags); by default as here.
 
     Returns:
-        (timing, source description, warnings). The description names the source of
-        every field; the warnings are one line each and must be shown to the user.
+        a :class:`ResolvedTiming`: unpacks as (timing, source description, warnings). The
+        description names the source of every field; the warnings are one line each and
+        must be shown to the user. Its ``assumed`` names the fields taken from
+        ``fallback`` and ``defaulted`` those set to a default (``bidirectional``): test
+        those, not the warnings' text.
 
     Raises:
         TimingError: a field is unknown and there is no fallback (the message names the
@@ -115,6 +170,8 @@ def resolve_timing(
 
     warnings: list[str] = list(ignored_notes)
     missing = [n for n in ScanTiming.field_names() if n not in chosen]
+    assumed: dict[str, Any] = {}
+    defaulted: list[str] = []
     if missing and fallback is not None:
         assumed = {n: getattr(fallback, n) for n in missing}
         for n, v in assumed.items():
@@ -129,6 +186,7 @@ def resolve_timing(
         missing = []
     if "bidirectional" in missing:
         chosen["bidirectional"], origin["bidirectional"] = False, "default (unidirectional)"
+        defaulted.append("bidirectional")
         warnings.append(render_parameters(f"WARNING: scan direction unknown, assumed unidirectional; pass "
                                           f"{arg('bidirectional', True)} if odd lines run backwards", names))
         missing.remove("bidirectional")
@@ -146,7 +204,7 @@ def resolve_timing(
             f"scan timing: the frame is {timing.width_px}×{timing.height_px} px ({origin['width_px']}) but "
             f"{recording.path.name} has {recording.width}×{recording.height} px frames; fix the timing file"
         )
-    return timing, _describe(origin), warnings
+    return ResolvedTiming(timing, _describe(origin), warnings, assumed=tuple(assumed), defaulted=defaulted)
 
 
 def _describe(origin: dict[str, str]) -> str:
