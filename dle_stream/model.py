@@ -174,6 +174,12 @@ class ModelConfig:
             divided out to turn its output into a likelihood: these shares of the training
             movies had D uniform on [0, d_max] and on [d_max, top·d_max]; the rest on
             [top·d_max, 2·top·d_max] (the overflow entry).
+        grid_prior_exact: the head adds the training prior's log-density (a step at d_max)
+            to what its network gives, so that the network's smooth output is the window's
+            log-likelihood itself. Without it (packages before 2026-11-30) the smooth output
+            had to follow the prior's step, which no smooth curve can: dividing the prior
+            out then left a dip just below d_max and a bump above it (measured on
+            beads-high: the average log-likelihood of D = 0.5·d_max peaked at 1.33·d_max).
     """
 
     tile_height: int = 20
@@ -200,6 +206,7 @@ class ModelConfig:
     grid_temperature_profile: tuple[tuple[float, float], ...] = ()
     grid_lr_scale: float = 1.0
     grid_combine_exponent: float = 0.0
+    grid_prior_exact: bool = True
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -306,6 +313,8 @@ class ModelConfig:
             data = {**data, "output": "gaussian"}
         if data.get("output") == "d_grid" and "grid_basis" not in data:
             data = {**data, "grid_basis": 0}
+        if "grid_prior_exact" not in data:  # packages written before the head added the prior
+            data = {**data, "grid_prior_exact": False}
         try:
             return cls(**data)
         except (TypeError, ValueError) as exc:
@@ -397,6 +406,8 @@ class DLEModel(nn.Module):
     - :meth:`autoencode`: frames → (reconstruction, normalised target), for pretraining.
     """
 
+    grid_log_prior: Tensor  # buffer of a "d_grid" head (registered in __init__)
+
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
         self.config = config or ModelConfig()
@@ -412,15 +423,20 @@ class DLEModel(nn.Module):
             grid = cfg.grid
             basis = grid.spline_basis(cfg.grid_basis) if cfg.grid_basis else np.eye(grid.knots.size)
             self.register_buffer("grid_basis", torch.tensor(basis, dtype=torch.float32), persistent=False)
-            # start from the training prior: small weights, the prior's log-density as bias,
-            # so that an untrained head says "no information" (a flat likelihood)
+            # start from the training prior: small weights, the prior's log-density as bias (or
+            # added exactly, grid_prior_exact), so that an untrained head says "no information"
             prior = cfg.training_prior.log_density(grid)
-            coef = np.linalg.lstsq(basis, prior[:-1], rcond=None)[0]
+            exact = np.where(np.isfinite(prior), prior, -1e4) if cfg.grid_prior_exact else np.zeros_like(prior)
+            self.register_buffer("grid_log_prior", torch.tensor(exact, dtype=torch.float32), persistent=False)
             last = self.mlp[-1]
             assert isinstance(last, nn.Linear)  # the head's output layer, built just above
             with torch.no_grad():
                 last.weight.mul_(0.1)
-                last.bias.copy_(torch.as_tensor(np.concatenate([coef, prior[-1:]]), dtype=torch.float32))
+                if cfg.grid_prior_exact:
+                    last.bias.zero_()
+                else:
+                    coef = np.linalg.lstsq(basis, prior[:-1], rcond=None)[0]
+                    last.bias.copy_(torch.as_tensor(np.concatenate([coef, prior[-1:]]), dtype=torch.float32))
 
     def optimize_for_cpu_inference(self) -> "DLEModel":
         """Eval mode with a channels-last encoder (same outputs; faster on CPU). Returns self."""
@@ -468,7 +484,7 @@ class DLEModel(nn.Module):
         pooled = features.mean(dim=-1)  # adaptive average pooling over time
         out = self.mlp(pooled)
         if self.config.output == "d_grid":
-            return torch.cat([out[:, :-1] @ self.grid_basis.T, out[:, -1:]], dim=1)
+            return torch.cat([out[:, :-1] @ self.grid_basis.T, out[:, -1:]], dim=1) + self.grid_log_prior
         d_norm = 1.0 + F.elu(out[:, 0])
         sigma_norm = 1.0 + F.elu(out[:, 1]) + self.config.sigma_eps
         return torch.stack([d_norm, sigma_norm], dim=1)

@@ -48,3 +48,27 @@ def project_output_to_spline_basis(model: DLEModel, controls: int = DEFAULT_CONT
     state[prefix + "bias"] = torch.cat([projector @ b[:-1], b[-1:]])
     new.load_state_dict(state)
     return new.to(next(model.parameters()).device)
+
+
+def add_exact_prior(model: DLEModel) -> DLEModel:
+    """A new model whose head adds the training prior exactly (``grid_prior_exact``): its
+    output layer's bias loses the prior's projection on the basis, so that the new head
+    gives what the old one did, except that the prior's step at d_max — which the old
+    smooth output could only follow approximately — is now exact (every other weight
+    copied unchanged). The network's smooth part is then the window's log-likelihood."""
+    cfg = model.config
+    if cfg.output != "d_grid" or not cfg.grid_basis or cfg.grid_prior_exact:
+        raise DleStreamError("only a smooth grid head without the exact prior (grid_basis > 0, "
+                             "grid_prior_exact false) can take the prior out of its weights")
+    prior = cfg.training_prior.log_density(cfg.grid)
+    prior = np.where(np.isfinite(prior), prior, -1e4)
+    coef = np.linalg.lstsq(cfg.grid.spline_basis(cfg.grid_basis), prior[:-1], rcond=None)[0]
+    new = DLEModel(replace(cfg, grid_prior_exact=True))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    last = model.mlp[-1]
+    assert isinstance(last, nn.Linear)  # DLEModel's head ends with its output layer
+    key = next(k for k, p in model.named_parameters() if p is last.bias)
+    shift = torch.as_tensor(np.concatenate([coef, prior[-1:]]), dtype=torch.float32)
+    state[key] = state[key].float() - shift
+    new.load_state_dict(state)
+    return new.to(next(model.parameters()).device)

@@ -274,6 +274,11 @@ class Trainer:
             from dle_stream.training.output_basis import project_output_to_spline_basis
 
             donor = project_output_to_spline_basis(donor, self.model.config.grid_basis)
+        if donor.config.output == "d_grid" and donor.config.grid_basis and not donor.config.grid_prior_exact \
+                and self.model.config.grid_prior_exact and donor.config.grid_basis == self.model.config.grid_basis:
+            from dle_stream.training.output_basis import add_exact_prior
+
+            donor = add_exact_prior(donor)
         own = self.model.state_dict()
         taken = {k: v for k, v in donor.state_dict().items() if k in own and own[k].shape == v.shape}
         self.model.load_state_dict(taken, strict=False)
