@@ -63,6 +63,7 @@ CLI_FLAGS: dict[str, str] = {
     "workers": "--workers",
     "scheduler": "--scheduler",
     "windows": "--windows",
+    "no_check": "--no-check",
 }
 
 
@@ -403,6 +404,7 @@ def replay(
     pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
     line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
     bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the recording check (see `dle-stream check`) before the replay."),
 ) -> None:
     """Replay a recording: D ± σ per tile and ROI in rolling windows, logged to Zarr."""
     from dle_stream.session import describe_result
@@ -410,6 +412,7 @@ def replay(
 
     opts = _stream_options(model, estimator, tiles, roi, rois, window, hop, log, overwrite, append, dashboard, quiet,
                            _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
+    opts.recording_check = not no_check
     result = run_replay(recording, opts, realtime=realtime, channel=channel, console=console)
     describe_result(result, console)
 
@@ -631,8 +634,9 @@ def log_export(
 @app.command()
 @user_errors
 def check(
-    recording: Path = typer.Argument(..., help="Recording to check: TIFF, OME-TIFF, ImageJ, ScanImage TIFF or Zarr."),
+    recording: Optional[Path] = typer.Argument(None, help="Recording to check: TIFF, OME-TIFF, ImageJ, ScanImage TIFF or Zarr."),
     model: str = MODEL,
+    write_reference: Optional[str] = typer.Option(None, "--write-reference", metavar="MODEL", help="Instead of checking a recording: write MODEL's reference ranges into its package folder (recording_check.json), so that replay and check need not simulate them."),
     windows: int = typer.Option(4, "--windows", help="Windows of the model's length to look at, spread over the recording."),
     channel: Optional[int] = typer.Option(None, "--channel", help="Channel to use in a multi-channel recording."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a table."),
@@ -645,6 +649,16 @@ def check(
 
     from dle_stream.recording_check import check_recording
 
+    if write_reference is not None:
+        from dle_stream.recording_check import write_reference as write_ref
+
+        console.print(f"simulating the reference tiles of {write_reference} (about a minute unless cached)",
+                      markup=False, highlight=False)
+        written = write_ref(write_reference)
+        console.print(f"wrote {written}", markup=False, highlight=False, soft_wrap=True)
+        return
+    if recording is None:
+        raise DleStreamError("check: give a RECORDING to check (or --write-reference MODEL)")
     res = check_recording(recording, model=model, windows=windows, channel=channel, names=CLI_FLAGS,
                           timing_flags=_timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us,
                                                      bidirectional), timing_file=timing)

@@ -20,7 +20,8 @@ Root attributes (flat, as plain ``zarr`` and ``xarray`` show them)::
                         :class:`RunMetadata` (software, mode, source, estimator,
                         model_card, scan_timing, timing_source, timing_warnings,
                         tile_geometry, window_frames, hop_frames, start_time,
-                        timing_comparison); other keys are kept as given
+                        timing_comparison, recording_check); other keys are kept
+                        as given
 
 Format versions: 1 and 2 (earlier logs) have the same attributes as 3; format 3 adds,
 in the same root document and written in the same write as the committed counts, the
@@ -109,6 +110,11 @@ class RunMetadata:
         window_frames, hop_frames: the window length and hop, frames.
         start_time: ISO 8601 time the run started.
         timing_comparison: the model's training scan against this one, in words.
+        recording_check: the recording check's verdict
+            (:func:`dle_stream.recording_check.replay_check`): {"status": "inside",
+            "outside" or "skipped", "line": the line the user saw, "result": the measured
+            values and trained ranges (null when skipped), "reference" or "reason"}; None
+            where the run did not check (a live run, or a log written before the check).
         extra: any other key (kept as given).
     """
 
@@ -125,6 +131,7 @@ class RunMetadata:
     hop_frames: int | None = None
     start_time: str | None = None
     timing_comparison: str | None = None
+    recording_check: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -143,7 +150,7 @@ class RunMetadata:
             timing_warnings=tuple(str(w) for w in get("timing_warnings") or ()),
             tile_geometry=get("tile_geometry"), window_frames=_opt(int, get("window_frames")),
             hop_frames=_opt(int, get("hop_frames")), start_time=_opt(str, get("start_time")),
-            timing_comparison=_opt(str, get("timing_comparison")),
+            timing_comparison=_opt(str, get("timing_comparison")), recording_check=get("recording_check"),
             extra={k: v for k, v in attrs.items() if k not in names and k not in RESERVED_ATTRS},
         )
 

@@ -39,7 +39,17 @@ The trained ranges come from the model itself: :func:`reference` simulates tiles
 card's simulator priors and scan timing (seeded; the steady-density share included, D in
 the operating range), measures each quantity the same way and keeps the
 :data:`LOW_PERCENTILE`–:data:`HIGH_PERCENTILE` percentiles (motion: only the upper one).
-The measurements are cached per model (``$XDG_CACHE_HOME/dle-stream/recording-check``).
+The measurements are cached per model (``$XDG_CACHE_HOME/dle-stream/recording-check``), and
+a model package may ship them (:data:`REFERENCE_FILE` in its folder, written by
+:func:`write_reference` / ``dle-stream check --write-reference MODEL``). Both are keyed on
+what the simulated tiles depend on — the card's simulator priors (``simulator.priors``;
+the D range where a card has none), scan timing (``scan_timing``), tile size and window
+length, and the check's version, tile count and seed — never on the weights or the
+calibration, so a package retrained or recalibrated with the same priors and scan keeps a
+valid file. A shipped file whose key differs from the card's is stale and ignored.
+
+``replay`` runs the check on a few tiles and windows (:func:`replay_check`) and never
+simulates: without a shipped or cached reference it says the check was skipped and why.
 """
 
 from __future__ import annotations
@@ -77,6 +87,12 @@ PSF_MIN_Z = 8.0
 PSF_MAX_REL_ERROR = 0.2
 #: Windows per recording the check looks at (evenly spread).
 DEFAULT_WINDOWS = 4
+#: What ``replay`` looks at: windows, and tiles at most (spread over the frame), ~0.1 s each.
+REPLAY_WINDOWS = 2
+REPLAY_MAX_TILES = 16
+#: The reference ranges a model package ships (in its folder).
+REFERENCE_FILE = "recording_check.json"
+REFERENCE_KIND = "dle-stream recording-check reference"
 
 
 @dataclass(frozen=True)
@@ -212,10 +228,56 @@ def _cache_dir() -> Path:
     return Path(base) / "dle-stream" / "recording-check"
 
 
+#: What each field of the reference's key is, in words (for a stale shipped reference).
+KEY_FIELDS = {"v": "the check's version", "priors": "the card's simulator priors (simulator.priors)",
+              "d_range": "the card's D range", "timing": "the card's scan timing (scan_timing)",
+              "tile": "the card's tile size", "frames": "the card's window length (window_frames)",
+              "n": "the number of reference tiles", "seed": "the reference seed"}
+
+
+def reference_key_doc(card, n_tiles: int | None = None, seed: int = REFERENCE_SEED) -> dict[str, Any]:
+    """What a model's reference depends on: the card's simulator priors and scan timing, tile size,
+    window length (plus the D range when the card has no priors), the check's version, tile count
+    (default :data:`REFERENCE_TILES`) and seed. Not the weights, calibration, validation or name."""
+    n_tiles = REFERENCE_TILES if n_tiles is None else n_tiles
+    priors = card.simulator.get("priors") if isinstance(card.simulator, dict) else None
+    doc = {"v": CHECK_VERSION, "priors": priors, "timing": card.scan_timing,
+           "tile": [card.tile_height, card.tile_width], "frames": card.window_frames, "n": int(n_tiles),
+           "seed": int(seed)}
+    if not priors:
+        doc["d_range"] = [card.d_min_um2_s, card.d_max_um2_s]
+    return json.loads(json.dumps(doc))  # plain JSON types, as read back from a file
+
+
 def _reference_key(card, n_tiles: int, seed: int) -> str:
-    doc = {"v": CHECK_VERSION, "priors": card.simulator.get("priors"), "timing": card.scan_timing,
-           "tile": [card.tile_height, card.tile_width], "frames": card.window_frames, "n": n_tiles, "seed": seed}
+    doc = reference_key_doc(card, n_tiles, seed)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ReferenceUnavailable(DleStreamError):
+    """No reference ranges without simulating them (nothing shipped or cached)."""
+
+
+def shipped_reference(folder: str | Path, card) -> tuple[Reference | None, str]:
+    """The reference ranges shipped in a package folder (:data:`REFERENCE_FILE`) when they match
+    the card (:func:`reference_key_doc` with the default tile count and seed); else None and why
+    (a short reason; :func:`write_reference` writes the file again)."""
+    path = Path(folder) / REFERENCE_FILE
+    if not path.is_file():
+        return None, f"model {card.name} ships no reference ranges ({REFERENCE_FILE})"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        keyed_on = doc["keyed_on"]
+        values = {k: [math.nan if x is None else float(x) for x in doc["values"][k]] for k in (*NAMES, "motion_hz")}
+        ref = Reference(str(doc.get("model", card.name)), values, int(doc["n_tiles"]), int(doc["frames"]),
+                        int(doc["seed"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None, f"the reference ranges shipped with model {card.name} are damaged"
+    want = reference_key_doc(card)
+    differ = [KEY_FIELDS.get(k, k) for k in sorted(set(want) | set(keyed_on)) if want.get(k) != keyed_on.get(k)]
+    if differ:
+        return None, f"the reference ranges shipped with model {card.name} are stale ({', '.join(differ)} changed)"
+    return ref, f"shipped with model {card.name}"
 
 
 def training_priors(card):
@@ -229,24 +291,39 @@ def training_priors(card):
     return preset.priors.with_(d_min_um2_s=card.d_min_um2_s, d_max_um2_s=card.d_max_um2_s)
 
 
-def reference(model: str, *, n_tiles: int | None = None, seed: int = REFERENCE_SEED, cache: bool = True,
-              progress=None) -> Reference:
+def reference(model: str | Path, *, n_tiles: int | None = None, seed: int = REFERENCE_SEED, cache: bool = True,
+              progress=None, simulate: bool = True, shipped: bool = True) -> Reference:
     """The quantities on ``n_tiles`` (default :data:`REFERENCE_TILES`) tiles simulated from
-    ``model``'s card (priors, timing, tile size, window length), cached on disk."""
+    ``model``'s card (priors, timing, tile size, window length): the package's shipped
+    :data:`REFERENCE_FILE` when it matches the card, else the disk cache, else simulated (and
+    cached). With ``simulate=False`` a missing reference raises :class:`ReferenceUnavailable`
+    (its message says why) instead of being simulated."""
     import torch
 
     from dle_stream.model_package import load_card, resolve_model
     from dle_stream.training.mixture import MixedSimulator
 
     n_tiles = int(n_tiles or REFERENCE_TILES)
-    card = load_card(resolve_model(model))
+    folder = resolve_model(model)
+    card = load_card(folder)
+    why = ""
+    if shipped and n_tiles == REFERENCE_TILES and seed == REFERENCE_SEED:
+        found, why = shipped_reference(folder, card)
+        if found is not None:
+            return found
     path = _cache_dir() / f"{card.name}-{_reference_key(card, n_tiles, seed)}.json"
     if cache and path.is_file():
         try:
             doc = json.loads(path.read_text())
-            return Reference(**doc)
+            ref = Reference(**doc)
+            ref.values = {k: [math.nan if x is None else x for x in v] for k, v in ref.values.items()}
+            return ref
         except (ValueError, TypeError):
             pass  # a damaged cache file is simply recomputed
+    if not simulate:
+        raise ReferenceUnavailable(
+            f"{why or f'model {card.name}: no reference ranges shipped'} and none cached; `dle-stream check "
+            f"RECORDING --model {model}` simulates them once (about a minute) for later runs")
     priors = training_priors(card)
     timing = card.timing
     sim = MixedSimulator(priors, timing, card.tile_height, card.tile_width, card.window_frames)
@@ -275,6 +352,30 @@ def reference(model: str, *, n_tiles: int | None = None, seed: int = REFERENCE_S
             pass  # no writable cache: the reference is simulated again next time
     ref.values = {k: [math.nan if x is None else x for x in v] for k, v in ref.values.items()}
     return ref
+
+
+def write_reference(model: str | Path, *, progress=None) -> Path:
+    """Write ``model``'s reference ranges into its package folder (:data:`REFERENCE_FILE`),
+    keyed on what they depend on (:func:`reference_key_doc`); simulated unless cached."""
+    from dle_stream.model_package import load_card, resolve_model
+
+    folder = resolve_model(model)
+    card = load_card(folder)
+    ref = reference(folder, progress=progress, shipped=False)
+
+    def num(x: float) -> float | None:
+        return None if not math.isfinite(x) else float(f"{x:.6g}")
+
+    doc = {"kind": REFERENCE_KIND, "model": card.name, "keyed_on": reference_key_doc(card),
+           "n_tiles": ref.n_tiles, "frames": ref.frames, "seed": ref.seed,
+           "percentiles": [LOW_PERCENTILE, HIGH_PERCENTILE],
+           "ranges": {q.name: list(ref.range_of(q.name)) for q in QUANTITIES},
+           "values": {k: [num(x) for x in v] for k, v in ref.values.items()}}
+    path = folder / REFERENCE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 # ------------------------------------------------------------------ checking
@@ -307,7 +408,7 @@ class CheckRow:
             return f"{self.label}: not measured ({self.note or 'no particles seen'})"
         word = {"low": "below", "high": "above", "ok": "within"}[self.status]
         extra = f" ({self.note})" if self.note else ""
-        return f"{self.label} {f(self.value)} {self.unit}{extra} {word} the trained {trained}"
+        return f"{self.label} {f(self.value)} {self.unit}{extra} {word} the trained {trained} {self.unit}"
 
 
 @dataclass
@@ -336,6 +437,19 @@ class CheckResult:
             return ("recording check: within what the model was trained for (" + ", ".join(measured) + ")"
                     if measured else "recording check: nothing measurable (no particles seen)")
         return "recording check: OUTSIDE what the model was trained for: " + "; ".join(r.text() for r in self.outside)
+
+    def replay_line(self, command: str = "") -> str:
+        """One line for ``replay``: inside, or each quantity outside with its value and range."""
+        if self.ok:
+            measured = [r.label for r in self.rows if r.status == "ok"]
+            missing = [r.label for r in self.rows if r.status == "not measured"]
+            if not measured:
+                return "recording check: nothing measurable (no particles seen)"
+            return ("recording check: inside the trained range (" + ", ".join(measured)
+                    + (f"; not measured: {', '.join(missing)}" if missing else "") + ")")
+        see = f"; see `{command}`" if command else ""
+        return ("recording check: " + "; ".join(r.text() for r in self.outside)
+                + f" — estimates may be off{see}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -367,31 +481,43 @@ def compare(values: dict[str, np.ndarray], ref: Reference, *, recording: str = "
     return CheckResult(recording, ref.model, tiles, windows, frames, rows)
 
 
-def check_movie(movie: np.ndarray, timing: ScanTiming, ref: Reference, psf_guess_um: float,
+def check_movie(movie, timing: ScanTiming, ref: Reference, psf_guess_um: float,
                 tile_shape: tuple[int, int] = (20, 20), windows: int = DEFAULT_WINDOWS,
-                window_frames: int | None = None, label: str = "movie") -> CheckResult:
-    """Check a movie array [T, H, W] (the full frame; ``timing`` its scan)."""
+                window_frames: int | None = None, label: str = "movie", max_tiles: int | None = None) -> CheckResult:
+    """Check a movie [T, H, W] (the full frame; ``timing`` its scan): an array, or an open
+    recording (only the windows looked at are read). ``max_tiles``: at most this many tiles,
+    spread evenly over the frame's grid (default: every tile)."""
     from dle_stream.tiling import grid_layout
 
-    movie = np.asarray(movie)
-    T, H, W = movie.shape
+    if isinstance(movie, np.ndarray) or not hasattr(movie, "read"):
+        movie = np.asarray(movie)
+        T, H, W = movie.shape
+
+        def read(start: int, stop: int) -> np.ndarray:
+            return movie[start:stop]
+    else:
+        T, H, W = movie.n_frames, movie.height, movie.width
+        read = movie.read
     wf = int(window_frames or ref.frames)
     if windows < 1:
         raise ParameterError(f"{arg('windows', windows)}: must be at least 1")
     if T < wf:
         raise ParameterError(f"{label}: {T} frames, fewer than one {wf}-frame window of the model; the check needs "
                              f"at least {wf} frames")
-    layout = grid_layout(H, W, *tile_shape)
+    tiles = grid_layout(H, W, *tile_shape).tiles
+    if max_tiles is not None and len(tiles) > max_tiles:
+        tiles = [tiles[int(i)] for i in np.unique(np.round(np.linspace(0, len(tiles) - 1, max_tiles)))]
     starts = sorted({int(round(x)) for x in np.linspace(0, T - wf, min(windows, T - wf + 1))})
     values: dict[str, list[float]] = {k: [] for k in (*NAMES, "motion_hz")}
     for s in starts:
-        for tile in layout.tiles:
+        block = np.asarray(read(s, s + wf))
+        for tile in tiles:
             r, c, h, w = tile.bbox
-            st = movie_statistics(movie[s:s + wf, r:r + h, c:c + w], timing.pixel_size_um,
+            st = movie_statistics(block[:, r:r + h, c:c + w], timing.pixel_size_um,
                                   timing.frame_period_us * 1e-6, psf_guess_um)
             for k, v in st.items():
                 values[k].append(v)
-    return compare({k: np.asarray(v) for k, v in values.items()}, ref, recording=label, tiles=len(layout.tiles),
+    return compare({k: np.asarray(v) for k, v in values.items()}, ref, recording=label, tiles=len(tiles),
                    windows=len(starts), frames=wf)
 
 
@@ -419,10 +545,61 @@ def check_recording(path: str | Path, *, model: str = "brain-qd-low", windows: i
         if rec.n_frames < card.window_frames:
             raise DleStreamError(f"{path}: {rec.n_frames} frames, fewer than one {card.window_frames}-frame window of "
                                  f"model {card.name}; the check needs at least {card.window_frames} frames")
+        _, why = shipped_reference(resolve_model(model), card)
+        if "stale" in why or "damaged" in why:
+            notes = [*notes, f"{why}: simulated or cached ranges are used; `dle-stream check --write-reference "
+                             f"{model}` writes them again"]
         ref = reference(model, progress=progress)
-        movie = rec.read(0, rec.n_frames)
-    psf = training_priors(card).psf_sigma_xy_um[0]
-    res = check_movie(movie, timing, ref, psf, (card.tile_height, card.tile_width), windows, card.window_frames,
-                      label=str(path))
+        psf = training_priors(card).psf_sigma_xy_um[0]
+        res = check_movie(rec, timing, ref, psf, (card.tile_height, card.tile_width), windows, card.window_frames,
+                          label=str(path))
     res.warnings = list(notes)
     return res
+
+
+def replay_check(rec, model: str | Path, timing: ScanTiming, *, label: str = "", windows: int = REPLAY_WINDOWS,
+                 max_tiles: int = REPLAY_MAX_TILES) -> dict[str, Any]:
+    """The recording check as ``replay`` runs it, on an open recording whose scan is ``timing``:
+    a few windows and tiles, the reference shipped or cached only (never simulated here).
+
+    Never raises for the recording's sake: returns {"status": "inside" | "outside" | "skipped",
+    "line": one line for the user, "result": :meth:`CheckResult.to_dict` (None when skipped),
+    "reference": where the ranges came from or "reason": why skipped}."""
+    from dle_stream.model_package import load_card, resolve_model
+
+    def skipped(reason: str) -> dict[str, Any]:
+        return {"status": "skipped", "line": f"recording check: skipped ({reason})", "result": None,
+                "reason": reason}
+
+    try:
+        folder = resolve_model(model)
+        card = load_card(folder)
+        if rec.n_frames < card.window_frames:
+            return skipped(f"{rec.n_frames} frames, fewer than one {card.window_frames}-frame window of model "
+                           f"{card.name}")
+        if rec.height < card.tile_height or rec.width < card.tile_width:
+            return skipped(f"frames of {rec.height}×{rec.width} px are smaller than the model's "
+                           f"{card.tile_height}×{card.tile_width}-px tile")
+        found, where = shipped_reference(folder, card)
+        if found is None:
+            try:
+                found = reference(folder, simulate=False, shipped=False)
+            except ReferenceUnavailable:
+                return skipped(f"{where}, and none cached; `dle-stream check --write-reference {model}` writes them "
+                               f"(about a minute)")
+            where = "cached"
+        ref = found
+        psf = training_priors(card).psf_sigma_xy_um[0]
+        res = check_movie(rec, timing, ref, psf, (card.tile_height, card.tile_width), windows, card.window_frames,
+                          label=label or str(getattr(rec, "path", "recording")), max_tiles=max_tiles)
+    except ReferenceUnavailable as exc:
+        return skipped(str(exc))
+    except Exception as exc:  # the check must never stop a replay
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        return skipped(f"the check failed: {text}")
+    import shlex
+
+    command = (f"dle-stream check {shlex.quote(label)}" + (f" --model {shlex.quote(str(model))}"
+                                                           if str(model) != "brain-qd-low" else "")) if label else ""
+    return {"status": "inside" if res.ok else "outside", "line": res.replay_line(command),
+            "result": res.to_dict(), "reference": where}

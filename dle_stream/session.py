@@ -59,6 +59,8 @@ class StreamOptions:
     dashboard: str = "plain"  # live | plain | quiet
     combine_windows: int = 8
     parameter_names: dict[str, str] = field(default_factory=dict)
+    #: run the recording check (:func:`dle_stream.recording_check.replay_check`) before a replay
+    recording_check: bool = True
 
 
 @dataclass
@@ -74,6 +76,8 @@ class StreamResult:
     warnings: list[str]
     truth: dict
     combination: RunningCombination | None = None
+    #: the recording check's verdict (replay; :func:`dle_stream.recording_check.replay_check`)
+    recording_check: dict | None = None
 
 
 def make_layout(height: int, width: int, tile_shape: tuple[int, int], opts: StreamOptions) -> TileLayout:
@@ -159,7 +163,8 @@ def _offsets(log: ZarrLog | None) -> dict[str, int]:
 
 
 def _attrs(kind: str, source: str, est: StreamEstimator, timing: ScanTiming, timing_source: str, layout: TileLayout,
-           runner_window: int, hop: int, warnings: list[str], comparison: TimingComparison) -> dict:
+           runner_window: int, hop: int, warnings: list[str], comparison: TimingComparison,
+           recording_check: dict | None = None) -> dict:
     """The run's metadata for its log (:class:`dle_stream.log_attrs.RunMetadata`)."""
     card = getattr(getattr(est, "estimator", None), "card", None)
     from dataclasses import asdict, is_dataclass
@@ -173,7 +178,7 @@ def _attrs(kind: str, source: str, est: StreamEstimator, timing: ScanTiming, tim
                        "n_tiles": len(layout.tiles), "uncovered_px": layout.uncovered_px},
         window_frames=runner_window, hop_frames=hop,
         start_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        timing_comparison=comparison.explain(),
+        timing_comparison=comparison.explain(), recording_check=recording_check,
     ).to_json()
 
 
@@ -218,8 +223,9 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
                 f"estimated" + (f" ({rec.truncation_note})" if rec.truncated else "")
                 + f"; use a shorter {arg('window')} (at most {rec.n_frames})" * (rec.n_frames > 0)
                 + "; re-export or re-acquire the recording" * (rec.n_frames == 0))
+        check = _recording_check(rec, recording, opts, timing)
         attrs = _attrs("replay", str(recording), est, timing, timing_source, layout, window, opts.hop, warnings,
-                       comparison)
+                       comparison, check)
         log = _open_log(opts, layout, attrs, est)
         runner = StreamRunner(est, layout, timing, window=window, hop=opts.hop, live=False,
                               timing_assumed=bool(resolved.assumed),
@@ -235,6 +241,9 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         if opts.dashboard == "plain":
             for w in warnings:
                 console.print(f"warning: {w}", highlight=False, markup=False)
+            console.print(check["line"], highlight=False, markup=False, soft_wrap=True)
+        if check["status"] == "outside":
+            runner.warn(check["line"])
         start = getattr(log, "resume_frame", 0) if log is not None else 0
         if start + window > rec.n_frames:  # a resumed replay with nothing left to estimate
             runner.warn(f"{opts.log} already holds every window of {recording.name}; nothing to add")
@@ -253,7 +262,22 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         rec.close()
     c = runner.combination
     return StreamResult(runner.stats, layout, timing, c.region_d.copy(), c.region_sigma.copy(), c.tile_d.copy(),
-                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth, c)
+                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth, c, check)
+
+
+def _recording_check(rec, recording: Path, opts: StreamOptions, timing: ScanTiming) -> dict:
+    """The recording check's verdict for a replay (skipped with the reason where it does not apply)."""
+    from dle_stream.recording_check import replay_check
+
+    def skipped(reason: str) -> dict:
+        return {"status": "skipped", "line": f"recording check: skipped ({reason})", "result": None, "reason": reason}
+
+    if not opts.recording_check:
+        flag = opts.parameter_names.get("no_check")
+        return skipped(f"turned off with {flag}" if flag else "turned off (recording_check=False)")
+    if opts.estimator != "dle":
+        return skipped(f"estimator {opts.estimator}: the check compares a recording with a DLE model's training")
+    return replay_check(rec, opts.model, timing, label=str(recording))
 
 
 def _estimator_for(opts: StreamOptions, timing: ScanTiming,
@@ -290,6 +314,8 @@ def describe_result(result: StreamResult, console: Console) -> None:
                   + (f", {st.windows_skipped} skipped" if st.windows_skipped else "")
                   + (f", {st.gaps} gaps" if st.gaps else "")
                   + (f"; log: {result.log_path}" if result.log_path else ""), highlight=False, markup=False)
+    if result.recording_check is not None:
+        console.print(result.recording_check["line"], highlight=False, markup=False, soft_wrap=True)
     c = result.combination
     for i, region in enumerate(result.layout.regions[:30]):
         if c is None:
