@@ -116,3 +116,155 @@ def test_check_bad_input_is_one_line_naming_the_flag(cli, write_movie):
     path = write_movie("short.tif", frames=50, height=20, width=20)
     assert "--windows 0: must be at least 1" in cli.error("check", path, "--windows", "0")
     assert "fewer than one 400-frame window" in cli.error("check", path)
+
+
+# ------------------------------------------------------------- replay's line
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory):
+    """A clean 40×40-px, 400-frame recording of one sample and the same with a twice wider PSF."""
+    from dle_stream.recording import write_recording
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("recordings")
+    out = {}
+    for name, priors in (("clean", ONE_SAMPLE), ("wide", stressed(ONE_SAMPLE, "wide-psf", "strong"))):
+        movie, timing = simulate_recording(priors, seed=5)
+        out[name] = write_recording(folder / f"{name}.tif", movie.astype(np.float32), timing)
+    return out
+
+
+def _replay(recording, tmp_path, **opts):
+    """``session.replay`` in plain mode with a log; (result, printed text on one line)."""
+    import io
+
+    from rich.console import Console
+
+    from dle_stream.session import StreamOptions, describe_result, replay
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=400)
+    result = replay(recording, StreamOptions(log=tmp_path / "run.zarr", dashboard="plain", **opts), console=console)
+    describe_result(result, console)
+    return result, " ".join(buf.getvalue().split())
+
+
+def test_replay_says_inside_for_a_clean_recording_and_keeps_it_in_the_log(recordings, tmp_path):
+    from dle_stream.zarr_log import open_log
+
+    result, text = _replay(recordings["clean"], tmp_path)
+    line = "recording check: inside the trained range (brightness above background, PSF width σxy"
+    assert text.count(line) == 2  # before the windows, and in the end summary
+    assert result.recording_check["status"] == "inside"
+    meta = open_log(tmp_path / "run.zarr").header.metadata
+    assert meta.recording_check["status"] == "inside" and meta.recording_check["line"].startswith(line)
+    assert meta.recording_check["reference"] == "shipped with model brain-qd-low"
+    assert {r["name"] for r in meta.recording_check["result"]["rows"]} == {"brightness", "psf_width_um", "density",
+                                                                             "motion"}
+
+
+def test_replay_names_the_psf_width_of_a_twice_wider_psf(recordings, tmp_path):
+    from dle_stream.zarr_log import open_log
+
+    result, text = _replay(recordings["wide"], tmp_path)
+    assert "recording check: PSF width σxy" in text and "µm above the trained" in text
+    assert "estimates may be off; see `dle-stream check" in text and "wide.tif`" in text
+    assert any(w.startswith("recording check: PSF width σxy") for w in result.stats.warnings)  # a warning too
+    meta = open_log(tmp_path / "run.zarr").header.metadata
+    assert meta.recording_check["status"] == "outside" and "PSF width σxy" in meta.recording_check["line"]
+    rows = {r["name"]: r for r in meta.recording_check["result"]["rows"]}
+    assert rows["psf_width_um"]["status"] == "high" and rows["psf_width_um"]["value"] > 1.6 * 0.21
+
+
+def test_replay_skips_the_check_with_a_reason_and_still_estimates(cli, write_movie):
+    short = write_movie("short.tif", frames=100, height=20, width=20)
+    out = cli("replay", short, "--window", "40", "--hop", "40")
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "recording check: skipped (100 frames, fewer than one 400-frame window of model brain-qd-low)" in text
+    assert "100 frames, 2 windows" in text
+    out = cli("replay", short, "--window", "40", "--hop", "40", "--no-check")
+    assert out.exit_code == 0 and "recording check: skipped (turned off with --no-check)" in " ".join(out.output.split())
+
+
+# ------------------------------------------------- the reference a package ships
+def _copy_package(src: str, dst, weights: bool = False):
+    import shutil
+
+    from dle_stream.model_package import resolve_model
+
+    dst.mkdir(parents=True)
+    for name in ("card.json", "recording_check.json") + (("weights.safetensors",) if weights else ()):
+        shutil.copy(resolve_model(src) / name, dst / name)
+    return dst
+
+
+@pytest.mark.parametrize("model", ["brain-qd-low", "beads-high"])
+def test_shipped_reference_matches_the_card_and_survives_new_weights_and_calibration(model, tmp_path):
+    from dle_stream.model_package import load_card, resolve_model
+    from dle_stream.recording_check import REFERENCE_TILES, shipped_reference
+
+    ref, where = shipped_reference(resolve_model(model), load_card(resolve_model(model)))
+    assert ref is not None, where
+    assert ref.n_tiles == REFERENCE_TILES and ref.frames == 400
+    lo, hi = ref.range_of("psf_width_um")
+    assert lo is not None and hi is not None and lo < 0.21 < hi
+    # retrained / recalibrated: weights, calibration, validation, name change; priors and scan do not
+    folder = _copy_package(model, tmp_path / "pkg")
+    card = json.loads((folder / "card.json").read_text())
+    card.update(weights_sha256="0" * 64, validation={}, name=f"{model}-v2", description="retrained",
+                training={**card["training"], "likelihood_calibration": {
+                    **card["training"]["likelihood_calibration"], "temperature": 0.5}, "end_to_end_steps": 99})
+    (folder / "card.json").write_text(json.dumps(card))
+    ref2, where = shipped_reference(folder, load_card(folder))
+    assert ref2 is not None, where
+    # a different training prior or scan: stale, and the message says what changed
+    card["simulator"]["priors"]["brightness_photons"] = [300.0, 100.0]
+    (folder / "card.json").write_text(json.dumps(card))
+    ref3, why = shipped_reference(folder, load_card(folder))
+    assert ref3 is None and "stale (the card's simulator priors (simulator.priors) changed)" in why
+
+
+def test_a_missing_or_stale_shipped_reference_falls_back_to_the_cache(ref, recordings, tmp_path, monkeypatch):
+    import dle_stream.recording_check as rc
+    from dle_stream.model_package import load_card
+    from dle_stream.recording import open_recording
+
+    folder = _copy_package("brain-qd-low", tmp_path / "brain-qd-low", weights=True)
+    (folder / "recording_check.json").rename(tmp_path / "shipped.json")
+    with open_recording(recordings["clean"]) as rec:
+        timing = ScanTiming(**{**PRESET.timing.to_dict(), "width_px": 40, "height_px": 40})
+        # missing and nothing cached under this tile count: skipped, saying how to get the ranges
+        monkeypatch.setattr(rc, "REFERENCE_TILES", 1000)
+        out = rc.replay_check(rec, folder, timing)
+        assert out["status"] == "skipped" and "ships no reference ranges" in out["line"]
+        assert "none cached; `dle-stream check --write-reference" in out["line"] and out["result"] is None
+        # missing, cached (the module's 48-tile reference of the same card): the cache is used
+        monkeypatch.setattr(rc, "REFERENCE_TILES", ref.n_tiles)
+        out = rc.replay_check(rec, folder, timing)
+        assert out["status"] == "inside" and out["reference"] == "cached", out["line"]
+        # stale (written by an older check): ignored, the cache is used
+        doc = json.loads((tmp_path / "shipped.json").read_text())
+        doc["keyed_on"]["n"] = ref.n_tiles
+        doc["keyed_on"]["v"] = rc.CHECK_VERSION - 1
+        (folder / "recording_check.json").write_text(json.dumps(doc))
+        assert "stale (the check's version changed)" in rc.shipped_reference(folder, load_card(folder))[1]
+        out = rc.replay_check(rec, folder, timing)
+        assert out["status"] == "inside" and out["reference"] == "cached", out["line"]
+
+
+def test_write_reference_writes_a_file_the_check_reads(ref, tmp_path, monkeypatch, cli):
+    import dle_stream.recording_check as rc
+    from dle_stream.model_package import load_card
+
+    folder = _copy_package("brain-qd-low", tmp_path / "pkg")
+    (folder / "recording_check.json").unlink()
+    monkeypatch.setattr(rc, "REFERENCE_TILES", ref.n_tiles)  # the module's cached reference: no simulation
+    out = cli("check", "--write-reference", folder)
+    assert out.exit_code == 0, out.output
+    assert (folder / "recording_check.json").is_file()
+    got, where = rc.shipped_reference(folder, load_card(folder))
+    assert got is not None, where
+    for name in ("brightness", "psf_width_um", "density", "motion"):
+        for a, b in zip(got.range_of(name), ref.range_of(name)):
+            assert (a is None and b is None) or a == pytest.approx(b, rel=1e-5)
+    assert "give a RECORDING to check" in cli.error("check")
