@@ -33,7 +33,13 @@ few windows spread over the recording), then the median over tiles and windows:
   frame shift. Diffusing particles step independently from frame to frame, so the
   shifts' spectrum is flat; periodic whole-field motion (heartbeat, breathing) puts a
   peak in it. The value is the largest power of the shifts' periodogram (x and y added)
-  over its median power; its frequency is reported beside it.
+  over its median power; its frequency is reported beside it. On a recording of several
+  tiles the motion is the whole field's: the tiles' correlation maps are added before the
+  shifts are taken (every tile's particles register the same displacement), which finds
+  motion that a single tile's few particles do not show (on 16 simulated tiles with 2-px
+  motion, scores 10–400 against 4–8 per tile's median). The statistic's null distribution
+  does not depend on how many tiles are added (one shift series either way), so the
+  single-tile reference bounds it too.
 
 The trained ranges come from the model itself: :func:`reference` simulates tiles from the
 card's simulator priors and scan timing (seeded; the steady-density share included, D in
@@ -140,9 +146,10 @@ def psf_width_px(norm: np.ndarray) -> float:
     return math.sqrt(2.0 / log_ratio)
 
 
-def frame_shifts(norm: np.ndarray, radius: int = SHIFT_RADIUS_PX) -> tuple[np.ndarray, np.ndarray]:
-    """Shift (x, y) px from each frame to the next: the centroid of the positive part of
-    their cross-correlation within ±radius px. [T − 1] each."""
+def shift_correlation(norm: np.ndarray, radius: int = SHIFT_RADIUS_PX) -> np.ndarray:
+    """Cross-correlation of each frame with the next within ±radius px (shifts −r..r on each
+    axis; radius capped by the frame): [T − 1, 2r + 1, 2r + 1]. Tiles' maps add up to the whole
+    field's (:func:`shifts_from_correlation` of their sum)."""
     T, H, W = norm.shape
     z = norm - norm.mean(axis=(1, 2), keepdims=True)
     f = np.fft.rfft2(z, s=(2 * H, 2 * W))
@@ -150,11 +157,23 @@ def frame_shifts(norm: np.ndarray, radius: int = SHIFT_RADIUS_PX) -> tuple[np.nd
     r = int(min(radius, H - 1, W - 1))
     rows = np.r_[2 * H - r:2 * H, 0:r + 1]
     cols = np.r_[2 * W - r:2 * W, 0:r + 1]
-    win = np.clip(cc[:, rows][:, :, cols], 0.0, None)
+    return cc[:, rows][:, :, cols]
+
+
+def shifts_from_correlation(cc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shift (x, y) px per frame pair: the centroid of the correlation's positive part."""
+    r = (cc.shape[-1] - 1) // 2
+    win = np.clip(cc, 0.0, None)
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     tot = win.sum(axis=(1, 2))
     tot = np.where(tot > 0, tot, 1.0)
     return (win * xx).sum(axis=(1, 2)) / tot, (win * yy).sum(axis=(1, 2)) / tot
+
+
+def frame_shifts(norm: np.ndarray, radius: int = SHIFT_RADIUS_PX) -> tuple[np.ndarray, np.ndarray]:
+    """Shift (x, y) px from each frame to the next: the centroid of the positive part of
+    their cross-correlation within ±radius px. [T − 1] each."""
+    return shifts_from_correlation(shift_correlation(norm, radius))
 
 
 def motion_score(sx: np.ndarray, sy: np.ndarray, frame_period_s: float) -> tuple[float, float]:
@@ -172,11 +191,13 @@ def motion_score(sx: np.ndarray, sy: np.ndarray, frame_period_s: float) -> tuple
 
 
 def movie_statistics(movie: np.ndarray, pixel_size_um: float, frame_period_s: float,
-                     psf_guess_um: float) -> dict[str, float]:
+                     psf_guess_um: float, correlation: list | None = None) -> dict[str, float]:
     """The check's quantities for one tile's movie [T, H, W] (detector values).
 
     ``psf_guess_um`` sets trackpy's feature diameter (the model's PSF prior, as the classic
     tracker takes it). Returns {quantity: value} plus ``motion_hz``; NaN where not measurable.
+    ``correlation``: a list to which the tile's frame-to-frame correlation maps
+    (:func:`shift_correlation`) are appended, for the whole field's motion.
     """
     from dle_stream.classic import _locate, diameter_px, noise_minmass
 
@@ -191,8 +212,10 @@ def movie_statistics(movie: np.ndarray, pixel_size_um: float, frame_period_s: fl
         _, _, _, mass = _locate(norm, d, noise_minmass(H, W, d))
     area_100um2 = H * W * pixel_size_um**2 / 100.0
     s = psf_width_px(norm)
-    sx, sy = frame_shifts(norm)
-    score, hz = motion_score(sx, sy, frame_period_s)
+    cc = shift_correlation(norm)
+    if correlation is not None:
+        correlation.append(cc)
+    score, hz = motion_score(*shifts_from_correlation(cc), frame_period_s)
     return {
         "brightness": float(np.quantile(mass, BRIGHT_QUANTILE)) if mass.size >= MIN_SPOTS else math.nan,
         "psf_width_um": s * pixel_size_um,
@@ -509,14 +532,24 @@ def check_movie(movie, timing: ScanTiming, ref: Reference, psf_guess_um: float,
         tiles = [tiles[int(i)] for i in np.unique(np.round(np.linspace(0, len(tiles) - 1, max_tiles)))]
     starts = sorted({int(round(x)) for x in np.linspace(0, T - wf, min(windows, T - wf + 1))})
     values: dict[str, list[float]] = {k: [] for k in (*NAMES, "motion_hz")}
+    field_motion: list[tuple[float, float]] = []
     for s in starts:
         block = np.asarray(read(s, s + wf))
+        maps: list[np.ndarray] = []
         for tile in tiles:
             r, c, h, w = tile.bbox
             st = movie_statistics(block[:, r:r + h, c:c + w], timing.pixel_size_um,
-                                  timing.frame_period_us * 1e-6, psf_guess_um)
+                                  timing.frame_period_us * 1e-6, psf_guess_um, correlation=maps)
             for k, v in st.items():
                 values[k].append(v)
+        # whole-field motion moves every tile alike: the tiles' correlation maps add up (the
+        # particles of every tile register the shift) before the shifts and their periodogram
+        if maps and len({m.shape for m in maps}) == 1:
+            field_motion.append(motion_score(*shifts_from_correlation(np.sum(maps, axis=0)),
+                                             timing.frame_period_us * 1e-6))
+    if field_motion and len(tiles) > 1:
+        values["motion"] = [m for m, _ in field_motion]
+        values["motion_hz"] = [hz for _, hz in field_motion]
     return compare({k: np.asarray(v) for k, v in values.items()}, ref, recording=label, tiles=len(tiles),
                    windows=len(starts), frames=wf)
 

@@ -268,3 +268,19 @@ def test_write_reference_writes_a_file_the_check_reads(ref, tmp_path, monkeypatc
         for a, b in zip(got.range_of(name), ref.range_of(name)):
             assert (a is None and b is None) or a == pytest.approx(b, rel=1e-5)
     assert "give a RECORDING to check" in cli.error("check")
+
+
+def test_whole_field_motion_is_found_from_all_tiles_together(ref):
+    """0.5-px motion at 6.5 Hz on four tiles: one tile of the four shows it (scores 5.4, 5.8,
+    5.0, 32.6; the old check took their median, 5.6, inside the trained ≤ 8.2), the tiles'
+    correlation maps added show it (13.5)."""
+    from dataclasses import replace
+
+    moving = replace(stressed(ONE_SAMPLE, "motion", "strong"), heartbeat_px=(0.5, 0.5), heartbeat_hz=(6.5, 6.5))
+    movie, timing = simulate_recording(moving, seed=3)
+    res = check_movie(movie, timing, ref, PSF, windows=1)
+    motion = next(r for r in res.rows if r.name == "motion")
+    assert motion.status == "high", res.summary_line()
+    assert "whole-field motion" in res.summary_line() and "peak at 6.5 Hz" in res.summary_line()
+    still, timing = simulate_recording(ONE_SAMPLE, seed=3)
+    assert next(r for r in check_movie(still, timing, ref, PSF, windows=1).rows if r.name == "motion").status == "ok"
