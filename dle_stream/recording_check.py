@@ -96,6 +96,8 @@ DEFAULT_WINDOWS = 4
 #: What ``replay`` looks at: windows, and tiles at most (spread over the frame), ~0.1 s each.
 REPLAY_WINDOWS = 2
 REPLAY_MAX_TILES = 16
+#: Frames read at a time from a recording (only the tiles looked at are kept).
+READ_BLOCK_FRAMES = 32
 #: The reference ranges a model package ships (in its folder).
 REFERENCE_FILE = "recording_check.json"
 REFERENCE_KIND = "dle-stream recording-check reference"
@@ -515,12 +517,8 @@ def check_movie(movie, timing: ScanTiming, ref: Reference, psf_guess_um: float,
     if isinstance(movie, np.ndarray) or not hasattr(movie, "read"):
         movie = np.asarray(movie)
         T, H, W = movie.shape
-
-        def read(start: int, stop: int) -> np.ndarray:
-            return movie[start:stop]
     else:
         T, H, W = movie.n_frames, movie.height, movie.width
-        read = movie.read
     wf = int(window_frames or ref.frames)
     if windows < 1:
         raise ParameterError(f"{arg('windows', windows)}: must be at least 1")
@@ -534,12 +532,20 @@ def check_movie(movie, timing: ScanTiming, ref: Reference, psf_guess_um: float,
     values: dict[str, list[float]] = {k: [] for k in (*NAMES, "motion_hz")}
     field_motion: list[tuple[float, float]] = []
     for s in starts:
-        block = np.asarray(read(s, s + wf))
+        if isinstance(movie, np.ndarray):
+            crops = [movie[s:s + wf, r:r + h, c:c + w] for r, c, h, w in (t.bbox for t in tiles)]
+        else:  # a recording: read in blocks, keeping the tiles looked at only (not whole frames)
+            parts: list[list[np.ndarray]] = [[] for _ in tiles]
+            for first in range(s, s + wf, READ_BLOCK_FRAMES):
+                block = movie.read(first, min(first + READ_BLOCK_FRAMES, s + wf))
+                for i, tile in enumerate(tiles):
+                    r, c, h, w = tile.bbox
+                    parts[i].append(np.array(block[:, r:r + h, c:c + w]))
+            crops = [np.concatenate(x) for x in parts]
         maps: list[np.ndarray] = []
-        for tile in tiles:
-            r, c, h, w = tile.bbox
-            st = movie_statistics(block[:, r:r + h, c:c + w], timing.pixel_size_um,
-                                  timing.frame_period_us * 1e-6, psf_guess_um, correlation=maps)
+        for crop in crops:
+            st = movie_statistics(crop, timing.pixel_size_um, timing.frame_period_us * 1e-6, psf_guess_um,
+                                  correlation=maps)
             for k, v in st.items():
                 values[k].append(v)
         # whole-field motion moves every tile alike: the tiles' correlation maps add up (the

@@ -284,3 +284,17 @@ def test_whole_field_motion_is_found_from_all_tiles_together(ref):
     assert "whole-field motion" in res.summary_line() and "peak at 6.5 Hz" in res.summary_line()
     still, timing = simulate_recording(ONE_SAMPLE, seed=3)
     assert next(r for r in check_movie(still, timing, ref, PSF, windows=1).rows if r.name == "motion").status == "ok"
+
+
+def test_an_open_recording_is_checked_as_its_array_reading_only_the_tiles_looked_at(ref, recordings, monkeypatch):
+    import dle_stream.recording_check as rc
+    from dle_stream.recording import open_recording
+
+    monkeypatch.setattr(rc, "READ_BLOCK_FRAMES", 7)  # blocks that do not divide the window
+    with open_recording(recordings["wide"]) as rec:
+        movie = rec.read(0, rec.n_frames)
+        timing = ScanTiming(**{**PRESET.timing.to_dict(), "width_px": 40, "height_px": 40})
+        a = check_movie(rec, timing, ref, PSF, windows=1, max_tiles=3)
+    b = check_movie(movie, timing, ref, PSF, windows=1, max_tiles=3)
+    assert a.tiles == b.tiles == 3
+    assert [(r.name, r.value, r.status) for r in a.rows] == [(r.name, r.value, r.status) for r in b.rows]
