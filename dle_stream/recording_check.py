@@ -506,14 +506,22 @@ def compare(values: dict[str, np.ndarray], ref: Reference, *, recording: str = "
     return CheckResult(recording, ref.model, tiles, windows, frames, rows)
 
 
+def tiles_looked_at(height: int, width: int, tile_shape: tuple[int, int], max_tiles: int | None = None) -> list:
+    """The grid's tiles of a height×width frame, at most ``max_tiles`` of them spread evenly."""
+    from dle_stream.tiling import grid_layout
+
+    tiles = grid_layout(height, width, *tile_shape).tiles
+    if max_tiles is not None and len(tiles) > max_tiles:
+        tiles = [tiles[int(i)] for i in np.unique(np.round(np.linspace(0, len(tiles) - 1, max_tiles)))]
+    return list(tiles)
+
+
 def check_movie(movie, timing: ScanTiming, ref: Reference, psf_guess_um: float,
                 tile_shape: tuple[int, int] = (20, 20), windows: int = DEFAULT_WINDOWS,
                 window_frames: int | None = None, label: str = "movie", max_tiles: int | None = None) -> CheckResult:
     """Check a movie [T, H, W] (the full frame; ``timing`` its scan): an array, or an open
     recording (only the windows looked at are read). ``max_tiles``: at most this many tiles,
     spread evenly over the frame's grid (default: every tile)."""
-    from dle_stream.tiling import grid_layout
-
     if isinstance(movie, np.ndarray) or not hasattr(movie, "read"):
         movie = np.asarray(movie)
         T, H, W = movie.shape
@@ -525,9 +533,7 @@ def check_movie(movie, timing: ScanTiming, ref: Reference, psf_guess_um: float,
     if T < wf:
         raise ParameterError(f"{label}: {T} frames, fewer than one {wf}-frame window of the model; the check needs "
                              f"at least {wf} frames")
-    tiles = grid_layout(H, W, *tile_shape).tiles
-    if max_tiles is not None and len(tiles) > max_tiles:
-        tiles = [tiles[int(i)] for i in np.unique(np.round(np.linspace(0, len(tiles) - 1, max_tiles)))]
+    tiles = tiles_looked_at(H, W, tile_shape, max_tiles)
     starts = sorted({int(round(x)) for x in np.linspace(0, T - wf, min(windows, T - wf + 1))})
     values: dict[str, list[float]] = {k: [] for k in (*NAMES, "motion_hz")}
     field_motion: list[tuple[float, float]] = []
@@ -597,9 +603,10 @@ def check_recording(path: str | Path, *, model: str = "brain-qd-low", windows: i
 
 
 def replay_check(rec, model: str | Path, timing: ScanTiming, *, label: str = "", windows: int = REPLAY_WINDOWS,
-                 max_tiles: int = REPLAY_MAX_TILES) -> dict[str, Any]:
-    """The recording check as ``replay`` runs it, on an open recording whose scan is ``timing``:
-    a few windows and tiles, the reference shipped or cached only (never simulated here).
+                 max_tiles: int | None = REPLAY_MAX_TILES) -> dict[str, Any]:
+    """The recording check as ``replay`` runs it, on an open recording (or a movie array
+    [T, H, W]) whose scan is ``timing``: a few windows and tiles, the reference shipped or
+    cached only (never simulated here).
 
     Never raises for the recording's sake: returns {"status": "inside" | "outside" | "skipped",
     "line": one line for the user, "result": :meth:`CheckResult.to_dict` (None when skipped),
@@ -613,11 +620,12 @@ def replay_check(rec, model: str | Path, timing: ScanTiming, *, label: str = "",
     try:
         folder = resolve_model(model)
         card = load_card(folder)
-        if rec.n_frames < card.window_frames:
-            return skipped(f"{rec.n_frames} frames, fewer than one {card.window_frames}-frame window of model "
+        n_frames, height, width = rec.shape if isinstance(rec, np.ndarray) else (rec.n_frames, rec.height, rec.width)
+        if n_frames < card.window_frames:
+            return skipped(f"{n_frames} frames, fewer than one {card.window_frames}-frame window of model "
                            f"{card.name}")
-        if rec.height < card.tile_height or rec.width < card.tile_width:
-            return skipped(f"frames of {rec.height}×{rec.width} px are smaller than the model's "
+        if height < card.tile_height or width < card.tile_width:
+            return skipped(f"frames of {height}×{width} px are smaller than the model's "
                            f"{card.tile_height}×{card.tile_width}-px tile")
         found, where = shipped_reference(folder, card)
         if found is None:

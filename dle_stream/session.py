@@ -10,6 +10,7 @@ with a dashboard.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -241,9 +242,7 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         if opts.dashboard == "plain":
             for w in warnings:
                 console.print(f"warning: {w}", highlight=False, markup=False)
-            console.print(check["line"], highlight=False, markup=False, soft_wrap=True)
-        if check["status"] == "outside":
-            runner.warn(check["line"])
+        _announce_check(check, runner, opts, console)
         start = getattr(log, "resume_frame", 0) if log is not None else 0
         if start + window > rec.n_frames:  # a resumed replay with nothing left to estimate
             runner.warn(f"{opts.log} already holds every window of {recording.name}; nothing to add")
@@ -269,15 +268,92 @@ def _recording_check(rec, recording: Path, opts: StreamOptions, timing: ScanTimi
     """The recording check's verdict for a replay (skipped with the reason where it does not apply)."""
     from dle_stream.recording_check import replay_check
 
-    def skipped(reason: str) -> dict:
-        return {"status": "skipped", "line": f"recording check: skipped ({reason})", "result": None, "reason": reason}
-
     if not opts.recording_check:
         flag = opts.parameter_names.get("no_check")
-        return skipped(f"turned off with {flag}" if flag else "turned off (recording_check=False)")
+        return _skipped_check(f"turned off with {flag}" if flag else "turned off (recording_check=False)")
     if opts.estimator != "dle":
-        return skipped(f"estimator {opts.estimator}: the check compares a recording with a DLE model's training")
+        return _skipped_check(f"estimator {opts.estimator}: the check compares a recording with a DLE model's "
+                              f"training")
     return replay_check(rec, opts.model, timing, label=str(recording))
+
+
+class _LiveCheck:
+    """The recording check of a live run, on its first full model window: the frames' crops of
+    the tiles looked at are kept until the window is full (not whole frames), then checked in a
+    thread so that the stream does not wait. :meth:`poll` gives the verdict once, when ready."""
+
+    def __init__(self, opts: StreamOptions, timing: ScanTiming, height: int, width: int) -> None:
+        from dle_stream.model_package import load_card, resolve_model
+        from dle_stream.recording_check import REPLAY_MAX_TILES, tiles_looked_at
+
+        self.opts, self.timing = opts, timing
+        self.result: dict | None = None
+        self._done: dict | None = None
+        self._thread: threading.Thread | None = None
+        self._crops: list[np.ndarray] = []
+        self.window = 0
+        if not opts.recording_check:
+            flag = opts.parameter_names.get("no_check")
+            self.result = _skipped_check(f"turned off with {flag}" if flag else "turned off (recording_check=False)")
+            return
+        if opts.estimator != "dle":
+            self.result = _skipped_check(f"estimator {opts.estimator}: the check compares a recording with a DLE "
+                                         f"model's training")
+            return
+        try:
+            card = load_card(resolve_model(opts.model))
+            self.window = card.window_frames
+            self.tile_shape = (card.tile_height, card.tile_width)
+            self.tiles = tiles_looked_at(height, width, self.tile_shape, REPLAY_MAX_TILES)
+        except Exception as exc:  # the check must never stop a run
+            self.result = _skipped_check(f"the check failed: {' '.join(str(exc).split()) or type(exc).__name__}")
+
+    @property
+    def collecting(self) -> bool:
+        return self.result is None and self._thread is None
+
+    def add(self, frame: np.ndarray) -> None:
+        if not self.collecting:
+            return
+        th, tw = self.tile_shape
+        try:
+            frame = np.asarray(frame)
+            # the tiles side by side: a mosaic whose grid is exactly the tiles looked at
+            self._crops.append(np.concatenate([frame[r:r + th, c:c + tw] for r, c, _, _ in (t.bbox for t in self.tiles)],
+                                              axis=1))
+        except Exception as exc:  # e.g. a frame of another size: the runner reports it; the check gives up
+            self.result = _skipped_check(f"the check failed: {' '.join(str(exc).split()) or type(exc).__name__}")
+            self._crops = []
+            return
+        if len(self._crops) == self.window:
+            mosaic, self._crops = np.stack(self._crops), []
+            self._thread = threading.Thread(target=self._check, args=(mosaic,), daemon=True, name="recording-check")
+            self._thread.start()
+
+    def _check(self, mosaic: np.ndarray) -> None:
+        from dle_stream.recording_check import replay_check
+
+        self._done = replay_check(mosaic, self.opts.model, self.timing, windows=1, max_tiles=None)
+
+    def poll(self) -> dict | None:
+        """The verdict, the first time it is ready (None before and after)."""
+        if self.result is None and self._done is not None:
+            self.result = self._done
+            return self.result
+        return None
+
+    def final(self, frames: int) -> dict:
+        """The verdict at the end of the run (waiting for a check still running)."""
+        if self._thread is not None and self.result is None:
+            self._thread.join(timeout=20)
+            self.poll()
+        if self.result is None:
+            self.result = _skipped_check(f"the run ended after {frames} frames, before one {self.window}-frame window")
+        return self.result
+
+
+def _skipped_check(reason: str) -> dict:
+    return {"status": "skipped", "line": f"recording check: skipped ({reason})", "result": None, "reason": reason}
 
 
 def _estimator_for(opts: StreamOptions, timing: ScanTiming,
@@ -397,6 +473,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
                           console=console, truth=truth, **_offsets(log))
     source: LiveFrameSource = MicroManagerSource(core, n_frames=frames, mode="mda", stall_timeout_s=stall_timeout_s)
     backlog = source.backlog
+    live_check = _LiveCheck(opts, timing, h, w)
     try:
         with dashboard:
             for item in source:
@@ -405,6 +482,10 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
                     dashboard.refresh(force=True)
                     continue
                 runner.process(item, backlog())
+                live_check.add(item.frame)
+                verdict = live_check.poll()
+                if verdict is not None:
+                    _announce_check(verdict, runner, opts, console)
                 dashboard.refresh()
     except KeyboardInterrupt:
         runner.warn("stopped by the user")
@@ -416,7 +497,16 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
             log.close()
     c = runner.combination
     return StreamResult(runner.stats, layout, timing, c.region_d.copy(), c.region_sigma.copy(), c.tile_d.copy(),
-                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth, c)
+                        c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth, c,
+                        live_check.final(runner.stats.frames_in))
+
+
+def _announce_check(verdict: dict, runner: StreamRunner, opts: StreamOptions, console: Console) -> None:
+    """The check's line on the console (plain dashboard), and a warning when outside."""
+    if opts.dashboard == "plain":
+        console.print(verdict["line"], highlight=False, markup=False, soft_wrap=True)
+    if verdict["status"] == "outside":
+        runner.warn(verdict["line"])
 
 
 def _load_mm_config(path: Path):

@@ -298,3 +298,27 @@ def test_an_open_recording_is_checked_as_its_array_reading_only_the_tiles_looked
     b = check_movie(movie, timing, ref, PSF, windows=1, max_tiles=3)
     assert a.tiles == b.tiles == 3
     assert [(r.name, r.value, r.status) for r in a.rows] == [(r.name, r.value, r.status) for r in b.rows]
+
+
+# ------------------------------------------------------------------ live runs
+def test_live_run_checks_its_first_full_window_and_says_so_in_the_summary(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from dle_stream.session import StreamOptions, describe_result, run_live
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=400)
+    result = run_live(StreamOptions(dashboard="quiet"), demo=True, frames=410, height=40, width=40, realtime=False,
+                      console=console)
+    assert result.recording_check is not None
+    assert result.recording_check["status"] == "inside", result.recording_check["line"]
+    assert result.recording_check["result"]["tiles"] == 4 and result.recording_check["result"]["frames"] == 400
+    describe_result(result, console)
+    assert "recording check: inside the trained range" in " ".join(buf.getvalue().split())
+    # shorter than one model window: skipped, saying so
+    short = run_live(StreamOptions(dashboard="quiet", window=40), demo=True, frames=60, height=20, width=20,
+                     realtime=False, console=console)
+    assert short.recording_check["line"] == ("recording check: skipped (the run ended after 60 frames, before one "
+                                             "400-frame window)")
