@@ -477,6 +477,7 @@ def run(
     pixel_size_um: Optional[float] = PIXEL, dwell_us: Optional[float] = DWELL,
     line_period_us: Optional[float] = LINE, frame_period_us: Optional[float] = FRAME,
     bidirectional: Optional[bool] = BIDI, timing: Optional[Path] = TIMING_FILE,
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the recording check (see `dle-stream check`) on the first full window."),
 ) -> None:
     """Estimate live from a microscope (Micro-Manager) or the built-in demo camera."""
     from dle_stream.session import describe_result, run_live
@@ -487,6 +488,7 @@ def run(
     height, width = parse_size(size)
     opts = _stream_options(model, estimator, tiles, roi, rois, window, hop, log, overwrite, append, dashboard, quiet,
                            _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
+    opts.recording_check = not no_check
     result = run_live(opts, demo=demo, mm_config=mm_config, scan_properties=scan_properties, frames=frames,
                       height=height, width=width, d_spec=d, seed=seed, realtime=not fast, console=console)
     describe_result(result, console)

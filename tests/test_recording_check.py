@@ -301,7 +301,7 @@ def test_an_open_recording_is_checked_as_its_array_reading_only_the_tiles_looked
 
 
 # ------------------------------------------------------------------ live runs
-def test_live_run_checks_its_first_full_window_and_says_so_in_the_summary(tmp_path):
+def test_live_run_checks_its_first_full_window_and_says_so_in_the_summary(tmp_path, cli):
     import io
 
     from rich.console import Console
@@ -322,3 +322,5 @@ def test_live_run_checks_its_first_full_window_and_says_so_in_the_summary(tmp_pa
                      realtime=False, console=console)
     assert short.recording_check["line"] == ("recording check: skipped (the run ended after 60 frames, before one "
                                              "400-frame window)")
+    out = cli("run", "--demo", "--fast", "--frames", "60", "--size", "20x20", "--window", "40", "--no-check")
+    assert out.exit_code == 0 and "recording check: skipped (turned off with --no-check)" in " ".join(out.output.split())
