@@ -234,6 +234,9 @@ def render_summary(path: str | os.PathLike):
         facts.add_row("gaps", f"{view.n_gaps} ({lost} frames lost)")
     else:
         facts.add_row("gaps", "none")
+    check = attrs.get("recording_check")
+    if isinstance(check, dict) and isinstance(check.get("line"), str):  # replay's recording check
+        facts.add_row("recording check", Text(check["line"].removeprefix("recording check: ")))
     segments = attrs.get("segments", [])
     if len(segments) > 1:
         facts.add_row("appended", f"{len(segments) - 1} time(s)")

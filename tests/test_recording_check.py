@@ -160,6 +160,12 @@ def test_replay_says_inside_for_a_clean_recording_and_keeps_it_in_the_log(record
     assert meta.recording_check["reference"] == "shipped with model brain-qd-low"
     assert {r["name"] for r in meta.recording_check["result"]["rows"]} == {"brightness", "psf_width_um", "density",
                                                                              "motion"}
+    from typer.testing import CliRunner
+
+    from dle_stream.cli import app
+
+    shown = " ".join(CliRunner().invoke(app, ["log", "show", str(tmp_path / "run.zarr")]).output.split())
+    assert "recording check inside the trained range (brightness above background" in shown
 
 
 def test_replay_names_the_psf_width_of_a_twice_wider_psf(recordings, tmp_path):
