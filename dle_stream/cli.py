@@ -340,11 +340,26 @@ def train(
 def calibrate(
     model: Path = typer.Argument(..., help="Model package folder to calibrate (rewritten in place: card and weights)."),
     movies: int = typer.Option(512, "--movies", help="Held-out simulated windows per true D value (25 values): movies/8 tiles × 8 consecutive windows; at least 128."),
+    save_windows: Optional[Path] = typer.Option(None, "--save-windows", help="Also write the simulated window likelihoods to this new .npz file (to try calibrations offline)."),
+    windows: Optional[Path] = typer.Option(None, "--windows", help="Fit on window likelihoods saved by --save-windows from this model's weights instead of simulating."),
 ) -> None:
     """Calibrate a grid model's likelihood for combining (smoothing, D axis, temperature, systematic error, disagreement scale), fitted on held-out movies of known D."""
+    from dle_stream.model_package import load_card
     from dle_stream.training.calibration import calibrate as fit
+    from dle_stream.training.calibration import load_tile_cells
 
-    r = fit(model, n_per_cell=movies, log=lambda m: console.print(m, markup=False))
+    if save_windows is not None and save_windows.exists():
+        raise DleStreamError(f"--save-windows {save_windows}: the file exists; give a new file name")
+    saved: dict = {}
+    if windows is not None:
+        if not windows.is_file():
+            raise DleStreamError(f"--windows {windows}: no such file; write one with --save-windows")
+        tiles, fractions, seed, sha = load_tile_cells(windows)
+        if sha != (load_card(model).weights_sha256 or ""):
+            raise DleStreamError(f"--windows {windows}: simulated with other weights than {model}'s; simulate anew "
+                                 f"(leave out --windows)")
+        saved = {"tiles": tiles, "fractions": tuple(float(x) for x in fractions), "seed": seed}
+    r = fit(model, n_per_cell=movies, log=lambda m: console.print(m, markup=False), save_windows=save_windows, **saved)
     b, a = r["before"], r["after"]
     console.print(f"{model}: temperature {r['temperature']:.3g}, systematic error {r['systematic_rel']:.0%} of D, "
                   f"D axis warped at {r['warp_points']} points, disagreement scale {r['lr_scale']:.2g}"

@@ -179,15 +179,28 @@ def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained,
     the card, and the loaded estimator's likelihoods and D grid use them."""
     import shutil
 
-    from dle_stream.training.calibration import calibrate
+    from dle_stream.training.calibration import calibrate, load_tile_cells
 
     pkg = tmp_path / "pkg"
     shutil.copytree(trained, pkg)
     raw = DiffusionEstimator.load(pkg)
     batch = Simulator(easy_config(pkg).priors, get_preset("low").timing, frames=100).simulate(8, seed=5)
     before, _ = raw.window_log_likelihoods_of_movies(batch.movies.numpy(), raw.timing)
-    r = calibrate(pkg, n_per_cell=128, fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.25))
+    fractions = (0.1, 0.3, 0.5, 0.7, 0.9, 1.25)
+    saved = tmp_path / "windows.npz"
+    r = calibrate(pkg, n_per_cell=128, fractions=fractions, save_windows=saved)
     assert 0.1 <= r["temperature"] <= 2.0 and r["warp_points"] == 6
+    # the simulated windows, saved, give the same calibration offline; the file is never replaced
+    tiles, f, seed, sha = load_tile_cells(saved)
+    assert tiles.shape[:3] == (6, 16, 8) and tuple(f) == fractions and seed == r["seed"]
+    assert sha == json.loads((tmp_path / "pkg" / "card.json").read_text())["weights_sha256"]
+    again = tmp_path / "again"
+    shutil.copytree(trained, again)
+    r2 = calibrate(again, n_per_cell=128, fractions=tuple(f), tiles=tiles, seed=seed)
+    assert r2["temperature"] == r["temperature"] and r2["warp_points"] == 6
+    assert r2["lr_scale"] == r["lr_scale"] and r2["systematic_rel"] == r["systematic_rel"]
+    with pytest.raises(DleStreamError, match="exists"):
+        calibrate(again, n_per_cell=128, fractions=tuple(f), save_windows=saved)
     assert r["tiles_per_cell"] == 16 and r["windows_per_tile"] == 8
     assert set(r["after"]) == {"k1", "independent_k4", "independent_k16", "tile_k8", "roi_8_tiles_k64"}
     est = DiffusionEstimator.load(pkg)

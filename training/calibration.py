@@ -330,11 +330,37 @@ def fit_lr_scale(null_sets: dict[str, np.ndarray]) -> tuple[float, dict[str, flo
     return float(LR_SCALES[-1]), lr_false_alarms(null_sets, float(LR_SCALES[-1]))
 
 
+def save_tile_cells(path: str | Path, tiles: np.ndarray, fractions: Sequence[float], seed: int,
+                    weights_sha256: str | None) -> Path:
+    """Write simulated raw window log-likelihoods [cells, tiles, windows, entries] with the true
+    D of each cell (units of d_max), the seed and the weights they came from (.npz, written
+    atomically; an existing file is never replaced)."""
+    from dle_stream.files import write_atomic
+
+    path = Path(path)
+    if path.exists():
+        raise DleStreamError(f"{path}: exists; choose another file for the simulated windows")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, tiles=np.asarray(tiles, dtype=np.float32), fractions=np.asarray(fractions, dtype=float),
+                     seed=np.int64(seed), weights_sha256=np.str_(weights_sha256 or ""))
+
+    write_atomic(path, write)
+    return path
+
+
+def load_tile_cells(path: str | Path) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """(tiles, fractions, seed, weights sha256) as written by :func:`save_tile_cells`."""
+    with np.load(Path(path)) as data:
+        return (data["tiles"].astype(np.float64), data["fractions"], int(data["seed"]), str(data["weights_sha256"]))
+
+
 def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION_SEED, batch: int = 32,
               device: str = "cpu", progress: Callable[[int], None] | None = None,
               fractions: tuple[float, ...] = INSIDE_FRACTIONS + BEYOND_FRACTIONS,
               tiles: np.ndarray | None = None, log: Callable[[str], None] | None = None,
-              temperature_profile: bool = False) -> dict:
+              temperature_profile: bool = False, save_windows: str | Path | None = None) -> dict:
     """Fit and store the smoothing, warp, temperature, systematic error and likelihood-ratio
     scale of the grid model in ``folder``; returns what was measured.
 
@@ -346,6 +372,8 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     where each window peaks (off by default: on brain-qd-low-combined it widened windows
     near the top of the range 5.8-fold and the 1000-movie suite's L1 rose from 0.115 to
     0.123 µm²/s, the top decile's bias to −0.28 µm²/s).
+    ``save_windows``: also write the simulated raw window log-likelihoods there
+    (:func:`save_tile_cells`), so that other calibrations can be tried on them offline.
     """
     from dle_stream.estimator import DiffusionEstimator
     from dle_stream.model_package import load_model_package, save_model_package
@@ -353,6 +381,8 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
 
     if n_per_cell < 16 * TILE_WINDOWS:
         raise DleStreamError(f"calibration: {n_per_cell} movies per D value is too few (at least {16 * TILE_WINDOWS})")
+    if save_windows is not None and Path(save_windows).exists():
+        raise DleStreamError(f"{save_windows}: exists; choose another file for the simulated windows")
     model, card = load_model_package(folder, device=device)
     if model.config.output != "d_grid":
         raise DleStreamError(f"{folder}: only a model with a grid likelihood output can be calibrated")
@@ -370,6 +400,8 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
         est = DiffusionEstimator(model, card, Path(folder), device)
         tiles = simulate_tile_cells(est, fractions, n_per_cell // TILE_WINDOWS, TILE_WINDOWS, seed=seed, batch=batch,
                                     progress=progress)
+        if save_windows is not None:
+            save_tile_cells(save_windows, tiles, fractions, seed, card.weights_sha256)
     f = np.asarray(fractions)
     inside = np.flatnonzero(f <= 1.0)
     judged = np.flatnonzero((f >= 0.1) & (f <= 0.9))
