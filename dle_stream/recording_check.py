@@ -54,8 +54,9 @@ length, and the check's version, tile count and seed — never on the weights or
 calibration, so a package retrained or recalibrated with the same priors and scan keeps a
 valid file. A shipped file whose key differs from the card's is stale and ignored.
 
-``replay`` runs the check on a few tiles and windows (:func:`replay_check`) and never
-simulates: without a shipped or cached reference it says the check was skipped and why.
+``replay`` runs the check on a few tiles and windows (:func:`replay_check`), ``run`` on its
+first full window (in a thread); neither simulates: without a shipped or cached reference
+they say the check was skipped and why.
 """
 
 from __future__ import annotations
