@@ -232,3 +232,31 @@ def test_temperature_profile_makes_windows_honest_where_one_temperature_cannot()
     # the profile is read where each window peaks: a window peaking at 0.2 gets the low-D temperature
     t = window_temperatures(gaussian_log_likelihood(np.array([0.2, 0.8]), np.array([0.05, 0.05]), GRID), GRID, t_fit, profile)
     assert t[0] < 0.5 < 0.8 < t[1]
+
+
+def test_a_tile_filmed_for_eight_windows_keeps_its_particles_in_view():
+    """Calibration films tiles for 8 consecutive windows, as a stream's running estimate adds
+    them. In a sample the density is steady; the paper's spreading cloud empties the tile
+    within a window or two at the top of the range (its later windows carry almost no
+    information), so tiles over time must be simulated with a steady density."""
+    import torch
+
+    from dle_stream.estimator import DiffusionEstimator
+    from dle_stream.model_package import resolve_model
+    from dle_stream.training.calibration import _operating_simulator, tile_film_simulator
+
+    est = DiffusionEstimator.load(resolve_model("brain-qd-low"))
+
+    def visible_by_window(sim, d_max):
+        g = torch.Generator().manual_seed(3)
+        out = sim.simulate(8, generator=g, d_um2_s=d_max)
+        seen = [float(out.visible_transitions.float().mean())]
+        for _ in range(7):
+            out = sim.simulate(8, generator=g, continue_from=out.state)
+            seen.append(float(out.visible_transitions.float().mean()))
+        return np.asarray(seen)
+
+    steady = visible_by_window(*tile_film_simulator(est))
+    cloud = visible_by_window(*_operating_simulator(est, density="cloud"))
+    assert steady[-1] > 0.5 * steady[0] and steady[-4:].mean() > 0.5 * steady[:4].mean(), steady
+    assert cloud[-1] < 0.2 * cloud[0], cloud  # why the cloud is not used for tiles over time
