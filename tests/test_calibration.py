@@ -75,7 +75,7 @@ def test_projecting_a_free_knot_head_keeps_its_smooth_part_and_drops_the_zigzag(
     from dle_stream.model import DLEModel, ModelConfig
     from dle_stream.training.output_basis import project_output_to_spline_basis
 
-    cfg = ModelConfig(temporal_channels=8, head_hidden=8, grid_basis=0)
+    cfg = ModelConfig(temporal_channels=8, head_hidden=8, grid_basis=0, grid_prior_exact=False)  # an old head
     model = DLEModel(cfg).eval()
     k = cfg.grid.knots
     smooth = -0.5 * ((k - 0.6) / 0.15) ** 2  # a Gaussian log-likelihood: representable by the basis
