@@ -344,9 +344,9 @@ def calibrate(
     windows: Optional[Path] = typer.Option(None, "--windows", help="Fit on window likelihoods saved by --save-windows from this model's weights instead of simulating."),
 ) -> None:
     """Calibrate a grid model's likelihood for combining (smoothing, D axis, temperature, systematic error, disagreement scale), fitted on held-out movies of known D."""
-    from dle_stream.model_package import load_card
+    from dle_stream.model_package import load_model_package
     from dle_stream.training.calibration import calibrate as fit
-    from dle_stream.training.calibration import load_tile_cells
+    from dle_stream.training.calibration import load_tile_cells, weights_fingerprint
 
     if save_windows is not None and save_windows.exists():
         raise DleStreamError(f"--save-windows {save_windows}: the file exists; give a new file name")
@@ -355,7 +355,7 @@ def calibrate(
         if not windows.is_file():
             raise DleStreamError(f"--windows {windows}: no such file; write one with --save-windows")
         tiles, fractions, seed, sha = load_tile_cells(windows)
-        if sha != (load_card(model).weights_sha256 or ""):
+        if sha != weights_fingerprint(load_model_package(model)[0]):
             raise DleStreamError(f"--windows {windows}: simulated with other weights than {model}'s; simulate anew "
                                  f"(leave out --windows)")
         saved = {"tiles": tiles, "fractions": tuple(float(x) for x in fractions), "seed": seed}

@@ -179,7 +179,8 @@ def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained,
     the card, and the loaded estimator's likelihoods and D grid use them."""
     import shutil
 
-    from dle_stream.training.calibration import calibrate, load_tile_cells
+    from dle_stream.model_package import load_model_package
+    from dle_stream.training.calibration import calibrate, load_tile_cells, weights_fingerprint
 
     pkg = tmp_path / "pkg"
     shutil.copytree(trained, pkg)
@@ -193,7 +194,7 @@ def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained,
     # the simulated windows, saved, give the same calibration offline; the file is never replaced
     tiles, f, seed, sha = load_tile_cells(saved)
     assert tiles.shape[:3] == (6, 16, 8) and tuple(f) == fractions and seed == r["seed"]
-    assert sha == json.loads((tmp_path / "pkg" / "card.json").read_text())["weights_sha256"]
+    assert sha == weights_fingerprint(load_model_package(pkg)[0])  # the same tensors after calibration
     again = tmp_path / "again"
     shutil.copytree(trained, again)
     r2 = calibrate(again, n_per_cell=128, fractions=tuple(f), tiles=tiles, seed=seed)

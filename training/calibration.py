@@ -348,8 +348,8 @@ def fit_lr_scale(null_sets: dict[str, np.ndarray]) -> tuple[float, dict[str, flo
 def save_tile_cells(path: str | Path, tiles: np.ndarray, fractions: Sequence[float], seed: int,
                     weights_sha256: str | None) -> Path:
     """Write simulated raw window log-likelihoods [cells, tiles, windows, entries] with the true
-    D of each cell (units of d_max), the seed and the weights they came from (.npz, written
-    atomically; an existing file is never replaced)."""
+    D of each cell (units of d_max), the seed and the weights they came from
+    (:func:`weights_fingerprint`; .npz, written atomically; an existing file is never replaced)."""
     from dle_stream.files import write_atomic
 
     path = Path(path)
@@ -363,6 +363,19 @@ def save_tile_cells(path: str | Path, tiles: np.ndarray, fractions: Sequence[flo
 
     write_atomic(path, write)
     return path
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 of a model's tensors (names and values): the same for a package whose card or
+    calibration changed but whose weights did not (the weights file's own sha256 changes
+    whenever the package is written again)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_tile_cells(path: str | Path) -> tuple[np.ndarray, np.ndarray, int, str]:
@@ -416,7 +429,7 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
         tiles = simulate_tile_cells(est, fractions, n_per_cell // TILE_WINDOWS, TILE_WINDOWS, seed=seed, batch=batch,
                                     progress=progress)
         if save_windows is not None:
-            save_tile_cells(save_windows, tiles, fractions, seed, card.weights_sha256)
+            save_tile_cells(save_windows, tiles, fractions, seed, weights_fingerprint(model))
     f = np.asarray(fractions)
     inside = np.flatnonzero(f <= 1.0)
     judged = np.flatnonzero((f >= 0.1) & (f <= 0.9))
