@@ -397,6 +397,20 @@ class TemporalResNet(nn.Module):
         return self.blocks(F.gelu(self.stem_bn(self.stem(x))))
 
 
+def finite_log_prior(cfg: ModelConfig) -> np.ndarray:
+    """The training prior's log-density on a grid head's output entries, -1e4 where it is 0."""
+    prior = cfg.training_prior.log_density(cfg.grid)
+    return np.where(np.isfinite(prior), prior, -1e4)
+
+
+def prior_output_bias(cfg: ModelConfig) -> np.ndarray:
+    """The output-layer bias whose head gives the training prior (basis coefficients by least
+    squares, then the overflow's log-mass): where a head without the exact prior starts."""
+    prior = finite_log_prior(cfg)
+    basis = cfg.grid.spline_basis(cfg.grid_basis) if cfg.grid_basis else np.eye(cfg.grid.knots.size)
+    return np.concatenate([np.linalg.lstsq(basis, prior[:-1], rcond=None)[0], prior[-1:]])
+
+
 class DLEModel(nn.Module):
     """The diffusion-coefficient estimator; outputs in units of the prior's d_max.
 
@@ -425,8 +439,8 @@ class DLEModel(nn.Module):
             self.register_buffer("grid_basis", torch.tensor(basis, dtype=torch.float32), persistent=False)
             # start from the training prior: small weights, the prior's log-density as bias (or
             # added exactly, grid_prior_exact), so that an untrained head says "no information"
-            prior = cfg.training_prior.log_density(grid)
-            exact = np.where(np.isfinite(prior), prior, -1e4) if cfg.grid_prior_exact else np.zeros_like(prior)
+            prior = finite_log_prior(cfg)
+            exact = prior if cfg.grid_prior_exact else np.zeros_like(prior)
             self.register_buffer("grid_log_prior", torch.tensor(exact, dtype=torch.float32), persistent=False)
             last = self.mlp[-1]
             assert isinstance(last, nn.Linear)  # the head's output layer, built just above
@@ -435,8 +449,7 @@ class DLEModel(nn.Module):
                 if cfg.grid_prior_exact:
                     last.bias.zero_()
                 else:
-                    coef = np.linalg.lstsq(basis, prior[:-1], rcond=None)[0]
-                    last.bias.copy_(torch.as_tensor(np.concatenate([coef, prior[-1:]]), dtype=torch.float32))
+                    last.bias.copy_(torch.as_tensor(prior_output_bias(cfg), dtype=torch.float32))
 
     def optimize_for_cpu_inference(self) -> "DLEModel":
         """Eval mode with a channels-last encoder (same outputs; faster on CPU). Returns self."""

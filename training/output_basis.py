@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dle_stream.errors import DleStreamError
-from dle_stream.model import DLEModel
+from dle_stream.model import DLEModel, prior_output_bias
 
 #: B-spline coefficients of the smooth head (the architecture's default).
 DEFAULT_CONTROLS = 48
@@ -60,15 +60,12 @@ def add_exact_prior(model: DLEModel) -> DLEModel:
     if cfg.output != "d_grid" or not cfg.grid_basis or cfg.grid_prior_exact:
         raise DleStreamError("only a smooth grid head without the exact prior (grid_basis > 0, "
                              "grid_prior_exact false) can take the prior out of its weights")
-    prior = cfg.training_prior.log_density(cfg.grid)
-    prior = np.where(np.isfinite(prior), prior, -1e4)
-    coef = np.linalg.lstsq(cfg.grid.spline_basis(cfg.grid_basis), prior[:-1], rcond=None)[0]
     new = DLEModel(replace(cfg, grid_prior_exact=True))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     last = model.mlp[-1]
     assert isinstance(last, nn.Linear)  # DLEModel's head ends with its output layer
     key = next(k for k, p in model.named_parameters() if p is last.bias)
-    shift = torch.as_tensor(np.concatenate([coef, prior[-1:]]), dtype=torch.float32)
+    shift = torch.as_tensor(prior_output_bias(cfg), dtype=torch.float32)
     state[key] = state[key].float() - shift
     new.load_state_dict(state)
     return new.to(next(model.parameters()).device)
