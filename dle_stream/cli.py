@@ -518,6 +518,7 @@ def bench(
     estimators: str = typer.Option("dle,classic,rics,oracle", "--estimators", help="Any of dle,classic,rics,oracle."),
     model: Optional[str] = typer.Option(None, "--model", help="Model for the DLE (default: the suite's shipped model)."),
     out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for results.json, table.md and plots."),
+    density: str = typer.Option("cloud", "--density", help="combine suite only: cloud (the paper's spreading cloud) or box (a steady density, particles entering and leaving, as in a sample)."),
 ) -> None:
     """Compare estimators on a seeded simulated suite: the paper's Table 1 and Fig. 3."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -526,8 +527,11 @@ def bench(
 
     names = [e.strip() for e in estimators.split(",") if e.strip()]
     _check_out_folder(out, "--out")
+    if density != "cloud" and suite != "combine":
+        raise DleStreamError(f"--density {density}: only the combine suite takes a density (the low and high suites "
+                             "are the paper's, cloud); leave --density out")
     if suite == "combine":
-        _bench_combine(model, n if n != 1000 else 100, out)
+        _bench_combine(model, n if n != 1000 else 100, out, density)
         return
     with Progress(TextColumn(f"bench {suite}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True) as prog:
@@ -539,7 +543,7 @@ def bench(
     console.print(f"wrote {out}/results.json, table.md and plots")
 
 
-def _bench_combine(model: str | None, n: int, out: Path) -> None:
+def _bench_combine(model: str | None, n: int, out: Path, density: str = "cloud") -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dle_stream.evaluation.bench_combine import BEYOND, INSIDE, KS, markdown, run_combine, write
@@ -550,7 +554,7 @@ def _bench_combine(model: str | None, n: int, out: Path) -> None:
         with Progress(TextColumn(f"combine {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err_console, transient=True) as prog:
             task = prog.add_task("combine", total=total)
-            doc = run_combine(name, n=n, progress=functools.partial(prog.advance, task))
+            doc = run_combine(name, n=n, progress=functools.partial(prog.advance, task), density=density)
         folder = out / Path(name).name if len(models) > 1 else out
         write(doc, folder)
         console.print(markdown(doc), highlight=False, soft_wrap=True, markup=False)

@@ -151,6 +151,9 @@ def test_run_log_recording_writer_and_bench_name_their_parameters(tmp_path):
     with pytest.raises(ParameterError) as info:
         run_combine("brain-qd-low", n=1)
     assert no_flags(info.value) == "n=1: need at least 2 groups per cell"
+    with pytest.raises(ParameterError) as info:
+        run_combine("brain-qd-low", n=2, density="fog")
+    assert "density='fog'" in no_flags(info.value) and "box" in no_flags(info.value)
 
 
 def test_session_names_its_options(tmp_path, small_model):
@@ -204,3 +207,14 @@ def test_cli_names_its_flags(tmp_path, small_model, cli, write_movie):
     tifffile.imwrite(multi, np.zeros((7, 3, 40, 40), np.uint16), imagej=True, metadata={"axes": "TCYX"})
     assert "use --channel N with N in 0..2" in error("replay", str(multi), "--model", str(small_model))
     assert "--channel 5 is out of range" in error("replay", str(multi), "--model", str(small_model), "--channel", "5")
+
+
+def test_combine_bench_on_a_steady_density_says_so_in_its_results():
+    """`bench --suite combine --density box`: independent steady-density windows, recorded in the results."""
+    from dle_stream.evaluation.bench_combine import markdown, run_combine
+
+    doc = run_combine("brain-qd-low", n=2, fractions=(0.5,), ks=(1, 2), density="box")
+    assert doc["density"] == "box" and "box density" in doc["priors"]
+    assert [c["k"] for c in doc["cells"]] == [1, 2]
+    assert all(np.isfinite(c["z_mean"]) and c["d_true_um2_s"] == 0.75 for c in doc["cells"])
+    assert "box density" in markdown(doc)

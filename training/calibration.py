@@ -91,10 +91,11 @@ def tile_film_simulator(est):
 
 
 def simulate_cells(est, fractions: tuple[float, ...], n: int, seed: int = CALIBRATION_SEED, batch: int = 32,
-                   progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Raw window log-likelihoods [cells, n, grid entries] of ``est`` for movies of D fixed at
-    each fraction of d_max (the model's operating priors and scan otherwise)."""
-    sim, d_max = _operating_simulator(est)
+                   progress: Callable[[int], None] | None = None, density: str = "cloud") -> np.ndarray:
+    """Raw window log-likelihoods [cells, n, grid entries] of ``est`` for independent movies of
+    D fixed at each fraction of d_max (the model's operating priors and scan otherwise;
+    ``density`` "cloud", the paper's, or "box", a steady density)."""
+    sim, d_max = _operating_simulator(est, density=density)
     g = torch.Generator(device=est.device).manual_seed(seed)
     cells = []
     for f in fractions:

@@ -2,7 +2,8 @@
 
 For true D on a grid inside the model's range (10 values, 5 %…95 % of d_max) and beyond it
 (1.2, 1.5, 2 and 3 × d_max), ``n × 16`` independent movies of that D are simulated (the
-range's preset otherwise: the paper's priors and scan) and turned into window
+range's preset otherwise: the paper's priors and scan; ``density`` "cloud", the paper's
+spreading cloud, or "box", a steady density as in a sample) and turned into window
 log-likelihoods by the model. They are combined in disjoint groups of K = 1, 4 and 16 —
 n groups per K, every movie used once per K — exactly as the runner combines independent
 windows (:func:`dle_stream.likelihood.combine`). Per cell (D, K): bias of the combined D,
@@ -35,17 +36,20 @@ KS = (1, 4, 16)
 
 def run_combine(model: str, n: int = 100, seed: int = 20_241_101, batch: int = 32,
                 fractions: tuple[float, ...] = INSIDE + BEYOND, ks: tuple[int, ...] = KS,
-                progress: Callable[[int], None] | None = None, device: str = "cpu") -> dict:
+                progress: Callable[[int], None] | None = None, device: str = "cpu", density: str = "cloud") -> dict:
     """Measure combined estimates of ``model``; returns the results document (see module doc)."""
     from dle_stream.estimator import DiffusionEstimator
     from dle_stream.training.calibration import simulate_cells
 
     if n < 2:
         raise ParameterError(f"{arg('n', n)}: need at least 2 groups per cell")
+    if density not in ("cloud", "box"):
+        raise ParameterError(f"{arg('density', density)}: must be cloud (the paper's spreading cloud) or box (steady density)")
     est = DiffusionEstimator.load(model, device=device)
     card = est.card
     d_max = float(card.d_max_um2_s)
-    all_cells = simulate_cells(est, tuple(fractions), n * max(ks), seed=seed, batch=batch, progress=progress)
+    all_cells = simulate_cells(est, tuple(fractions), n * max(ks), seed=seed, batch=batch, progress=progress,
+                               density=density)
     cells = []
     for frac, ll in zip(fractions, all_cells):
         d_true = frac * d_max
@@ -70,7 +74,8 @@ def run_combine(model: str, n: int = 100, seed: int = 20_241_101, batch: int = 3
         "software": f"dle-stream {__version__}", "model": card.name, "d_max_um2_s": d_max, "seed": seed, "n": n,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "priors": "the model's simulator priors, operating range and cloud density, D fixed per cell",
+        "priors": f"the model's simulator priors, operating range and {density} density, D fixed per cell",
+        "density": density,
         "cells": cells,
     }
 
@@ -79,7 +84,8 @@ def markdown(doc: dict) -> str:
     """Two tables: inside the range (bias, z, coverage per K) and beyond it (flag rates)."""
     cells = doc["cells"]
     ks = sorted({c["k"] for c in cells})
-    head = [f"**{doc['model']}** (d_max {doc['d_max_um2_s']:g} µm²/s): n = {doc['n']} groups per cell, seed {doc['seed']}",
+    head = [f"**{doc['model']}** (d_max {doc['d_max_um2_s']:g} µm²/s): n = {doc['n']} groups per cell, seed {doc['seed']}, "
+            f"{doc.get('density', 'cloud')} density",
             "", "Inside the range: bias and z = (D̂ − D)/σ̂ of the combined estimate, 68 %/95 % interval coverage, "
             "flagged above the range, disagreement false alarms:", "",
             "| D / d_max | D (µm²/s) | K | bias | z mean | z std | 68 % | 95 % | above | disagree |",
