@@ -382,10 +382,13 @@ class Simulator:
         [rows_lo, rows_hi] (px)? Judged on the box spanned by both ends, widened by
         ``reach_px`` laterally and ``reach_z_um`` axially."""
         dx = self.timing.pixel_size_um
-        a_s, b_s = self._wrap(a, dx), self._wrap(b, dx)
-        lo = torch.minimum(a_s, b_s)
-        hi = torch.maximum(a_s, b_s)
-        if self.priors.density == "box":  # wrapped around the box in between: could be anywhere
+        if b is a:  # one position (a row start): nothing in between
+            lo = hi = self._wrap(a, dx)
+        else:
+            a_s, b_s = self._wrap(a, dx), self._wrap(b, dx)
+            lo = torch.minimum(a_s, b_s)
+            hi = torch.maximum(a_s, b_s)
+        if self.priors.density == "box" and b is not a:  # wrapped around the box in between: could be anywhere
             jump = (a_s - b_s).abs() > (b - a).abs() + 1e-3
             lo = torch.where(jump, torch.full_like(lo, -torch.inf), lo)
             hi = torch.where(jump, torch.full_like(hi, torch.inf), hi)
@@ -448,8 +451,9 @@ class Simulator:
         row_span_us = float(pix_off.max()) if pix_off.numel() else 0.0
         row_motion = MOTION_SIGMAS * torch.sqrt(2 * d[bq] * row_span_us * 1e-6).to(torch.float32)[:, None]  # [R, 1]
         row_of = (j % H).to(torch.float32)
+        starts = rows_pos[:, :-1]
         lit = valid & self._near(
-            rows_pos[:, :-1], rows_pos[:, :-1], psf_reach[pi][:, None] + row_motion / dx,
+            starts, starts, psf_reach[pi][:, None] + row_motion / dx,
             z_reach[pi][:, None] + row_motion, row_of, row_of + 1,
         )
         ri, qi = torch.nonzero(lit, as_tuple=True)
@@ -464,8 +468,13 @@ class Simulator:
         xyz = _bridge(g, rows_pos[ri, qi], rows_pos[ri, qi + 1], u_row, span_row, d[b])
         # columns in recording order: for a backward (bidirectional odd) row, column c is u_{W-1-c}
         backward = pix_off[b, row, 0] > pix_off[b, row, -1]
-        xyz = torch.where(backward[:, None, None], xyz.flip(1), xyz)
-        xyz = self._wrap(xyz, dx)
+        if bool(backward.any()):
+            xyz[backward] = xyz[backward].flip(1)
+        # into the box as the row's start is (one shift per row, not per pixel: a particle that
+        # crosses the box's face within a row is then drawn just outside it, ≥ box_margin_um
+        # from the tile laterally, or at the mirror depth ±z axially, where the PSF is symmetric)
+        start = rows_pos[ri, qi]
+        xyz = xyz + (self._wrap(start, dx) - start)[:, None, :]
         s = s_px[b][:, None]
         cx = torch.arange(W, device=dev, dtype=torch.float32)[None] + 0.5
         dxp = cx - xyz[..., 0] / dx
@@ -505,7 +514,8 @@ def _bridge(g: torch.Generator, a: torch.Tensor, b: torch.Tensor, u: torch.Tenso
     inc.mul_(torch.sqrt(2 * d_um2_s.to(torch.float32)[:, None] * gaps * 1e-6)[:, :, None])
     walk = torch.cumsum(inc, dim=1)
     frac = (u / span.clamp_min(1e-9)[:, None])[:, :, None]
-    return a[:, None, :] + walk[:, :k] - frac * walk[:, k:] + frac * (b - a)[:, None, :]
+    out = walk[:, :k].add_(a[:, None, :].to(walk.dtype))  # a + walk, then + frac·(b − a − walk at the end)
+    return out.addcmul_(frac, (b - a).to(walk.dtype)[:, None, :] - walk[:, k:])
 
 
 def simulate(priors: SimulatorPriors, timing: ScanTiming, n_movies: int, seed: int, *, tile_height: int = 20,
