@@ -247,6 +247,7 @@ def train(
     scratch: bool = typer.Option(False, "--scratch", help="Train from scratch (autoencoder pretraining first), not from the nearest available model."),
     output: Optional[str] = typer.Option(None, "--output", help="Window output: d_grid (a combinable likelihood of D; default) or gaussian (the paper's D ± σ)."),
     steady_share: Optional[float] = typer.Option(None, "--steady-share", help="Share of training movies with a steady particle density (default 0: the paper's spreading cloud only)."),
+    effects_share: Optional[float] = typer.Option(None, "--effects-share", help="Share of training movies with effects of a real sample: whole-field motion, blinking, bleaching, dimmer/brighter dots, wider PSF, denser fields, each drawn per movie (default 0: none)."),
     combine_groups: Optional[int] = typer.Option(None, "--combine-groups", help="Grid heads: groups of 16 windows of one D per step whose combined likelihood joins the loss (default 2; 0: single windows only)."),
     ae_steps: Optional[int] = typer.Option(None, "--ae-steps", help="Autoencoder pretraining steps (default 1500, or --steps when that is smaller)."),
     cache_movies: int = typer.Option(4096, "--cache-movies", help="Simulated movies kept as latents for the predictor."),
@@ -291,7 +292,7 @@ def train(
             refresh_every=refresh_every,
             end_to_end={"e2e_steps": e2e_steps, "e2e_minutes": e2e_minutes, "e2e_frames": e2e_frames, "e2e_batch": e2e_batch},
             flags=flags, timing_file=timing, warm_from=warm, steady_share=steady_share, output=output, lr=lr,
-            combine_groups=combine_groups,
+            combine_groups=combine_groups, effects_share=effects_share,
         )
 
     cfg: TrainConfig = configure(warm_from, d_max)

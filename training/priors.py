@@ -54,6 +54,12 @@ class SimulatorPriors:
         box_fraction: share of movies simulated with a steady density ("box") while
             ``density`` is "cloud" (a mixed training prior); used by
             :class:`dle_stream.training.mixture.MixedSimulator`.
+        effects_share: share of training movies, in [0, 1], simulated with effects of a real
+            sample (whole-field motion, blinking, bleaching, brightness, PSF width, density),
+            each present with a probability and a random strength drawn per movie by
+            :class:`dle_stream.training.effects_prior.EffectsPrior`; used by
+            :class:`dle_stream.training.mixture.MixedSimulator` (0: none, the batches of a
+            seed as without it). Combines with ``box_fraction``.
         blink_alpha_on, blink_alpha_off: quantum-dot blinking (0, 0: none): every particle
             switches between emitting and dark with dwell times drawn from power laws
             P(τ) ∝ τ^−α on [blink_min_ms, blink_max_ms] (α > 1; measured QDs: 1.4–2.0);
@@ -93,6 +99,7 @@ class SimulatorPriors:
     d_beyond: tuple[float, float] = (0.0, 0.0)
     d_grid_top: float = 2.0
     box_fraction: float = 0.0
+    effects_share: float = 0.0
     blink_alpha_on: float = 0.0
     blink_alpha_off: float = 0.0
     blink_min_ms: float = 1.0
@@ -140,6 +147,8 @@ class SimulatorPriors:
             raise bad("d_beyond", f"needs shares ≥ 0 summing below 1 and d_grid_top > 1, got {self.d_beyond}, {self.d_grid_top}")
         if not 0 <= self.box_fraction <= 1:
             raise bad("box_fraction", f"must be in [0, 1], got {self.box_fraction}")
+        if not 0 <= self.effects_share <= 1:
+            raise bad("effects_share", f"must be in [0, 1], got {self.effects_share}")
         if self.cloud_axial_std_um <= 0 or self.box_margin_um < 0 or self.box_half_depth_um <= 0:
             raise bad("density geometry", "needs positive cloud_axial_std_um and box_half_depth_um, non-negative box_margin_um")
         alphas = (self.blink_alpha_on, self.blink_alpha_off)
@@ -180,9 +189,9 @@ class SimulatorPriors:
         return self.drift_um_s > 0 or self.heartbeat_px[1] > 0 or self.breathing_px[1] > 0
 
     def operating(self) -> "SimulatorPriors":
-        """The same priors with D only in the operating range and the paper's cloud density
-        (what validation and the accuracy suites use)."""
-        return replace(self, d_beyond=(0.0, 0.0), box_fraction=0.0)
+        """The same priors with D only in the operating range, the paper's cloud density and no
+        share of sample-effects movies (what validation and the accuracy suites use)."""
+        return replace(self, d_beyond=(0.0, 0.0), box_fraction=0.0, effects_share=0.0)
 
     def with_(self, **changes) -> "SimulatorPriors":
         return replace(self, **changes)

@@ -839,6 +839,9 @@ class Trainer:
                 "training_d_prior": (self.cfg.architecture.training_prior.to_dict()
                                      if self.grid_loss is not None else None),
                 "steady_density_share": self.train_priors.box_fraction,
+                "sample_effects_share": self.train_priors.effects_share,
+                "sample_effects_prior": (self.sim.effects_prior.to_dict()
+                                         if self.train_priors.effects_share > 0 else None),
                 "combination_loss": ({"groups_per_step": cfg.combine_groups, "group_size": cfg.group_size}
                                      if self.grouped else None),
             },

@@ -45,12 +45,14 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
                timing_file: Path | None, refresh_movies: int = 4, refresh_every: int = 2,
                end_to_end: dict | None = None, warm_from: str | Path | None = None,
                steady_share: float | None = None, output: str | None = None, lr: float | None = None,
-               combine_groups: int | None = None) -> TrainConfig:
+               combine_groups: int | None = None, effects_share: float | None = None) -> TrainConfig:
     """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch.
 
     ``warm_from``: a model package whose weights start the training (its architecture, with
     the window output ``output`` when given). ``steady_share``: share of training movies
-    with a steady particle density (the rest: the paper's spreading cloud).
+    with a steady particle density (the rest: the paper's spreading cloud). ``effects_share``:
+    share of training movies with effects of a real sample (each movie's effects drawn by
+    :class:`~dle_stream.training.effects_prior.EffectsPrior`; cloud or steady as the others).
     ``combine_groups``: groups of windows of one D in each step's combination loss.
     """
     e2e: dict[str, Any] = {k: v for k, v in (end_to_end or {}).items() if v is not None}
@@ -84,6 +86,10 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         if not 0 <= steady_share <= 1:
             raise DleStreamError(f"--steady-share {steady_share}: must be between 0 and 1")
         priors = priors.with_(box_fraction=float(steady_share))
+    if effects_share is not None:
+        if not 0 <= effects_share <= 1:
+            raise DleStreamError(f"--effects-share {effects_share}: must be between 0 and 1")
+        priors = priors.with_(effects_share=float(effects_share))
     architecture = ModelConfig()
     if warm_from is not None:
         from dle_stream.model_package import load_model_package, resolve_model
