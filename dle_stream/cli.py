@@ -340,14 +340,14 @@ def train(
 @user_errors
 def calibrate(
     model: Path = typer.Argument(..., help="Model package folder to calibrate (rewritten in place: card and weights)."),
-    movies: int = typer.Option(512, "--movies", help="Held-out simulated windows per true D value (25 values): movies/8 tiles × 8 consecutive windows; at least 128."),
+    movies: int = typer.Option(512, "--movies", help="Held-out simulated windows per true D value (25 values): movies/8 steady-density tiles × 8 consecutive windows, and as many independent windows of the paper's spreading cloud; at least 128."),
     save_windows: Optional[Path] = typer.Option(None, "--save-windows", help="Also write the simulated window likelihoods to this new .npz file (to try calibrations offline)."),
     windows: Optional[Path] = typer.Option(None, "--windows", help="Fit on window likelihoods saved by --save-windows from this model's weights instead of simulating."),
 ) -> None:
     """Calibrate a grid model's likelihood for combining (smoothing, D axis, temperature, systematic error, disagreement scale), fitted on held-out movies of known D."""
     from dle_stream.model_package import load_model_package
     from dle_stream.training.calibration import calibrate as fit
-    from dle_stream.training.calibration import load_tile_cells, weights_fingerprint
+    from dle_stream.training.calibration import load_cloud_cells, load_tile_cells, weights_fingerprint
 
     if save_windows is not None and save_windows.exists():
         raise DleStreamError(f"--save-windows {save_windows}: the file exists; give a new file name")
@@ -359,7 +359,8 @@ def calibrate(
         if sha != weights_fingerprint(load_model_package(model)[0]):
             raise DleStreamError(f"--windows {windows}: simulated with other weights than {model}'s; simulate anew "
                                  f"(leave out --windows)")
-        saved = {"tiles": tiles, "fractions": tuple(float(x) for x in fractions), "seed": seed}
+        saved = {"tiles": tiles, "fractions": tuple(float(x) for x in fractions), "seed": seed,
+                 "cloud": load_cloud_cells(windows)}  # simulated anew when the file has none
     r = fit(model, n_per_cell=movies, log=lambda m: console.print(m, markup=False), save_windows=save_windows, **saved)
     b, a = r["before"], r["after"]
     console.print(f"{model}: temperature {r['temperature']:.3g}, systematic error {r['systematic_rel']:.0%} of D, "

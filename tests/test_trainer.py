@@ -180,7 +180,7 @@ def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained,
     import shutil
 
     from dle_stream.model_package import load_model_package
-    from dle_stream.training.calibration import calibrate, load_tile_cells, weights_fingerprint
+    from dle_stream.training.calibration import calibrate, load_cloud_cells, load_tile_cells, weights_fingerprint
 
     pkg = tmp_path / "pkg"
     shutil.copytree(trained, pkg)
@@ -197,13 +197,16 @@ def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained,
     assert sha == weights_fingerprint(load_model_package(pkg)[0])  # the same tensors after calibration
     again = tmp_path / "again"
     shutil.copytree(trained, again)
-    r2 = calibrate(again, n_per_cell=128, fractions=tuple(f), tiles=tiles, seed=seed)
+    cloud = load_cloud_cells(saved)  # the independent cloud windows it also fits on
+    assert cloud is not None and cloud.shape[:2] == (6, 128)
+    r2 = calibrate(again, n_per_cell=128, fractions=tuple(f), tiles=tiles, cloud=cloud, seed=seed)
     assert r2["temperature"] == r["temperature"] and r2["warp_points"] == 6
     assert r2["lr_scale"] == r["lr_scale"] and r2["systematic_rel"] == r["systematic_rel"]
     with pytest.raises(DleStreamError, match="exists"):
         calibrate(again, n_per_cell=128, fractions=tuple(f), save_windows=saved)
     assert r["tiles_per_cell"] == 16 and r["windows_per_tile"] == 8
-    assert set(r["after"]) == {"k1", "independent_k4", "independent_k16", "tile_k8", "roi_8_tiles_k64"}
+    assert set(r["after"]) == {"k1", "independent_k4", "independent_k16", "tile_k8", "roi_8_tiles_k64",
+                               "cloud_k1", "cloud_k4", "cloud_k16"}
     est = DiffusionEstimator.load(pkg)
     cfg = est.model.config
     assert cfg.grid_temperature == pytest.approx(r["temperature"]) and len(cfg.grid_warp) == 6

@@ -294,6 +294,14 @@ def group_sets(tiles: np.ndarray) -> dict[str, np.ndarray]:
             f"roi_{ROI_TILES_WIDE}_tiles_k{ROI_TILES_WIDE * nw}": roi}
 
 
+def cloud_sets(cells: np.ndarray) -> dict[str, np.ndarray]:
+    """Single windows and disjoint groups of 4 and 16 of independent cloud-density windows
+    [cells, n, entries] → {name: [cells, groups, K, entries]}."""
+    c, n, e = cells.shape
+    return {"cloud_k1": cells[:, :, None], "cloud_k4": cells[:, : (n // 4) * 4].reshape(c, n // 4, 4, e),
+            "cloud_k16": cells[:, : (n // 16) * 16].reshape(c, n // 16, 16, e)}
+
+
 def coverage_table(sets: dict[str, np.ndarray], fractions: np.ndarray, grid: DGrid, temperature: float,
                    cells: np.ndarray | None = None, profile: Sequence[Sequence[float]] = ()) -> dict[str, np.ndarray]:
     """68 % and 95 % interval coverage [len(cells), 2] per group set, each window divided by
@@ -347,10 +355,11 @@ def fit_lr_scale(null_sets: dict[str, np.ndarray]) -> tuple[float, dict[str, flo
 
 
 def save_tile_cells(path: str | Path, tiles: np.ndarray, fractions: Sequence[float], seed: int,
-                    weights_sha256: str | None) -> Path:
+                    weights_sha256: str | None, cloud: np.ndarray | None = None) -> Path:
     """Write simulated raw window log-likelihoods [cells, tiles, windows, entries] with the true
     D of each cell (units of d_max), the seed and the weights they came from
-    (:func:`weights_fingerprint`; .npz, written atomically; an existing file is never replaced)."""
+    (:func:`weights_fingerprint`; .npz, written atomically; an existing file is never replaced);
+    ``cloud``: the independent cloud-density windows [cells, n, entries] if simulated too."""
     from dle_stream.files import write_atomic
 
     path = Path(path)
@@ -359,8 +368,9 @@ def save_tile_cells(path: str | Path, tiles: np.ndarray, fractions: Sequence[flo
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
+            extra = {} if cloud is None else {"cloud": np.asarray(cloud, dtype=np.float32)}
             np.savez(fh, tiles=np.asarray(tiles, dtype=np.float32), fractions=np.asarray(fractions, dtype=float),
-                     seed=np.int64(seed), weights_sha256=np.str_(weights_sha256 or ""))
+                     seed=np.int64(seed), weights_sha256=np.str_(weights_sha256 or ""), **extra)
 
     write_atomic(path, write)
     return path
@@ -385,11 +395,18 @@ def load_tile_cells(path: str | Path) -> tuple[np.ndarray, np.ndarray, int, str]
         return (data["tiles"].astype(np.float64), data["fractions"], int(data["seed"]), str(data["weights_sha256"]))
 
 
+def load_cloud_cells(path: str | Path) -> np.ndarray | None:
+    """The independent cloud-density windows [cells, n, entries] saved beside the tiles, or None."""
+    with np.load(Path(path)) as data:
+        return data["cloud"].astype(np.float64) if "cloud" in data.files else None
+
+
 def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION_SEED, batch: int = 32,
               device: str = "cpu", progress: Callable[[int], None] | None = None,
               fractions: tuple[float, ...] = INSIDE_FRACTIONS + BEYOND_FRACTIONS,
               tiles: np.ndarray | None = None, log: Callable[[str], None] | None = None,
-              temperature_profile: bool = False, save_windows: str | Path | None = None) -> dict:
+              temperature_profile: bool = False, save_windows: str | Path | None = None,
+              cloud: np.ndarray | None = None, with_cloud: bool = True) -> dict:
     """Fit and store the smoothing, warp, temperature, systematic error and likelihood-ratio
     scale of the grid model in ``folder``; returns what was measured.
 
@@ -403,6 +420,11 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     0.123 µm²/s, the top decile's bias to −0.28 µm²/s).
     ``save_windows``: also write the simulated raw window log-likelihoods there
     (:func:`save_tile_cells`), so that other calibrations can be tried on them offline.
+    ``with_cloud``: also fit on ``n_per_cell`` independent windows per D of the paper's
+    spreading cloud (seed ``seed`` + 1; ``cloud`` [cells, n, entries] if already simulated):
+    the network's pull differs between a steady density and the cloud (measured on
+    brain-qd-low: fitted on steady tiles alone, 16 cloud windows combined were biased by up
+    to −0.019·d_max, z −0.98), and the intervals must hold on both.
     """
     from dle_stream.estimator import DiffusionEstimator
     from dle_stream.model_package import load_model_package, save_model_package
@@ -425,18 +447,27 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     fractions = tuple(float(f) for f in fractions)
     if not fractions or max(fractions) > grid.top:
         raise DleStreamError(f"calibration: true D values must lie within the grid (≤ {grid.top:g}·d_max)")
+    simulated = tiles is None or (with_cloud and cloud is None)
+    est = DiffusionEstimator(model, card, Path(folder), device) if simulated else None
     if tiles is None:
-        est = DiffusionEstimator(model, card, Path(folder), device)
         tiles = simulate_tile_cells(est, fractions, n_per_cell // TILE_WINDOWS, TILE_WINDOWS, seed=seed, batch=batch,
                                     progress=progress)
-        if save_windows is not None:
-            save_tile_cells(save_windows, tiles, fractions, seed, weights_fingerprint(model))
+    if with_cloud and cloud is None:
+        cloud = simulate_cells(est, fractions, n_per_cell, seed=seed + 1, batch=batch, progress=progress)
+    if save_windows is not None and simulated:
+        save_tile_cells(save_windows, tiles, fractions, seed, weights_fingerprint(model), cloud if with_cloud else None)
+    if not with_cloud:
+        cloud = None
     f = np.asarray(fractions)
     inside = np.flatnonzero(f <= 1.0)
     judged = np.flatnonzero((f >= 0.1) & (f <= 0.9))
     c, nt, nw, e = tiles.shape
     smooth = smooth_log_likelihood(tiles, SMOOTH_KNOTS)
-    warp = fit_warp(fractions, smooth.reshape(c, nt * nw, e), grid)
+    pooled = smooth.reshape(c, nt * nw, e)
+    if cloud is not None:
+        cloud_smooth = smooth_log_likelihood(np.asarray(cloud, dtype=np.float64), SMOOTH_KNOTS)
+        pooled = np.concatenate([pooled, cloud_smooth], axis=1)
+    warp = fit_warp(fractions, pooled, grid)
     inside_pts = [(a, b) for a, b in warp if a <= 1.0]
     largest_shift = float(max(abs(b - a) for a, b in inside_pts)) if inside_pts else 0.0
     if largest_shift > WARP_SHIFT_WARNING:
@@ -447,6 +478,9 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     warped = warp_log_likelihood(smooth, grid, warp)
     warped = warped - warped.max(axis=-1, keepdims=True)
     sets = group_sets(warped)
+    if cloud is not None:
+        cw = warp_log_likelihood(cloud_smooth, grid, warp)
+        sets.update(cloud_sets(cw - cw.max(axis=-1, keepdims=True)))
     # joint search: temperature (every window's width) and systematic error (shared by all
     # windows of one D), for intervals that hold the truth as often as they say in every
     # cell, after 1, 4 and 16 independent windows and after a tile's 8 consecutive windows.
@@ -463,6 +497,9 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     # and groups of 4, then r, then both again on every set.
     search = {**sets, "k1": sets["k1"][:, ::4]}  # a quarter of the single windows while searching
     single = {"k1": sets["k1"][:, ::2]}
+    if "cloud_k1" in sets:
+        search["cloud_k1"] = sets["cloud_k1"][:, ::4]
+        single["cloud_k1"] = sets["cloud_k1"][:, ::2]
     _, t0 = min((cell_mismatch(coverage_table(single, f, grid, t, inside)), t) for t in TEMPERATURES[::4])
     t0, profile = (fit_temperature_profile(single, f, grid, t0, inside) if temperature_profile
                    else fit_temperature_profile(single, f, grid, t0, inside, slopes=(0.0,), curves=(0.0,)))
@@ -484,6 +521,8 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     null = {"independent_k4": temper["independent_k4"][inside],  # Λ is read from plain sums
             "independent_k16": temper["independent_k16"][inside],
             f"tile_k{nw}": tempered[inside], f"roi_{ROI_TILES}_tiles": roi[inside]}
+    if "cloud_k4" in temper:
+        null.update({"cloud_k4": temper["cloud_k4"][inside], "cloud_k16": temper["cloud_k16"][inside]})
     say(f"temperature {best:.3g}, systematic error {systematic:.0%}; fitting the disagreement scale")
     lr_scale, false_alarms = fit_lr_scale(null)
     lr_raw = lr_false_alarms(null, 1.0)
@@ -493,13 +532,19 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
                     "coverage68_mean": float(v[:, 0].mean()), "coverage95_mean": float(v[:, 1].mean())}
                 for k, v in table.items()}
 
-    before = summary(coverage_table(group_sets(tiles - tiles.max(axis=-1, keepdims=True)), f, grid, 1.0, judged))
+    raw_sets = group_sets(tiles - tiles.max(axis=-1, keepdims=True))
+    if cloud is not None:
+        raw_sets.update(cloud_sets(np.asarray(cloud) - np.max(cloud, axis=-1, keepdims=True)))
+    before = summary(coverage_table(raw_sets, f, grid, 1.0, judged))
     after = summary(coverage_table(sets, f, smeared, best, judged, profile))
     say("68 % intervals hold the true D (10–90 % of the range, cell by cell): "
         + "; ".join(f"{k}: {v['coverage68_min']:.0%}–{v['coverage68_max']:.0%}" for k, v in after.items()))
     result = {
         "fitted_to": ("68 % and 95 % interval coverage in every cell (D fixed per cell) after 1, 4 and 16 independent "
-                      f"windows and after one tile's {nw} consecutive windows; likelihood-ratio scale for at most "
+                      f"windows and after one tile's {nw} consecutive windows (steady density)"
+                      + (f", and after 1, 4 and 16 independent windows of the paper's spreading cloud ({cloud.shape[1]} "
+                         "per D)" if cloud is not None else "")
+                      + "; likelihood-ratio scale for at most "
                       f"{LR_TARGET:.0%} false alarms at p < {LR_P} on homogeneous groups"),
         "coverage_mismatch": float(min(mismatch)), "smooth_knots": SMOOTH_KNOTS,
         "temperature": best, "temperature_profile": [list(p) for p in profile], "systematic_rel": systematic,
