@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -368,9 +368,12 @@ def save_tile_cells(path: str | Path, tiles: np.ndarray, fractions: Sequence[flo
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            extra = {} if cloud is None else {"cloud": np.asarray(cloud, dtype=np.float32)}
-            np.savez(fh, tiles=np.asarray(tiles, dtype=np.float32), fractions=np.asarray(fractions, dtype=float),
-                     seed=np.int64(seed), weights_sha256=np.str_(weights_sha256 or ""), **extra)
+            arrays: dict[str, Any] = {"tiles": np.asarray(tiles, dtype=np.float32),
+                                      "fractions": np.asarray(fractions, dtype=float), "seed": np.int64(seed),
+                                      "weights_sha256": np.str_(weights_sha256 or "")}
+            if cloud is not None:
+                arrays["cloud"] = np.asarray(cloud, dtype=np.float32)
+            np.savez(fh, **arrays)
 
     write_atomic(path, write)
     return path
