@@ -514,8 +514,11 @@ def _bridge(g: torch.Generator, a: torch.Tensor, b: torch.Tensor, u: torch.Tenso
     inc.mul_(torch.sqrt(2 * d_um2_s.to(torch.float32)[:, None] * gaps * 1e-6)[:, :, None])
     walk = torch.cumsum(inc, dim=1)
     frac = (u / span.clamp_min(1e-9)[:, None])[:, :, None]
-    out = walk[:, :k].add_(a[:, None, :].to(walk.dtype))  # a + walk, then + frac·(b − a − walk at the end)
-    return out.addcmul_(frac, (b - a).to(walk.dtype)[:, None, :] - walk[:, k:])
+    # a + walk − frac·(walk at the end) + frac·(b − a), in place, in that order: the same floats
+    # as the four-temporary expression it replaced (a seed's movies stay bit-identical)
+    out = walk[:, :k].add_(a[:, None, :])
+    out.sub_(frac * walk[:, k:])
+    return out.add_(frac * (b - a)[:, None, :])
 
 
 def simulate(priors: SimulatorPriors, timing: ScanTiming, n_movies: int, seed: int, *, tile_height: int = 20,
