@@ -162,11 +162,15 @@ def fit_warp(fractions: tuple[float, ...], cells: np.ndarray, grid: DGrid) -> tu
     return tuple((float(a), float(b)) for a, b in zip(f, m))
 
 
+def disjoint_groups(cells: np.ndarray, k: int) -> np.ndarray:
+    """Disjoint groups of ``k`` windows per cell, in order: [cells, n, entries] → [cells, n // k, k, entries]."""
+    c, n, e = cells.shape
+    return cells[:, : (n // k) * k].reshape(c, n // k, k, e)
+
+
 def combined_groups(cells: np.ndarray, k: int) -> np.ndarray:
     """Disjoint groups of ``k`` windows per cell, combined: [cells, n // k, entries]."""
-    c, n, e = cells.shape
-    g = n // k
-    return combine(cells[:, : g * k].reshape(c, g, k, e), axis=2)
+    return combine(disjoint_groups(cells, k), axis=2)
 
 
 def combined_log_score(cells: np.ndarray, fractions: tuple[float, ...], grid: DGrid, temperature: float,
@@ -297,9 +301,8 @@ def group_sets(tiles: np.ndarray) -> dict[str, np.ndarray]:
 def cloud_sets(cells: np.ndarray) -> dict[str, np.ndarray]:
     """Single windows and disjoint groups of 4 and 16 of independent cloud-density windows
     [cells, n, entries] → {name: [cells, groups, K, entries]}."""
-    c, n, e = cells.shape
-    return {"cloud_k1": cells[:, :, None], "cloud_k4": cells[:, : (n // 4) * 4].reshape(c, n // 4, 4, e),
-            "cloud_k16": cells[:, : (n // 16) * 16].reshape(c, n // 16, 16, e)}
+    return {"cloud_k1": cells[:, :, None], "cloud_k4": disjoint_groups(cells, 4),
+            "cloud_k16": disjoint_groups(cells, 16)}
 
 
 def coverage_table(sets: dict[str, np.ndarray], fractions: np.ndarray, grid: DGrid, temperature: float,
