@@ -40,6 +40,34 @@ few windows spread over the recording), then the median over tiles and windows:
   motion, scores 10–400 against 4–8 per tile's median). The statistic's null distribution
   does not depend on how many tiles are added (one shift series either way), so the
   single-tile reference bounds it too.
+- **blinking** (light kept from line to line): the particles' light correlation *across*
+  the scan lines over that *along* the lines, each summed over lags 1–:data:`BLINK_LAGS` px
+  (products of distinct pixels: the noise, independent from pixel to pixel, adds nothing).
+  Along a line neighbouring pixels are 8 µs apart; across, a line period (1.5 ms) per lag.
+  An emitting dot is drawn over a few lines; with an isotropic PSF the two sums are equal. A
+  dot that moves while its lines are drawn changes the shape of the across-line correlation
+  but hardly its sum over lags (diffusion spreads a dot's light, it does not remove it, as
+  long as the dot moves less than the lags summed: at the low range's D ≤ 1.5 µm²/s about
+  0.4 px per line, ratio ≈ 0.98–1); a dot that switches off or on between its lines (quantum-
+  dot blinking has dwell times from a millisecond) removes the product: the ratio is about
+  the chance that an emitting dot still emits a few ms later (power-law blinking with 27 %
+  on-time: ≈ 0.9). Noise and shot noise do not lower it. The sums are pooled over a
+  recording's tiles and windows (added, as the motion's correlation maps), because one tile's
+  few dots leave the ratio uncertain by ± 0.1; the trained range of a pooled value is the
+  0.5 percentile of the same pooling over as many reference tiles, drawn at random
+  (:meth:`Reference.range_of`). Measured only where the along-line sum is clearly above the
+  noise (:data:`BLINK_MIN_Z`; not in dim or empty tiles). Where it cannot tell: at high D
+  (beads-high's range reaches 50 µm²/s, ≈ 2.6 px per line) the dots' own motion lowers the
+  ratio as much as blinking, so the trained range is wide; slower blinking (dwells of many
+  frames) switches few spots within their lines; detector noise correlated along the line
+  (an amplifier's bandwidth) or an anisotropic PSF would shift the ratio.
+
+What is not measured well: **dim dots**. The brightness above is the located spots' mass; a
+dot a quarter as bright as the prior's mean (150 photons of its 600 ± 200) lies inside the
+prior's 0.5–99.5 % range, at about its 1st percentile (|N(600, 200)|): no measurement of
+brightness, however precise, puts such a recording outside the trained range as this check
+defines it (benchmarks/results/check-dim-blinking.md: on 160 tiles of the dim suite the true
+brightness over the noise lies below the clean tiles' 0.5 percentile in 3 %).
 
 The trained ranges come from the model itself: :func:`reference` simulates tiles from the
 card's simulator priors and scan timing (seeded; the steady-density share included, D in
@@ -76,7 +104,7 @@ from dle_stream.errors import DleStreamError, ParameterError, arg
 from dle_stream.timing import ScanTiming
 
 #: Version of the measurements (a change invalidates cached references).
-CHECK_VERSION = 3
+CHECK_VERSION = 4
 #: Percentiles of the reference tiles that bound the trained range.
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
@@ -92,6 +120,12 @@ SHIFT_RADIUS_PX = 5
 PSF_MIN_Z = 8.0
 #: Largest relative error of the PSF width (from the noise of the two lags) still reported.
 PSF_MAX_REL_ERROR = 0.2
+#: Lags (px) summed for the blinking ratio, along and across the scan lines.
+BLINK_LAGS = 3
+#: The along-line sum must exceed this many standard errors of noise for a blinking ratio.
+BLINK_MIN_Z = 20.0
+#: Random groups of reference tiles drawn for the trained range of a pooled blinking ratio.
+POOL_DRAWS = 2000
 #: Windows per recording the check looks at (evenly spread).
 DEFAULT_WINDOWS = 4
 #: What ``replay`` looks at: windows, and tiles at most (spread over the frame), ~0.1 s each.
@@ -111,6 +145,7 @@ class Quantity:
     unit: str
     fmt: str
     two_sided: bool = True
+    low_only: bool = False
 
 
 QUANTITIES: tuple[Quantity, ...] = (
@@ -118,8 +153,13 @@ QUANTITIES: tuple[Quantity, ...] = (
     Quantity("psf_width_um", "PSF width σxy", "µm", "{:.3g}"),
     Quantity("density", "spot density", "per frame per 100 µm²", "{:.3g}"),
     Quantity("motion", "whole-field motion", "× noise", "{:.3g}", two_sided=False),
+    Quantity("blinking", "blinking (light kept from line to line)", "× along the line", "{:.3g}", low_only=True),
 )
 NAMES = tuple(q.name for q in QUANTITIES)
+#: Per-tile sums behind the pooled blinking ratio (along, across the lines; noise-σ² units).
+BLINK_SUMS = ("blink_along", "blink_across")
+#: Everything a tile's measurement returns and a reference keeps.
+VALUE_KEYS = (*NAMES, "motion_hz", *BLINK_SUMS)
 
 
 # ------------------------------------------------------------------ measuring
@@ -147,6 +187,33 @@ def psf_width_px(norm: np.ndarray) -> float:
     if math.hypot(se / c1, se / c3) / (2 * log_ratio) > PSF_MAX_REL_ERROR:
         return math.nan
     return math.sqrt(2.0 / log_ratio)
+
+
+def line_light_sums(norm: np.ndarray, lags: int = BLINK_LAGS) -> tuple[float, float, float]:
+    """(along, across, standard error): the light's correlation along and across the scan lines
+    of a normalised movie, each the sum over lags 1..``lags`` px of the mean product of pixel
+    pairs (frame means removed), and the standard error of such a sum for unit-variance
+    independent noise (per tile; pooled sums add, and so do their variances)."""
+    z = norm - norm.mean(axis=(1, 2), keepdims=True)
+    T, H, W = z.shape
+    k_max = int(min(lags, H - 1, W - 1))
+    along = sum(float(np.mean(z[:, :, k:] * z[:, :, :-k])) for k in range(1, k_max + 1))
+    across = sum(float(np.mean(z[:, k:, :] * z[:, :-k, :])) for k in range(1, k_max + 1))
+    se = math.sqrt(sum(1.0 / (T * H * (W - k)) for k in range(1, k_max + 1)))
+    return along, across, se
+
+
+def blinking_ratio(along: np.ndarray, across: np.ndarray, se: float) -> float:
+    """Across- over along-line light, pooled (summed) over tiles; NaN unless the along-line sum
+    exceeds :data:`BLINK_MIN_Z` standard errors (``se`` of one tile; n tiles: √n·se)."""
+    a, c = np.asarray(along, float), np.asarray(across, float)
+    ok = np.isfinite(a) & np.isfinite(c)
+    if not ok.any():
+        return math.nan
+    sa = float(a[ok].sum())
+    if not sa > BLINK_MIN_Z * se * math.sqrt(int(ok.sum())):
+        return math.nan
+    return float(c[ok].sum()) / sa
 
 
 def shift_correlation(norm: np.ndarray, radius: int = SHIFT_RADIUS_PX) -> np.ndarray:
@@ -219,12 +286,16 @@ def movie_statistics(movie: np.ndarray, pixel_size_um: float, frame_period_s: fl
     if correlation is not None:
         correlation.append(cc)
     score, hz = motion_score(*shifts_from_correlation(cc), frame_period_s)
+    along, across, se = line_light_sums(norm)
     return {
         "brightness": float(np.quantile(mass, BRIGHT_QUANTILE)) if mass.size >= MIN_SPOTS else math.nan,
         "psf_width_um": s * pixel_size_um,
         "density": mass.size / T / area_100um2,
         "motion": score,
         "motion_hz": hz,
+        "blinking": blinking_ratio(np.array([along]), np.array([across]), se),
+        "blink_along": along / se,
+        "blink_across": across / se,
     }
 
 
@@ -239,14 +310,37 @@ class Reference:
     frames: int
     seed: int
 
-    def range_of(self, name: str) -> tuple[float | None, float | None]:
-        v = np.asarray(self.values[name], dtype=float)
+    def range_of(self, name: str, pooled: int = 1) -> tuple[float | None, float | None]:
+        """(low, high) bound of the trained range (None: that side unbounded). ``pooled``: for the
+        blinking ratio, the range of the ratio pooled over that many tiles (random groups of the
+        reference's tiles, seeded), as a recording's is."""
+        q = next(q for q in QUANTITIES if q.name == name)
+        if name == "blinking" and pooled > 1 and all(k in self.values for k in BLINK_SUMS):
+            v = self._pooled_blinking(pooled)
+        else:
+            v = np.asarray(self.values[name], dtype=float)
         v = v[np.isfinite(v)]
         if v.size == 0:
             return None, None
-        q = next(q for q in QUANTITIES if q.name == name)
         lo = float(np.percentile(v, LOW_PERCENTILE)) if q.two_sided else None
-        return lo, float(np.percentile(v, HIGH_PERCENTILE))
+        return lo, (None if q.low_only else float(np.percentile(v, HIGH_PERCENTILE)))
+
+    def _pooled_blinking(self, n: int) -> np.ndarray:
+        cache = self.__dict__.setdefault("_pooled", {})  # not a field: never written out
+        if n not in cache:
+            cache[n] = self._draw_pooled_blinking(n)
+        return cache[n]
+
+    def _draw_pooled_blinking(self, n: int) -> np.ndarray:
+        a = np.asarray(self.values[BLINK_SUMS[0]], dtype=float)
+        c = np.asarray(self.values[BLINK_SUMS[1]], dtype=float)
+        ok = np.isfinite(a) & np.isfinite(c)
+        a, c = a[ok], c[ok]
+        if a.size == 0:
+            return np.array([])
+        rng = np.random.default_rng(REFERENCE_SEED + n)
+        groups = np.stack([rng.choice(a.size, size=min(n, a.size), replace=False) for _ in range(POOL_DRAWS)])
+        return np.array([blinking_ratio(a[g], c[g], 1.0) for g in groups])
 
 
 def _cache_dir() -> Path:
@@ -294,7 +388,7 @@ def shipped_reference(folder: str | Path, card) -> tuple[Reference | None, str]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         keyed_on = doc["keyed_on"]
-        values = {k: [math.nan if x is None else float(x) for x in doc["values"][k]] for k in (*NAMES, "motion_hz")}
+        values = {k: [math.nan if x is None else float(x) for x in doc["values"][k]] for k in VALUE_KEYS}
         ref = Reference(str(doc.get("model", card.name)), values, int(doc["n_tiles"]), int(doc["frames"]),
                         int(doc["seed"]))
     except (OSError, ValueError, TypeError, KeyError):
@@ -354,7 +448,7 @@ def reference(model: str | Path, *, n_tiles: int | None = None, seed: int = REFE
     timing = card.timing
     sim = MixedSimulator(priors, timing, card.tile_height, card.tile_width, card.window_frames)
     g = torch.Generator().manual_seed(seed)
-    values: dict[str, list[float]] = {k: [] for k in (*NAMES, "motion_hz")}
+    values: dict[str, list[float]] = {k: [] for k in VALUE_KEYS}
     done = 0
     while done < n_tiles:
         m = min(16, n_tiles - done)
@@ -429,7 +523,8 @@ class CheckRow:
         def f(x: float | None) -> str:
             return "—" if x is None else q.fmt.format(x)
 
-        trained = f"≤ {f(self.high)}" if self.low is None else f"{f(self.low)}–{f(self.high)}"
+        trained = (f"≤ {f(self.high)}" if self.low is None else f"≥ {f(self.low)}" if self.high is None
+                   else f"{f(self.low)}–{f(self.high)}")
         if self.status == "not measured":
             return f"{self.label}: not measured ({self.note or 'no particles seen'})"
         word = {"low": "below", "high": "above", "ok": "within"}[self.status]
@@ -486,24 +581,36 @@ class CheckResult:
 
 def compare(values: dict[str, np.ndarray], ref: Reference, *, recording: str = "", tiles: int = 0, windows: int = 0,
             frames: int = 0) -> CheckResult:
-    """The check's verdict for per-tile values (each quantity's median over its finite values)."""
+    """The check's verdict for per-tile values (each quantity's median over its finite values; the
+    blinking ratio pooled over the tiles' line sums, :data:`BLINK_SUMS`, where given)."""
     rows = []
     for q in QUANTITIES:
-        v = np.asarray(values[q.name], dtype=float)
+        v = np.asarray(values.get(q.name, []), dtype=float)
         ok = np.isfinite(v)
-        lo, hi = ref.range_of(q.name)
         note = ""
-        if not ok.any() or hi is None:
-            rows.append(CheckRow(q.name, q.label, q.unit, None, lo, hi, "not measured", 0))
+        pooled = 0
+        if q.name == "blinking" and all(k in values for k in BLINK_SUMS):
+            a = np.asarray(values[BLINK_SUMS[0]], dtype=float)
+            c = np.asarray(values[BLINK_SUMS[1]], dtype=float)
+            pooled = int((np.isfinite(a) & np.isfinite(c)).sum())
+            v = np.array([blinking_ratio(a, c, 1.0)])
+            ok = np.isfinite(v)
+        lo, hi = ref.range_of(q.name, max(pooled, 1))
+        if not ok.any() or (hi is None and lo is None):
+            why = "dots too dim or too few to tell" if q.name == "blinking" else ""
+            rows.append(CheckRow(q.name, q.label, q.unit, None, lo, hi, "not measured", 0, why))
             continue
         value = float(np.median(v[ok]))
+        if pooled:
+            note = f"{pooled} tiles pooled" if pooled > 1 else ""
         if q.name == "motion":
             hz = np.asarray(values.get("motion_hz", []), dtype=float)
             hz = hz[np.isfinite(hz)]
             if hz.size:
                 note = f"peak at {float(np.median(hz)):.2g} Hz"
-        status = "low" if lo is not None and value < lo else "high" if value > hi else "ok"
-        rows.append(CheckRow(q.name, q.label, q.unit, value, lo, hi, status, int(ok.sum()), note if status != "ok" else ""))
+        status = "low" if lo is not None and value < lo else "high" if hi is not None and value > hi else "ok"
+        rows.append(CheckRow(q.name, q.label, q.unit, value, lo, hi, status, pooled or int(ok.sum()),
+                             note if status != "ok" else ""))
     return CheckResult(recording, ref.model, tiles, windows, frames, rows)
 
 
@@ -536,7 +643,7 @@ def check_movie(movie, timing: ScanTiming, ref: Reference, psf_guess_um: float,
                              f"at least {wf} frames")
     tiles = tiles_looked_at(H, W, tile_shape, max_tiles)
     starts = sorted({int(round(x)) for x in np.linspace(0, T - wf, min(windows, T - wf + 1))})
-    values: dict[str, list[float]] = {k: [] for k in (*NAMES, "motion_hz")}
+    values: dict[str, list[float]] = {k: [] for k in VALUE_KEYS}
     field_motion: list[tuple[float, float]] = []
     for s in starts:
         if isinstance(movie, np.ndarray):

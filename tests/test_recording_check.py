@@ -102,7 +102,7 @@ def test_check_command_table_json_and_exit_status(ref, cli, tmp_path, monkeypatc
     assert out.exit_code == 0, out.output
     doc = json.loads(out.output)
     assert doc["ok"] is True and doc["tiles"] == 4
-    assert {r["name"] for r in doc["rows"]} == {"brightness", "psf_width_um", "density", "motion"}
+    assert {r["name"] for r in doc["rows"]} == {"brightness", "psf_width_um", "density", "motion", "blinking"}
     wide, _ = simulate_recording(stressed(ONE_SAMPLE, "wide-psf", "strong"), seed=5)
     path2 = tmp_path / "wide.tif"
     write_recording(path2, wide.astype(np.float32), timing)
@@ -159,7 +159,7 @@ def test_replay_says_inside_for_a_clean_recording_and_keeps_it_in_the_log(record
     assert meta.recording_check["status"] == "inside" and meta.recording_check["line"].startswith(line)
     assert meta.recording_check["reference"] == "shipped with model brain-qd-low"
     assert {r["name"] for r in meta.recording_check["result"]["rows"]} == {"brightness", "psf_width_um", "density",
-                                                                             "motion"}
+                                                                             "motion", "blinking"}
     from typer.testing import CliRunner
 
     from dle_stream.cli import app
@@ -330,3 +330,66 @@ def test_live_run_checks_its_first_full_window_and_says_so_in_the_summary(tmp_pa
                                              "400-frame window)")
     out = cli("run", "--demo", "--fast", "--frames", "60", "--size", "20x20", "--window", "40", "--no-check")
     assert out.exit_code == 0 and "recording check: skipped (turned off with --no-check)" in " ".join(out.output.split())
+
+
+# ------------------------------------------------------- blinking and dim dots
+def simulate_field(priors, seed: int, d_um2_s: float = 0.3) -> tuple[np.ndarray, ScanTiming]:
+    """A 40×160-px recording (2 × 8 tiles of 20×20 px at their raster offsets; the reference scan
+    has 40 lines of 188 px), every tile's D the same."""
+    timing = ScanTiming(**{**PRESET.timing.to_dict(), "width_px": 160, "height_px": 40})
+    sim = Simulator(priors, timing, 20, 20, 400)
+    offsets = np.array([[20 * r, 20 * c] for r in range(2) for c in range(8)])
+    m = sim.simulate(16, seed=seed, offsets=offsets, d_um2_s=torch.full((16,), d_um2_s, dtype=torch.float64)).movies
+    m = m.numpy()
+    return np.concatenate([np.concatenate(list(m[8 * r:8 * r + 8]), axis=2) for r in range(2)], axis=1), timing
+
+
+def test_line_light_sums_hold_no_noise_and_are_equal_along_and_across_for_still_dots():
+    """Pure noise: both sums within a few standard errors of 0. Slow dots that do not blink,
+    drawn with an isotropic PSF: the light's correlation across the lines equals that along
+    them (ratio 1 within its noise; they move ≈ 0.2 px per line)."""
+    from dle_stream.recording_check import _normalise, line_light_sums
+
+    rng = np.random.default_rng(1)
+    along, across, se = line_light_sums(_normalise(rng.normal(100, 10, (400, 20, 20))))
+    assert abs(along) < 5 * se and abs(across) < 5 * se
+    b = Simulator(stressed(ONE_SAMPLE, "dense", "weak"), PRESET.timing, 20, 20, 400).simulate(
+        8, seed=2, d_um2_s=torch.full((8,), 0.3, dtype=torch.float64))
+    a = c = 0.0
+    for m in b.movies.numpy():
+        x, y, se = line_light_sums(_normalise(m))
+        a, c = a + x, c + y
+    assert a > 100 * se * np.sqrt(8)
+    assert 0.95 < c / a < 1.05
+
+
+def test_a_blinking_recording_is_told_from_a_steady_one_of_the_same_d_and_density(ref):
+    """Two 16-tile recordings of one sample, the same seed, D and particles; the quantum dots of
+    one blink (power-law dwells, ≈ 27 % on-time). Dots that switch within the lines they are
+    drawn on lower the across-line light: the pooled ratio falls, and the check names it."""
+    blinking = stressed(ONE_SAMPLE, "blinking", "strong")
+    still, timing = simulate_field(ONE_SAMPLE, seed=7)
+    blink, _ = simulate_field(blinking, seed=7)
+    clean = check_movie(still, timing, ref, PSF, windows=1)
+    flagged = check_movie(blink, timing, ref, PSF, windows=1)
+    row_clean = next(r for r in clean.rows if r.name == "blinking")
+    row_blink = next(r for r in flagged.rows if r.name == "blinking")
+    assert row_clean.status == "ok", clean.summary_line()
+    assert row_blink.value < row_clean.value - 0.04
+    assert row_blink.status == "low", flagged.summary_line()
+    assert "blinking (light kept from line to line)" in flagged.summary_line()
+    assert "below the trained ≥" in flagged.summary_line() and "16 tiles pooled" in flagged.summary_line()
+
+
+def test_pooling_tiles_narrows_the_trained_blinking_range(ref):
+    """One tile's few dots leave the ratio uncertain; the range for 16 pooled reference tiles is
+    narrower (its lower end higher) and still holds the still dots' ratio of 1."""
+    lo1, hi1 = ref.range_of("blinking")
+    lo16, hi16 = ref.range_of("blinking", 16)
+    assert hi1 is None and hi16 is None and lo1 is not None and lo16 is not None
+    assert lo1 < lo16 < 1.0
+
+
+def test_an_empty_movie_has_no_blinking_ratio():
+    noise = np.random.default_rng(3).normal(100, 10, (400, 20, 20))
+    assert np.isnan(movie_statistics(noise, DX, F_S, PSF)["blinking"])
