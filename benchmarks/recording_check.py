@@ -23,6 +23,17 @@ which every tile moves at the recording's one heartbeat frequency (drawn from th
 added, as ``check_movie`` does) and the older median of the tiles' scores exceed the trained
 range. The simulator draws each tile's motion phase and direction itself, so the tiles do not
 move together as a real field does: the whole-field sum is, if anything, understated.
+
+    python benchmarks/recording_check.py --suite low --recordings 100
+
+instead simulates 100 recordings of 16 tiles of ONE sample per row (clean, blinking and dim,
+weak and strong, and motion strong, whose frames the motion shears): brightness, background, PSF widths and gain drawn once per recording from
+the suite's (stressed) prior and shared by its tiles, D drawn once and shared too, as in a
+real sample; the check takes its values as ``check_movie`` does (medians over the tiles, the
+blinking ratio pooled over them, the motion from the tiles' correlation maps added). The
+column "oracle" is the share of recordings whose true brightness over the noise,
+B / √(background + read noise²) in photons, lies below the 0.5 percentile of the same
+quantity under the model card's prior: what a perfect brightness measurement would flag.
 """
 
 from __future__ import annotations
@@ -40,8 +51,8 @@ import torch
 
 from dle_stream.evaluation.bench import SUITE_MODELS
 from dle_stream.recording_check import (
-    NAMES,
     QUANTITIES,
+    VALUE_KEYS,
     compare,
     motion_score,
     movie_statistics,
@@ -61,17 +72,21 @@ def measure(suite: str, stress: str | None, n: int, seed: int, psf_guess_um: flo
         p = stressed(p, name, strength)
     sim = Simulator(p, preset.timing, preset.tile_height, preset.tile_width, preset.frames)
     g = torch.Generator().manual_seed(seed)
-    out: dict[str, list[float]] = {k: [] for k in (*NAMES, "motion_hz", "d_true")}
+    out: dict[str, list[float]] = {k: [] for k in (*VALUE_KEYS, "d_true", "snr_true")}
+    lo_r, hi_r = p.read_noise_photons
+    read2 = (lo_r * lo_r + lo_r * hi_r + hi_r * hi_r) / 3
     done = 0
     while done < n:
         m = min(32, n - done)
         b = sim.simulate(m, generator=g)
-        for movie, d in zip(b.movies.cpu().numpy(), b.d_um2_s.cpu().numpy()):
+        snr = (b.params["brightness_photons"] / torch.sqrt(b.params["background_photons"] + read2)).cpu().numpy()
+        for movie, d, q in zip(b.movies.cpu().numpy(), b.d_um2_s.cpu().numpy(), snr):
             st = movie_statistics(movie, preset.timing.pixel_size_um, preset.timing.frame_period_us * 1e-6,
                                   psf_guess_um)
             for k, v in st.items():
                 out[k].append(v)
             out["d_true"].append(float(d))
+            out["snr_true"].append(float(q))
         done += m
     return out
 
@@ -109,6 +124,68 @@ def field_motion(suite: str, n: int, tiles: int, seed: int, psf_guess_um: float,
     return lines
 
 
+def snr_low_bound(priors, n: int = 200_000, seed: int = 1) -> float:
+    """0.5 percentile of B / √(background + E[read²]) (photons) under ``priors`` (Monte Carlo)."""
+    rng = np.random.default_rng(seed)
+    b = np.abs(rng.normal(*priors.brightness_photons, n))
+    bg = np.abs(rng.normal(*priors.background_photons, n))
+    lo, hi = priors.read_noise_photons
+    return float(np.percentile(b / np.sqrt(bg + (lo * lo + lo * hi + hi * hi) / 3), 0.5))
+
+
+def recordings(suite: str, n: int, tiles: int, seed: int, psf_guess_um: float, ref, card_priors) -> list[str]:
+    """Rows of the one-sample recordings table (see the module docstring)."""
+    from dataclasses import replace
+
+    preset = get_preset(suite)
+    t = preset.timing
+    fp = t.frame_period_us * 1e-6
+    low_snr = snr_low_bound(card_priors)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    names = [q.name for q in QUANTITIES]
+    lines = [f"| recordings of {tiles} tiles, one sample | n | warns | " + " | ".join(q.label for q in QUANTITIES)
+             + " | oracle (true brightness below trained) | median " + " / ".join(names) + " | s |",
+             "|" + "---|" * (len(QUANTITIES) + 6)]
+    rows = ([("clean", None)] + [(f"{k} ({s})", f"{k}:{s}") for k in ("blinking", "dim") for s in ("weak", "strong")]
+            + [("motion (strong)", "motion:strong")])  # motion: does the blinking ratio stay quiet?
+    for label, stress in rows:
+        t0 = time.time()
+        p0 = preset.priors if stress is None else stressed(preset.priors, *stress.split(":"))
+        warned, oracle = 0, 0
+        per_q = {k: 0 for k in names}
+        meds: dict[str, list[float]] = {k: [] for k in names}
+        for _ in range(n):
+            draw = {k: abs(float(rng.normal(*getattr(p0, k)))) for k in
+                    ("brightness_photons", "background_photons", "psf_sigma_xy_um", "psf_sigma_z_um", "gain")}
+            p = replace(p0, **{k: (v, 0.0) for k, v in draw.items()})
+            d = float(rng.uniform(p0.d_min_um2_s, p0.d_max_um2_s))
+            b = Simulator(p, t, preset.tile_height, preset.tile_width, preset.frames).simulate(
+                tiles, generator=g, d_um2_s=torch.full((tiles,), d, dtype=torch.float64))
+            lo_r, hi_r = p.read_noise_photons
+            oracle += draw["brightness_photons"] / math.sqrt(
+                draw["background_photons"] + (lo_r * lo_r + lo_r * hi_r + hi_r * hi_r) / 3) < low_snr
+            maps: list[np.ndarray] = []
+            vals: dict[str, list[float]] = {k: [] for k in VALUE_KEYS}
+            for m in b.movies.cpu().numpy():
+                for k, v in movie_statistics(m, t.pixel_size_um, fp, psf_guess_um, correlation=maps).items():
+                    vals[k].append(v)
+            score, hz = motion_score(*shifts_from_correlation(np.sum(maps, axis=0)), fp)
+            vals["motion"], vals["motion_hz"] = [score], [hz]
+            res = compare({k: np.asarray(v, float) for k, v in vals.items()}, ref, tiles=tiles)
+            warned += not res.ok
+            for r in res.rows:
+                per_q[r.name] += r.outside
+                meds[r.name].append(math.nan if r.value is None else r.value)
+        med = [float(np.nanmedian(meds[k])) if np.isfinite(meds[k]).any() else math.nan for k in names]
+        line = (f"| {label} | {n} | **{100 * warned / n:.0f} %** | "
+                + " | ".join(f"{100 * per_q[k] / n:.0f} %" for k in names)
+                + f" | {100 * oracle / n:.0f} % | " + " / ".join(f"{m:.3g}" for m in med) + f" | {time.time() - t0:.0f} |")
+        print(line, flush=True)
+        lines.append(line)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", default="low", choices=("low", "high"))
@@ -121,6 +198,8 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=200)
     ap.add_argument("--field-motion", type=int, default=0, metavar="N",
                     help="only the whole-field motion table, N recordings per row")
+    ap.add_argument("--recordings", type=int, default=0, metavar="N",
+                    help="only the one-sample recordings table (clean, blinking, dim), N recordings per row")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = args.model or SUITE_MODELS[args.suite]
@@ -129,7 +208,20 @@ def main() -> None:
     t_ref = time.time() - t_all
     from dle_stream.model_package import load_card, resolve_model
 
-    psf = training_priors(load_card(resolve_model(model))).psf_sigma_xy_um[0]
+    card_priors = training_priors(load_card(resolve_model(model)))
+    psf = card_priors.psf_sigma_xy_um[0]
+    if args.recordings:
+        lines = recordings(args.suite, args.recordings, args.group, args.seed, psf, ref, card_priors)
+        head = [f"Command: `python benchmarks/recording_check.py --suite {args.suite} --recordings "
+                f"{args.recordings}`  ", f"Machine: {platform.processor() or platform.machine()}, {args.threads} "
+                f"torch thread(s); {datetime.now(timezone.utc).isoformat(timespec='minutes')}; "
+                f"{time.time() - t_all:.0f} s in all.", ""]
+        text = "\n".join(head + lines) + "\n"
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+        print(text)
+        return
     if args.field_motion:
         hi = ref.range_of("motion")[1]
         assert hi is not None
@@ -150,6 +242,8 @@ def main() -> None:
             + "median " + " / ".join(q.name for q in QUANTITIES) + " | s |")
     lines = [head, "|" + "---|" * (len(QUANTITIES) + 5)]
     raw: dict[str, dict[str, list[float]]] = {}
+    low_snr = snr_low_bound(card_priors)
+    oracle: list[str] = []
     for label, stress in rows:
         t0 = time.time()
         vals = measure(args.suite, stress, args.n, args.seed, psf)
@@ -157,7 +251,7 @@ def main() -> None:
         per_q = {q.name: 0 for q in QUANTITIES}
         warned = 0
         for i in range(args.n):
-            res = compare({k: np.array([vals[k][i]]) for k in (*NAMES, "motion_hz")}, ref)
+            res = compare({k: np.array([vals[k][i]]) for k in VALUE_KEYS}, ref)
             warned += not res.ok
             for r in res.outside:
                 per_q[r.name] += 1
@@ -165,7 +259,7 @@ def main() -> None:
         group_warned = 0
         for _ in range(args.groups):
             idx = rng.choice(args.n, size=min(args.group, args.n), replace=False)
-            res = compare({k: np.asarray(vals[k], float)[idx] for k in (*NAMES, "motion_hz")}, ref)
+            res = compare({k: np.asarray(vals[k], float)[idx] for k in VALUE_KEYS}, ref)
             group_warned += not res.ok
         med = [np.nanmedian(np.asarray(vals[q.name], float)) if np.isfinite(vals[q.name]).any() else math.nan
                for q in QUANTITIES]
@@ -175,6 +269,7 @@ def main() -> None:
                 + " | " + " / ".join(f"{m:.3g}" for m in med) + f" | {time.time() - t0:.0f} |")
         lines.append(line)
         print(line, flush=True)
+        oracle.append(f"{label} {100 * np.mean(np.asarray(vals['snr_true']) < low_snr):.0f} %")
 
     def rng(name: str) -> str:
         lo, hi = ranges[name]
@@ -189,7 +284,9 @@ def main() -> None:
            f"(reference {t_ref:.0f} s, {ref.n_tiles} tiles, cached after the first run).", "",
            f"{args.n} movies per suite (one tile, {ref.frames} frames each), seed {args.seed}. "
            "Columns: share of movies the check warns on, and per quantity; then the median value per quantity.",
-           "", "Trained ranges (reference percentiles):", ""] + trained + [""] + lines
+           "", "Trained ranges (reference percentiles):", ""] + trained + [""] + lines + [
+           "", "Oracle: share of movies whose true brightness over the noise, B / √(background + read²) in "
+           f"photons, lies below the card prior's 0.5 percentile ({low_snr:.3g}): " + ", ".join(oracle) + "."]
     text = "\n".join(doc) + "\n"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

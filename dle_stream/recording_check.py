@@ -54,8 +54,11 @@ few windows spread over the recording), then the median over tiles and windows:
   on-time: ≈ 0.9). Noise and shot noise do not lower it. The sums are pooled over a
   recording's tiles and windows (added, as the motion's correlation maps), because one tile's
   few dots leave the ratio uncertain by ± 0.1; the trained range of a pooled value is the
-  0.5 percentile of the same pooling over as many reference tiles, drawn at random
-  (:meth:`Reference.range_of`). Measured only where the along-line sum is clearly above the
+  0.5 percentile of the same pooling over as many reference tiles, drawn at random from the
+  :data:`POOL_NEIGHBOURS` reference tiles nearest in D to a random one (:meth:`Reference.range_of`):
+  a recording is one sample, whose tiles share D, and dots at the top of the low range move
+  enough while their lines are drawn to lower the ratio by ≈ 0.03, which groups of tiles of
+  all D would average away. Measured only where the along-line sum is clearly above the
   noise (:data:`BLINK_MIN_Z`; not in dim or empty tiles). Where it cannot tell: at high D
   (beads-high's range reaches 50 µm²/s, ≈ 2.6 px per line) the dots' own motion lowers the
   ratio as much as blinking, so the trained range is wide; slower blinking (dwells of many
@@ -104,7 +107,7 @@ from dle_stream.errors import DleStreamError, ParameterError, arg
 from dle_stream.timing import ScanTiming
 
 #: Version of the measurements (a change invalidates cached references).
-CHECK_VERSION = 4
+CHECK_VERSION = 5
 #: Percentiles of the reference tiles that bound the trained range.
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
@@ -124,8 +127,10 @@ PSF_MAX_REL_ERROR = 0.2
 BLINK_LAGS = 3
 #: The along-line sum must exceed this many standard errors of noise for a blinking ratio.
 BLINK_MIN_Z = 20.0
-#: Random groups of reference tiles drawn for the trained range of a pooled blinking ratio.
+#: Random groups of reference tiles drawn for the trained range of a pooled blinking ratio, and
+#: the reference tiles nearest in D a group is drawn from (a recording is one sample, one D).
 POOL_DRAWS = 2000
+POOL_NEIGHBOURS = 48
 #: Windows per recording the check looks at (evenly spread).
 DEFAULT_WINDOWS = 4
 #: What ``replay`` looks at: windows, and tiles at most (spread over the frame), ~0.1 s each.
@@ -310,13 +315,13 @@ class Reference:
     frames: int
     seed: int
 
-    def range_of(self, name: str, pooled: int = 1) -> tuple[float | None, float | None]:
+    def range_of(self, name: str, pooled: int = 1, light: float | None = None) -> tuple[float | None, float | None]:
         """(low, high) bound of the trained range (None: that side unbounded). ``pooled``: for the
-        blinking ratio, the range of the ratio pooled over that many tiles (random groups of the
-        reference's tiles, seeded), as a recording's is."""
+        blinking ratio, the range of the ratio pooled over that many tiles, as a recording's is
+        (:meth:`pooled_blinking`; ``light``: the recording's median along-line light per tile)."""
         q = next(q for q in QUANTITIES if q.name == name)
         if name == "blinking" and pooled > 1 and all(k in self.values for k in BLINK_SUMS):
-            v = self._pooled_blinking(pooled)
+            v = self.pooled_blinking(pooled, light)
         else:
             v = np.asarray(self.values[name], dtype=float)
         v = v[np.isfinite(v)]
@@ -325,22 +330,44 @@ class Reference:
         lo = float(np.percentile(v, LOW_PERCENTILE)) if q.two_sided else None
         return lo, (None if q.low_only else float(np.percentile(v, HIGH_PERCENTILE)))
 
-    def _pooled_blinking(self, n: int) -> np.ndarray:
+    def pooled_blinking(self, n: int, light: float | None = None) -> np.ndarray:
+        """The blinking ratio pooled over groups of ``n`` reference tiles that are a recording of one
+        sample would be: tiles as bright as the recording's (along-line light per tile within a
+        factor 2 of ``light``, else the :data:`POOL_NEIGHBOURS` nearest in it: a dim recording's
+        pooled ratio is noisier than one of bright tiles) and of one D (the
+        :data:`POOL_NEIGHBOURS` of those nearest in D to a random one). :data:`POOL_DRAWS`
+        groups, seeded; cached per (n, light band)."""
+        band = None if light is None or not light > 0 else int(round(4 * math.log2(light)))
         cache = self.__dict__.setdefault("_pooled", {})  # not a field: never written out
-        if n not in cache:
-            cache[n] = self._draw_pooled_blinking(n)
-        return cache[n]
+        if (n, band) not in cache:
+            cache[(n, band)] = self._draw_pooled_blinking(n, None if band is None else 2 ** (band / 4))
+        return cache[(n, band)]
 
-    def _draw_pooled_blinking(self, n: int) -> np.ndarray:
+    def _draw_pooled_blinking(self, n: int, light: float | None) -> np.ndarray:
         a = np.asarray(self.values[BLINK_SUMS[0]], dtype=float)
         c = np.asarray(self.values[BLINK_SUMS[1]], dtype=float)
+        d = np.asarray(self.values.get("d_um2_s", [math.nan] * a.size), dtype=float)
         ok = np.isfinite(a) & np.isfinite(c)
-        a, c = a[ok], c[ok]
+        a, c, d = a[ok], c[ok], d[ok]
         if a.size == 0:
             return np.array([])
         rng = np.random.default_rng(REFERENCE_SEED + n)
-        groups = np.stack([rng.choice(a.size, size=min(n, a.size), replace=False) for _ in range(POOL_DRAWS)])
-        return np.array([blinking_ratio(a[g], c[g], 1.0) for g in groups])
+        k = min(POOL_NEIGHBOURS, a.size)
+        if light is not None:  # tiles as bright as the recording's
+            like = np.flatnonzero((a > light / 2) & (a < light * 2))
+            if like.size < k:
+                like = np.argsort(np.abs(np.log(np.clip(a, 1e-3, None) / light)), kind="stable")[:k]
+            a, c, d = a[like], c[like], d[like]
+        order = np.argsort(d, kind="stable") if np.isfinite(d).all() else rng.permutation(a.size)
+        k = min(POOL_NEIGHBOURS, a.size)
+        out = np.empty(POOL_DRAWS)
+        for i in range(POOL_DRAWS):
+            # the k tiles nearest in D to a random tile (a window of the D-sorted tiles), n of them
+            at = int(rng.integers(a.size))
+            first = min(max(at - k // 2, 0), a.size - k)
+            g = rng.choice(order[first:first + k], size=n, replace=n > k)
+            out[i] = blinking_ratio(a[g], c[g], 1.0)
+        return out
 
 
 def _cache_dir() -> Path:
@@ -388,7 +415,7 @@ def shipped_reference(folder: str | Path, card) -> tuple[Reference | None, str]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         keyed_on = doc["keyed_on"]
-        values = {k: [math.nan if x is None else float(x) for x in doc["values"][k]] for k in VALUE_KEYS}
+        values = {k: [math.nan if x is None else float(x) for x in doc["values"][k]] for k in (*VALUE_KEYS, "d_um2_s")}
         ref = Reference(str(doc.get("model", card.name)), values, int(doc["n_tiles"]), int(doc["frames"]),
                         int(doc["seed"]))
     except (OSError, ValueError, TypeError, KeyError):
@@ -448,11 +475,12 @@ def reference(model: str | Path, *, n_tiles: int | None = None, seed: int = REFE
     timing = card.timing
     sim = MixedSimulator(priors, timing, card.tile_height, card.tile_width, card.window_frames)
     g = torch.Generator().manual_seed(seed)
-    values: dict[str, list[float]] = {k: [] for k in VALUE_KEYS}
+    values: dict[str, list[float]] = {k: [] for k in (*VALUE_KEYS, "d_um2_s")}
     done = 0
     while done < n_tiles:
         m = min(16, n_tiles - done)
         batch = sim.simulate(m, generator=g)
+        values["d_um2_s"].extend(float(x) for x in batch.d_um2_s.cpu().numpy())
         for movie in batch.movies.cpu().numpy():
             st = movie_statistics(movie, timing.pixel_size_um, timing.frame_period_us * 1e-6,
                                   priors.psf_sigma_xy_um[0])
@@ -595,7 +623,11 @@ def compare(values: dict[str, np.ndarray], ref: Reference, *, recording: str = "
             pooled = int((np.isfinite(a) & np.isfinite(c)).sum())
             v = np.array([blinking_ratio(a, c, 1.0)])
             ok = np.isfinite(v)
-        lo, hi = ref.range_of(q.name, max(pooled, 1))
+        light = None
+        if pooled:
+            a_ok = a[np.isfinite(a) & np.isfinite(c)]
+            light = float(np.median(a_ok)) if a_ok.size else None
+        lo, hi = ref.range_of(q.name, max(pooled, 1), light)
         if not ok.any() or (hi is None and lo is None):
             why = "dots too dim or too few to tell" if q.name == "blinking" else ""
             rows.append(CheckRow(q.name, q.label, q.unit, None, lo, hi, "not measured", 0, why))
