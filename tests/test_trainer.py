@@ -173,6 +173,50 @@ def test_the_best_validated_weights_are_kept_when_the_curve_turns_up(tmp_path):
     assert json.loads((tmp_path / "card.json").read_text())["training"]["kept_weights_of_step"] == 3
 
 
+def test_a_resumed_run_keeps_its_own_learning_rate_and_batch_unless_given(tmp_path):
+    """`train --resume` continues with the settings the run was started with (a run started
+    with --lr 5e-4 resumed at the default 2e-3 took a warm restart four times too hot)."""
+    from dle_stream.training.trainer import _config_json
+    from dle_stream.training.training_setup import config_for
+
+    out = tmp_path / "m"
+    (out / "checkpoint").mkdir(parents=True)
+    started = easy_config(out, lr=5e-4, batch=48, ae_lr=2e-4)
+    (out / "checkpoint" / "state.json").write_text(json.dumps({"config": _config_json(started)}))
+    common = dict(out=out, preset="low", like=None, d_max=None, steps=10, minutes=None, device="cpu", seed=0,
+                  resume=True, encoder_from=None, ae_steps=None, cache_movies=64, val_movies=64, name=None, flags={},
+                  timing_file=None)
+    resumed = config_for(**common)
+    assert (resumed.lr, resumed.batch, resumed.ae_lr) == (5e-4, 48, 2e-4)
+    assert config_for(**common, lr=1e-3).lr == 1e-3
+
+
+def test_a_resumed_run_never_ends_worse_than_the_weights_it_started_from(tmp_path):
+    """The held-out score of the resumed package's own weights counts as the best so far:
+    when every later validation is worse, the run ends with the weights it started from."""
+    out = tmp_path / "m"
+    train(easy_config(out, steps=3, ae_steps=5, cache_movies=64, val_movies=32), log=lambda *a: None)
+    from safetensors.torch import load_file
+
+    started = {k: v for k, v in load_file(str(out / "weights.safetensors")).items() if k.startswith(("temporal.", "mlp."))}
+    trainer = Trainer(easy_config(out, resume=True, steps=4, ae_steps=5, cache_movies=64, val_movies=32,
+                                  checkpoint_minutes=0), log=lambda *a: None)
+    scores = iter([1.0] + [5.0 + i for i in range(20)])
+    real_evaluate = trainer.evaluate
+
+    def scripted(latents, d_true):
+        metrics = real_evaluate(latents, d_true)
+        metrics["grid_nll"] = next(scores)
+        return metrics
+
+    trainer.evaluate = scripted
+    trainer.run()
+    assert trainer.state["best_step"] == 3 and trainer.state["head_step"] == 7
+    ended = {k: v for k, v in trainer.model.state_dict().items() if k in started}
+    learned = [k for k in started if "running_" not in k and "num_batches" not in k]
+    assert learned and all(torch.equal(ended[k], started[k]) for k in learned)
+
+
 def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained, tmp_path):
     """`calibrate` fits a smoothing, a D-axis warp, a temperature, a systematic error and the
     disagreement test's scale on movies of known D, stores them (and what it measured) in

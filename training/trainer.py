@@ -659,6 +659,10 @@ class Trainer:
         single_weight = self.ranks.weight(local_batch, cfg.batch)
         group_weight = self.ranks.weight(local_groups, cfg.combine_groups)
         local_refresh = self.ranks.share(cfg.refresh_movies)
+        if start_step > 0 and val is not None and self._best is None:
+            # a resumed head: its starting weights are the ones to beat, so that a run never
+            # ends worse on the held-out curve than the package it continued
+            self._validate_and_keep_best(cache, val, math.nan)
         forward = self._stage(("temporal", "mlp"), lambda x: self.model.head(x))
         task = self._task("predictor", total if total else None, 0)
         recent_loss, recent_l1 = [], []
