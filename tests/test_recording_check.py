@@ -393,3 +393,19 @@ def test_pooling_tiles_narrows_the_trained_blinking_range(ref):
 def test_an_empty_movie_has_no_blinking_ratio():
     noise = np.random.default_rng(3).normal(100, 10, (400, 20, 20))
     assert np.isnan(movie_statistics(noise, DX, F_S, PSF)["blinking"])
+
+
+def test_blinking_is_not_measured_for_a_model_whose_dots_move_pixels_per_line():
+    """beads-high reaches D = 50 µm²/s: its dots move ≈ 2.6 px rms while one line is drawn, which
+    lowers the across-line light as blinking does; the check says it cannot tell, and why."""
+    from dle_stream.model_package import load_card, resolve_model
+    from dle_stream.recording_check import compare, shipped_reference
+
+    high, _ = shipped_reference(resolve_model("beads-high"), load_card(resolve_model("beads-high")))
+    assert high is not None and high.range_of("blinking") == (None, None)
+    values = {k: np.array([v]) for k, v in movie_statistics(
+        simulate_recording(stressed(ONE_SAMPLE, "blinking", "strong"), seed=5)[0], DX, F_S, PSF).items()}
+    row = next(r for r in compare(values, high).rows if r.name == "blinking")
+    assert row.status == "not measured" and "fastest dots move too far" in row.text()
+    low, _ = shipped_reference(resolve_model("brain-qd-low"), load_card(resolve_model("brain-qd-low")))
+    assert low is not None and low.range_of("blinking")[0] is not None  # 0.45 px per line: measured
