@@ -53,6 +53,19 @@ def summary(rows):
             f"K16 above ≥ {min(r['above'] for r in hi16):.2f}")
 
 
+def cells_meeting(rows) -> tuple[int, int]:
+    """Cells inside 10–90 % of the range meeting issue 11's per-cell criteria: K = 16 |z mean|
+    ≤ 0.25 and z std 0.8–1.25, 68 % coverage 60–76 % at every K. (met, judged)."""
+    cells = sorted({r["f"] for r in rows if 0.1 <= r["f"] <= 0.9})
+    met = 0
+    for f in cells:
+        mine = [r for r in rows if r["f"] == f]
+        k16 = [r for r in mine if r["k"] == 16]
+        ok = all(abs(r["zm"]) <= 0.25 and 0.8 <= r["zs"] <= 1.25 for r in k16)
+        met += ok and all(0.60 <= r["c68"] <= 0.76 for r in mine)
+    return met, len(cells)
+
+
 def table(rows):
     for r in rows:
         print(f"{r['f']:5.2f} K{r['k']:<2d} bias {r['bias']:+.4f} z {r['zm']:+.2f} ± {r['zs']:.2f}  c68 {r['c68']:.2f} c95 {r['c95']:.2f} above {r['above']:.2f} a|l {r['above_or_little']:.2f}")
@@ -66,3 +79,4 @@ if __name__ == "__main__":
     rows = evaluate(sys.argv[2], model.config)
     table(rows)
     print(summary(rows))
+    print("cells meeting the per-cell criteria: %d of %d" % cells_meeting(rows))
