@@ -273,7 +273,10 @@ def main() -> None:
 
     def rng(name: str) -> str:
         lo, hi = ranges[name]
-        return (f"≤ {hi:.3g}" if lo is None else f"{lo:.3g}–{hi:.3g}") if hi is not None else "—"
+        if hi is None:
+            lo16 = ref.range_of(name, args.group)[0]
+            return "—" if lo is None else f"≥ {lo:.3g} (one tile), ≥ {lo16:.3g} ({args.group} tiles pooled)"
+        return f"≤ {hi:.3g}" if lo is None else f"{lo:.3g}–{hi:.3g}"
 
     trained = [f"- {q.label} ({q.unit}): {rng(q.name)}" for q in QUANTITIES]
     doc = [f"# Recording check on the stress suites, {args.suite} ({model})", "",
