@@ -698,7 +698,8 @@ def check(
             return "—" if x is None else f"{x:.3g}"
 
         for r in res.rows:
-            rng = f"≤ {fmt(r.high)}" if r.low is None else f"{fmt(r.low)}–{fmt(r.high)}"
+            rng = ("—" if r.low is None and r.high is None else f"≤ {fmt(r.high)}" if r.low is None
+                   else f"≥ {fmt(r.low)}" if r.high is None else f"{fmt(r.low)}–{fmt(r.high)}")
             verdict = {"ok": "ok", "low": "[bold red]below[/]", "high": "[bold red]above[/]"}.get(r.status, r.status)
             table.add_row(r.label, fmt(r.value) + (f" ({r.note})" if r.note else ""), rng, r.unit, verdict)
         console.print(table)

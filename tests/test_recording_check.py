@@ -110,6 +110,7 @@ def test_check_command_table_json_and_exit_status(ref, cli, tmp_path, monkeypatc
     assert out.exit_code == 1, out.output
     text = " ".join(out.output.split())
     assert "OUTSIDE what the model was trained for: PSF width σxy" in text
+    assert "–—" not in text and "—–" not in text  # a one-sided range reads "≥ x" / "≤ x", not "x–—"
 
 
 def test_check_bad_input_is_one_line_naming_the_flag(cli, write_movie):
