@@ -15,7 +15,9 @@ from dle_stream.training.calibration import (
     combined_figures,
     combined_groups,
     combined_log_score,
+    disjoint_groups,
     fit_warp,
+    refine_warp_by_medians,
 )
 
 GRID = DGrid(96, 2.0)
@@ -51,6 +53,25 @@ def test_warp_recovers_a_known_pull_and_restores_combined_coverage():
     fresh = synthetic_cells(pulled, noise=0.08, reported=0.08, n=512, seed=2)  # judged on other draws
     assert coverage16(fresh) < 0.5  # the pull, 4× the combined σ at the ends, hides the truth
     assert 0.6 <= coverage16(warp_log_likelihood(fresh, GRID, tuple(warp.items()))) <= 0.76
+
+
+def test_warp_from_combined_medians_recovers_a_known_pull_and_leaves_16_windows_unbiased():
+    """Started from a warp that is 0.03·d_max off at every cell up to 0.9·d_max, the median
+    refinement finds the pull m(D) of a shifted "network" there, and 16 fresh windows
+    combined then have posterior medians centred on the truth (mean z within the noise of
+    128 groups)."""
+    cells = synthetic_cells(pulled, noise=0.08, reported=0.08, n=512, seed=1)
+    start = tuple((f, m + 0.03 if f <= 0.9 else m) for f, m in fit_warp(FRACTIONS, cells, GRID))
+    warp = dict(refine_warp_by_medians(FRACTIONS, disjoint_groups(cells, 16), GRID, start))
+    for f in (0.125, 0.325, 0.525, 0.725, 0.875):
+        assert warp[f] == pytest.approx(pulled(f), abs=0.01)
+    assert warp[1.1] == dict(start)[1.1]  # above 0.9·d_max the given points are kept
+    fresh = synthetic_cells(pulled, noise=0.08, reported=0.08, n=2048, seed=2)
+    groups = disjoint_groups(warp_log_likelihood(fresh, GRID, tuple(warp.items())), 16)
+    for i, f in enumerate(FRACTIONS):
+        if 0.1 <= f <= 0.9:
+            post = posterior(groups[i].sum(axis=1), GRID, 1.0)
+            assert abs(np.mean((post.d - f) / post.sigma)) < 0.4, f  # ≈ 4 standard errors of 128 groups
 
 
 def test_log_score_prefers_the_temperature_that_makes_a_too_wide_likelihood_right():
