@@ -186,6 +186,26 @@ def recordings(suite: str, n: int, tiles: int, seed: int, psf_guess_um: float, r
     return lines
 
 
+def table_head(args, flag: str, t_all: float, extra: str = "") -> list[str]:
+    """The command and machine lines above a one-table report (``flag``: the mode's option)."""
+    return [f"Command: `python benchmarks/recording_check.py --suite {args.suite} {flag}`  ",
+            f"Machine: {platform.processor() or platform.machine()}, {args.threads} torch thread(s); "
+            f"{datetime.now(timezone.utc).isoformat(timespec='minutes')}; {time.time() - t_all:.0f} s in all.{extra}", ""]
+
+
+def report(out: Path | None, text: str, raw: dict | None = None) -> None:
+    """Print ``text``; with ``out`` also write it there (and ``raw`` beside it as .json), each
+    file written whole (atomically) so that an interrupted run leaves the previous report."""
+    if out:
+        from dle_stream.files import write_atomic
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, lambda tmp: tmp.write_text(text))
+        if raw is not None:
+            write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(raw).replace("NaN", "null")))
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", default="low", choices=("low", "high"))
@@ -212,29 +232,15 @@ def main() -> None:
     psf = card_priors.psf_sigma_xy_um[0]
     if args.recordings:
         lines = recordings(args.suite, args.recordings, args.group, args.seed, psf, ref, card_priors)
-        head = [f"Command: `python benchmarks/recording_check.py --suite {args.suite} --recordings "
-                f"{args.recordings}`  ", f"Machine: {platform.processor() or platform.machine()}, {args.threads} "
-                f"torch thread(s); {datetime.now(timezone.utc).isoformat(timespec='minutes')}; "
-                f"{time.time() - t_all:.0f} s in all.", ""]
-        text = "\n".join(head + lines) + "\n"
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text)
-        print(text)
+        report(args.out, "\n".join(table_head(args, f"--recordings {args.recordings}", t_all) + lines) + "\n")
         return
     if args.field_motion:
         hi = ref.range_of("motion")[1]
         assert hi is not None
         lines = field_motion(args.suite, args.field_motion, args.group, args.seed, psf, hi)
-        head = [f"Command: `python benchmarks/recording_check.py --suite {args.suite} --field-motion "
-                f"{args.field_motion}`  ", f"Machine: {platform.processor() or platform.machine()}, {args.threads} "
-                f"torch thread(s); {datetime.now(timezone.utc).isoformat(timespec='minutes')}; "
-                f"{time.time() - t_all:.0f} s in all. Trained whole-field motion: ≤ {hi:.3g}.", ""]
-        text = "\n".join(head + lines) + "\n"
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text)
-        print(text)
+        head = table_head(args, f"--field-motion {args.field_motion}", t_all,
+                          f" Trained whole-field motion: ≤ {hi:.3g}.")
+        report(args.out, "\n".join(head + lines) + "\n")
         return
     rows = [("clean", None)] + [(f"{k} ({s})", f"{k}:{s}") for k in STRESSES for s in ("weak", "strong")]
     ranges = {q.name: ref.range_of(q.name) for q in QUANTITIES}
@@ -290,12 +296,7 @@ def main() -> None:
            "", "Trained ranges (reference percentiles):", ""] + trained + [""] + lines + [
            "", "Oracle: share of movies whose true brightness over the noise, B / √(background + read²) in "
            f"photons, lies below the card prior's 0.5 percentile ({low_snr:.3g}): " + ", ".join(oracle) + "."]
-    text = "\n".join(doc) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(raw).replace("NaN", "null"))
-    print(text)
+    report(args.out, "\n".join(doc) + "\n", raw)
 
 
 if __name__ == "__main__":
