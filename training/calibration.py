@@ -158,13 +158,18 @@ def fit_warp(fractions: tuple[float, ...], cells: np.ndarray, grid: DGrid) -> tu
     shift = np.array([mean_peak(c, grid) for c in cells]) - f
     smooth = shift.copy()
     smooth[1:-1] = 0.25 * shift[:-2] + 0.5 * shift[1:-1] + 0.25 * shift[2:]
-    m = np.clip(np.maximum.accumulate(f + smooth), 0.0, grid.top)
-    return tuple((float(a), float(b)) for a, b in zip(f, m))
+    return _monotone_warp(f, f + smooth, grid)
+
+
+def _monotone_warp(fractions: np.ndarray, m: np.ndarray, grid: DGrid) -> tuple[tuple[float, float], ...]:
+    """Warp points (D, m(D)) with m made non-decreasing (running maximum) and kept on [0, top]."""
+    m = np.clip(np.maximum.accumulate(m), 0.0, grid.top)
+    return tuple((float(a), float(b)) for a, b in zip(fractions, m))
 
 
 def refine_warp_by_medians(fractions: tuple[float, ...], groups: np.ndarray, grid: DGrid,
                            warp: tuple[tuple[float, float], ...], up_to: float | None = None,
-                           iterations: int = 4, smooth: bool = False) -> tuple[tuple[float, float], ...]:
+                           iterations: int = 4) -> tuple[tuple[float, float], ...]:
     """Move the warp points at true D ≤ ``up_to`` (units of d_max) until groups of windows of
     each cell, combined, have posterior medians that average to that cell's D.
 
@@ -185,19 +190,14 @@ def refine_warp_by_medians(fractions: tuple[float, ...], groups: np.ndarray, gri
         raise DleStreamError("calibration: the warp's points must be the cells' D values")
     m = pts[:, 1].copy()
     sel = np.flatnonzero(f <= up_to)
-    c, n, k, e = groups.shape
+    _, n, k, e = groups.shape
     for _ in range(iterations):
-        current = tuple((float(a), float(b)) for a, b in zip(f, np.clip(np.maximum.accumulate(m), 0.0, grid.top)))
-        bias = np.zeros(f.size)
+        current = _monotone_warp(f, m, grid)
         for i in sel:
             warped = warp_log_likelihood(groups[i].reshape(n * k, e), grid, current).reshape(n, k, e)
             post = posterior(combine(warped, axis=1), grid, 1.0)
-            bias[i] = float(np.nanmean(post.d)) - f[i]
-        if smooth:  # 1-2-1 over neighbouring cells, as fit_warp's shifts (the ends kept)
-            bias[sel[1:-1]] = 0.25 * bias[sel[:-2]] + 0.5 * bias[sel[1:-1]] + 0.25 * bias[sel[2:]]
-        m[sel] += bias[sel]
-    m = np.clip(np.maximum.accumulate(m), 0.0, grid.top)
-    return tuple((float(a), float(b)) for a, b in zip(f, m))
+            m[i] += float(np.nanmean(post.d)) - f[i]
+    return _monotone_warp(f, m, grid)
 
 
 def disjoint_groups(cells: np.ndarray, k: int) -> np.ndarray:
