@@ -14,7 +14,6 @@ groups (BENCHMARKS.md, "Honest numbers, third pass").
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -45,8 +44,7 @@ def main() -> None:
     est = DiffusionEstimator.load(resolve_model(args.model))
     cfg = est.model.config
     calibrated = cfg
-    est.model.config = replace(cfg, grid_temperature=1.0, grid_warp=(), grid_systematic_rel=0.0, grid_smooth_knots=0.0,
-                               grid_lr_scale=1.0, grid_temperature_profile=(), grid_combine_exponent=0.0)
+    est.model.config = cfg.uncalibrated()
     f = np.asarray(INSIDE_FRACTIONS + BEYOND_FRACTIONS)
     raw = simulate_tile_cells(est, tuple(f), args.tiles, TILE_WINDOWS, seed=args.seed)
     grid = calibrated.grid

@@ -4,7 +4,6 @@
 """
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ from dle_stream.training.calibration import simulate_cells
 m, out, density, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(1)
 model, card = load_model_package(m)
-model.config = replace(model.config, grid_temperature=1.0, grid_warp=(), grid_systematic_rel=0.0, grid_smooth_knots=0.0,
-                       grid_lr_scale=1.0, grid_temperature_profile=(), grid_combine_exponent=0.0)
+model.config = model.config.uncalibrated()
 est = DiffusionEstimator(model, card, Path(m), "cpu")
 fr = tuple(INSIDE + BEYOND)
 t = time.time()

@@ -9,7 +9,6 @@ calibration in the package, in seconds instead of the suite's minutes of simulat
 """
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,7 @@ if a.out.exists():
     raise SystemExit(f"{a.out}: exists; choose another file")
 torch.set_num_threads(1)
 model, card = load_model_package(a.model)
-model.config = replace(model.config, grid_temperature=1.0, grid_warp=(), grid_systematic_rel=0.0, grid_smooth_knots=0.0,
-                       grid_lr_scale=1.0, grid_temperature_profile=(), grid_combine_exponent=0.0)
+model.config = model.config.uncalibrated()
 est = DiffusionEstimator(model, card, Path(a.model), "cpu")
 preset = get_preset(a.suite)
 sim = Simulator(preset.priors, preset.timing, preset.tile_height, preset.tile_width, preset.frames, "cpu")

@@ -58,7 +58,7 @@ about a third of the head's cost.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -293,6 +293,13 @@ class ModelConfig:
     def min_frames(self) -> int:
         """Shortest window (frames) the network is meant for: its time reduction × 4."""
         return 4 * self.time_reduction
+
+    def uncalibrated(self) -> ModelConfig:
+        """This configuration with every fitted calibration of the grid likelihood undone
+        (temperature 1 and no profile, no warp, smoothing, systematic error, combine exponent
+        or likelihood-ratio scale): the network's raw window log-likelihoods."""
+        return replace(self, grid_temperature=1.0, grid_warp=(), grid_systematic_rel=0.0, grid_smooth_knots=0.0,
+                       grid_lr_scale=1.0, grid_temperature_profile=(), grid_combine_exponent=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

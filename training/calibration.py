@@ -492,8 +492,7 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     projected = not model.config.grid_basis
     if projected:
         model = project_output_to_spline_basis(model)
-    raw = replace(model.config, grid_temperature=1.0, grid_warp=(), grid_systematic_rel=0.0,
-                  grid_smooth_knots=0.0, grid_lr_scale=1.0, grid_temperature_profile=(), grid_combine_exponent=0.0)
+    raw = model.config.uncalibrated()
     model.config = raw
     grid = raw.grid
     fractions = tuple(float(f) for f in fractions)

@@ -108,9 +108,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         architecture = ModelConfig.from_dict({**parent.architecture, "output": output or "d_grid"})
         # the parent's calibration belongs to its weights; a free-knot head becomes a smooth one
         # (its output layer projected on the basis at the warm start)
-        architecture = replace(architecture, grid_temperature=1.0, grid_warp=(), grid_systematic_rel=0.0,
-                               grid_smooth_knots=0.0, grid_lr_scale=1.0, grid_temperature_profile=(),
-                               grid_combine_exponent=0.0, grid_prior_exact=True,
+        architecture = replace(architecture.uncalibrated(), grid_prior_exact=True,
                                grid_basis=architecture.grid_basis or ModelConfig.grid_basis)
         if parent.d_max_um2_s and d_max is None:
             priors = priors.with_(d_max_um2_s=float(parent.d_max_um2_s))
