@@ -48,5 +48,7 @@ while done < a.n:
 tmp = a.out.with_name(a.out.name + ".part.npz")
 np.savez(tmp, raw=np.concatenate(lls).astype(np.float32), d_true=np.concatenate(d_true), suite=a.suite, seed=a.seed,
          d_max=float(card.d_max_um2_s) / scale, prior_mean=preset.priors.d_mean_um2_s, prior_std=preset.priors.d_std_um2_s)
+if a.out.exists():
+    raise SystemExit(f"{a.out}: appeared while simulating; the windows are in {tmp}")
 tmp.rename(a.out)
 print(a.out, done, f"{time.time() - t0:.0f} s")

@@ -411,3 +411,20 @@ def test_an_unknown_bench_suite_names_the_suite_flag(tmp_path):
     text = one_line_error(runner.invoke(app, ["bench", "--suite", "mid", "--n", "2", "--out", str(tmp_path / "b")]),
                           "--suite mid", "--suite low, high or combine")
     assert "--preset" not in text
+
+
+@pytest.mark.parametrize("script", ["combine_raw_windows.py", "suite_raw_windows.py"])
+def test_raw_window_benchmarks_never_replace_an_existing_file(tmp_path, script):
+    """The benchmark scripts that save raw window likelihoods refuse an existing output file
+    (combine_raw_windows.py overwrote it once the simulation was done) and leave it as it was."""
+    out = tmp_path / "kept.npz"
+    out.write_bytes(b"someone's results")
+    root = Path(__file__).resolve().parents[1]
+    args = {"combine_raw_windows.py": ["models/brain-qd-low", str(out), "cloud", "1"],
+            "suite_raw_windows.py": ["models/brain-qd-low", "low", "2", str(out)]}[script]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True,
+                          cwd=root, timeout=600)
+    assert done.returncode != 0
+    assert "exists" in done.stderr and "Traceback" not in done.stderr
+    assert out.read_bytes() == b"someone's results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.npz"]
