@@ -195,10 +195,16 @@ def table_head(args, flag: str, t_all: float, extra: str = "") -> list[str]:
 
 def report(out: Path | None, text: str, raw: dict | None = None) -> None:
     """Print ``text``; with ``out`` also write it there (and ``raw`` beside it as .json), each
-    file written whole (atomically) so that an interrupted run leaves the previous report."""
+    file written whole (atomically) so that an interrupted run leaves the previous report.
+    An existing ``out`` is replaced only when it is an earlier report of this script (its
+    first lines name it); any other file is left alone and the run says so."""
     if out:
         from dle_stream.files import write_atomic
 
+        if out.exists() and "benchmarks/recording_check.py" not in out.read_text(errors="replace")[:400]:
+            print(text)
+            raise SystemExit(f"--out {out}: exists and is not a report of this script; give a new file "
+                             "(the report is printed above)")
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, lambda tmp: tmp.write_text(text))
         if raw is not None:

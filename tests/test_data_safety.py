@@ -428,3 +428,23 @@ def test_raw_window_benchmarks_never_replace_an_existing_file(tmp_path, script):
     assert "exists" in done.stderr and "Traceback" not in done.stderr
     assert out.read_bytes() == b"someone's results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.npz"]
+
+
+def test_recording_check_benchmark_replaces_only_its_own_reports(tmp_path):
+    """benchmarks/recording_check.py --out rewrites an earlier report of its own, never another file."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("recording_check_bench", root / "benchmarks" / "recording_check.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    other = tmp_path / "notes.md"
+    other.write_text("my notes\n")
+    with pytest.raises(SystemExit, match="not a report of this script"):
+        bench.report(other, "Command: `python benchmarks/recording_check.py --suite low`\nnew\n", {"a": [1.0]})
+    assert other.read_text() == "my notes\n" and not (tmp_path / "notes.json").exists()
+    own = tmp_path / "check.md"
+    bench.report(own, "Command: `python benchmarks/recording_check.py --suite low`\nfirst\n", {"a": [1.0]})
+    bench.report(own, "Command: `python benchmarks/recording_check.py --suite low`\nsecond\n", {"a": [float("nan")]})
+    assert own.read_text().endswith("second\n")
+    assert json.loads((tmp_path / "check.json").read_text()) == {"a": [None]}
