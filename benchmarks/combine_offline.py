@@ -1,6 +1,6 @@
 """Evaluate a model's calibration offline on raw windows saved by benchmarks/combine_raw_windows.py.
 
-    python benchmarks/combine_offline.py MODEL RAW.npz
+    python benchmarks/combine_offline.py MODEL RAW.npz [--beta B]
 """
 
 import numpy as np
@@ -73,10 +73,16 @@ def table(rows):
 
 if __name__ == "__main__":
     import sys
+    from dataclasses import replace
 
     from dle_stream.model_package import load_model_package
     model, _ = load_model_package(sys.argv[1])
-    rows = evaluate(sys.argv[2], model.config)
+    cfg = model.config
+    if len(sys.argv) > 3:  # e.g. `--beta 0`: the combine exponent β replaced (what-if)
+        if sys.argv[3] != "--beta" or len(sys.argv) != 5:
+            raise SystemExit("usage: combine_offline.py MODEL RAW.npz [--beta B]")
+        cfg = replace(cfg, grid_combine_exponent=float(sys.argv[4]))
+    rows = evaluate(sys.argv[2], cfg)
     table(rows)
     print(summary(rows))
     print("cells meeting the per-cell criteria: %d of %d" % cells_meeting(rows))
