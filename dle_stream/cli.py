@@ -245,6 +245,7 @@ def train(
     encoder_from: Optional[Path] = typer.Option(None, "--encoder-from", help="Reuse (frozen) the encoder of this model package; skips pretraining."),
     warm_from: Optional[str] = typer.Option(None, "--warm-from", "--from", help="Start from this model package's weights (name or folder): skips pretraining; a new output layer where shapes differ. Default for a scan given by --like, timing flags or --timing: the nearest available model with the same D range."),
     scratch: bool = typer.Option(False, "--scratch", help="Train from scratch (autoencoder pretraining first), not from the nearest available model."),
+    family: bool = typer.Option(False, "--family", help="Train one model for a family of scans (the box of dle_stream.scan_family.DEFAULT_FAMILY: dwell 1–10 µs, line/dwell 64–800, frame/line 32–640, frames of 20–400 ms, unidirectional, pixel 0.15 µm), taking the scan as an input; starts from --from (default: the preset's shipped model)."),
     output: Optional[str] = typer.Option(None, "--output", help="Window output: d_grid (a combinable likelihood of D; default) or gaussian (the paper's D ± σ)."),
     steady_share: Optional[float] = typer.Option(None, "--steady-share", help="Share of training movies with a steady particle density (default 0: the paper's spreading cloud only)."),
     effects_share: Optional[float] = typer.Option(None, "--effects-share", help="Share of training movies with effects of a real sample: whole-field motion, blinking, bleaching, dimmer/brighter dots, wider PSF, denser fields, each drawn per movie (default 0: none)."),
@@ -292,13 +293,31 @@ def train(
             refresh_every=refresh_every,
             end_to_end={"e2e_steps": e2e_steps, "e2e_minutes": e2e_minutes, "e2e_frames": e2e_frames, "e2e_batch": e2e_batch},
             flags=flags, timing_file=timing, warm_from=warm, steady_share=steady_share, output=output, lr=lr,
-            combine_groups=combine_groups, effects_share=effects_share,
+            combine_groups=combine_groups, effects_share=effects_share, family=box,
         )
 
+    box = None
+    if family:
+        from dle_stream.scan_family import DEFAULT_FAMILY
+
+        box = DEFAULT_FAMILY
+        if scratch or encoder_from is not None:
+            raise DleStreamError("--family starts from a trained model's encoder: leave out --scratch/--encoder-from")
+        if warm_from is None and not resume:
+            from dle_stream.model_choice import warm_start_parent
+            from dle_stream.training.priors import get_preset
+
+            p = get_preset(preset)
+            lo, hi = p.priors.d_min_um2_s, (d_max or p.priors.d_max_um2_s)
+            chosen = warm_start_parent(p.timing, lo, hi)
+            if chosen is None:
+                raise DleStreamError(f"--family: no available model for D {lo:g}–{hi:g} µm²/s to start from; "
+                                     f"give one with --from MODEL")
+            warm_from = str(chosen[1])
     cfg: TrainConfig = configure(warm_from, d_max)
     note = None
     own_scan = like is not None or timing is not None or any(v is not None for v in flags.values())
-    if own_scan and not (scratch or resume or warm_from is not None or encoder_from is not None):
+    if own_scan and not (scratch or resume or family or warm_from is not None or encoder_from is not None):
         # a new scan: start from the nearest available model with this D range (item 2 of issue 16)
         from dle_stream.model_choice import warm_start_note, warm_start_parent
 

@@ -10,6 +10,11 @@
 - :meth:`~DiffusionEstimator.timing_check`: is the model valid for a stream's scan
   timing, and by which factor are its D values scaled (docs/design.md §3)?
 
+A *family* model (its card has a ``scan_family``, :mod:`dle_stream.scan_family`) serves
+every scan inside its box and takes the scan as an input: the methods that read windows
+then need the scan (``scan=``; :meth:`estimate` and :meth:`estimate_posterior` pass their
+``timing``), and its D values are never rescaled (time scale 1).
+
 Example::
 
     est = DiffusionEstimator.load("brain-qd-low")
@@ -30,7 +35,7 @@ import torch
 
 from dle_stream.errors import DleStreamError
 from dle_stream.likelihood import DGrid, Posterior, gaussian_log_likelihood, posterior, window_log_likelihood
-from dle_stream.model import DLEModel
+from dle_stream.model import DLEModel, with_scan_features
 from dle_stream.model_package import ModelCard, load_model_package, resolve_model
 from dle_stream.timing import ScanTiming, TimingComparison
 
@@ -97,6 +102,15 @@ class DiffusionEstimator:
         raises :class:`DleStreamError` listing the differences when the model is not
         valid for this scan.
         """
+        family = self.card.family
+        if family is not None:
+            outside = family.outside(timing)
+            if outside:
+                raise DleStreamError(
+                    f"family model {self.card.name} does not serve this scan: {'; '.join(outside)}; "
+                    f"run `dle-stream train --like RECORDING` to train a model for this scan"
+                )
+            return TimingComparison(compatible=True, time_scale=1.0, differences=[])
         comparison = self.timing.compare(timing)
         if not comparison.compatible:
             raise DleStreamError(
@@ -141,7 +155,7 @@ class DiffusionEstimator:
         b, t = x.shape[:2]
         self._check_length(t)
         latents = self._encode_tensor(x.reshape(b * t, *x.shape[2:])).reshape(b, t, -1)
-        ll = self._head(latents)
+        ll = self._head(self._head_input(latents, timing))
         return (ll[0] if single else ll), comparison.time_scale
 
     def encode(self, frames: ArrayLike) -> np.ndarray:
@@ -156,14 +170,16 @@ class DiffusionEstimator:
         self._check_tile(tuple(x.shape[-2:]), "frames")
         return self._encode_tensor(x).cpu().numpy()
 
-    def estimate_latents(self, latents: ArrayLike, timing_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    def estimate_latents(self, latents: ArrayLike, timing_scale: float = 1.0,
+                         scan: ScanTiming | None = None) -> tuple[np.ndarray, np.ndarray]:
         """D and σ (µm²/s), arrays [B], from latent windows [B, T, latent] (from :meth:`encode`).
 
         ``timing_scale`` is the stream's time scale b = :attr:`TimingComparison.time_scale`
         (stream times / model times, from :meth:`timing_check`); D and σ are divided by it.
         For a grid model they are the posterior median and std on the operating range.
+        ``scan``: the windows' scan (needed by a family model).
         """
-        return self._summary(self.window_log_likelihoods(latents), timing_scale)
+        return self._summary(self.window_log_likelihoods(latents, scan), timing_scale)
 
     @property
     def grid(self) -> DGrid:
@@ -174,13 +190,14 @@ class DiffusionEstimator:
         """Top of the model's operating range for a stream with this time scale, µm²/s."""
         return self.d_max_um2_s / timing_scale
 
-    def window_log_likelihoods(self, latents: ArrayLike) -> np.ndarray:
+    def window_log_likelihoods(self, latents: ArrayLike, scan: ScanTiming | None = None) -> np.ndarray:
         """Log-likelihood of D on :attr:`grid` for latent windows [B, T, latent] → [B, grid.n].
 
         Independent windows (and tiles) combine by adding these
         (:func:`dle_stream.likelihood.combine`). The grid is in units of d_max, so it holds
         for any time scale (D scales as 1/b). A "gaussian" (older) model's D̂ ± σ̂ is
-        turned into a Gaussian log-likelihood on the same grid.
+        turned into a Gaussian log-likelihood on the same grid. ``scan``: the windows' scan
+        (a family model reads it, :meth:`timing_check` having accepted it; others ignore it).
         """
         x = self._as_tensor(latents, "latents")
         latent = self.model.config.latent
@@ -189,7 +206,22 @@ class DiffusionEstimator:
         if x.dim() != 3 or x.shape[-1] != latent:
             raise DleStreamError(f"latents of shape {tuple(x.shape)}: expected [windows, frames, {latent}]")
         self._check_length(int(x.shape[1]))
-        return self._head(x)
+        return self._head(self._head_input(x, scan))
+
+    @property
+    def is_family(self) -> bool:
+        """True for a family model (it serves a box of scans and reads the scan as an input)."""
+        return self.card.family is not None
+
+    def _head_input(self, latents: torch.Tensor, scan: ScanTiming | None) -> torch.Tensor:
+        """Latent windows [B, T, latent] → the head's input (a family model: with the scan's features)."""
+        family = self.card.family
+        if family is None:
+            return latents
+        if scan is None:
+            raise DleStreamError(f"family model {self.card.name} reads the scan with the windows: pass scan=TIMING")
+        features = torch.from_numpy(family.features(scan, self.d_max_um2_s))
+        return with_scan_features(latents, features, self.model.config)
 
     # --------------------------------------------------------------- helpers
     def _as_tensor(self, data: ArrayLike, what: str) -> torch.Tensor:

@@ -207,6 +207,7 @@ class ModelConfig:
     grid_lr_scale: float = 1.0
     grid_combine_exponent: float = 0.0
     grid_prior_exact: bool = True
+    scan_features: int = 0
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -255,6 +256,8 @@ class ModelConfig:
             problems.append("grid_basis must be 0 or between 4 and the number of knots")
         if not (0 < self.grid_prior_in_range <= 1 and 0 <= self.grid_prior_beyond <= 1 - self.grid_prior_in_range):
             problems.append("grid_prior_in_range must be in (0, 1] and grid_prior_beyond in [0, 1 − in_range]")
+        if self.scan_features < 0:
+            problems.append("scan_features must be ≥ 0")
         if problems:
             raise DleStreamError(f"model architecture: {'; '.join(problems)}")
 
@@ -283,6 +286,11 @@ class ModelConfig:
         if self.output != "d_grid":
             return 2
         return (self.grid_basis or self.grid.knots.size) + 1
+
+    @property
+    def head_inputs(self) -> int:
+        """Numbers per frame the head reads: the latent vector, then the scan features."""
+        return self.latent + self.scan_features
 
     @property
     def time_reduction(self) -> int:
@@ -404,6 +412,25 @@ class TemporalResNet(nn.Module):
         return self.blocks(F.gelu(self.stem_bn(self.stem(x))))
 
 
+class ScanFiLM(nn.Module):
+    """Scan features [B, F] → per-channel scale and shift of the temporal features at two
+    places (after the ResNet's stem, after pooling): (γ₁, β₁, γ₂, β₂), each [B, C]; the
+    last layer starts at zero, so a new family model starts as its one-scan parent."""
+
+    def __init__(self, config: ModelConfig, hidden: int = 32):
+        super().__init__()
+        c = config.temporal_channels
+        self.net = nn.Sequential(nn.Linear(config.scan_features, hidden), nn.GELU(), nn.Linear(hidden, 4 * c))
+        last = self.net[-1]
+        assert isinstance(last, nn.Linear)
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+
+    def forward(self, scan: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.net(scan).chunk(4, dim=1))
+
+
 def finite_log_prior(cfg: ModelConfig) -> np.ndarray:
     """The training prior's log-density on a grid head's output entries, -1e4 where it is 0."""
     prior = cfg.training_prior.log_density(cfg.grid)
@@ -439,6 +466,7 @@ class DLEModel(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(cfg.temporal_channels, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.outputs)
         )
+        self.scan_film = ScanFiLM(cfg) if cfg.scan_features else None
         self._channels_last = False
         if cfg.output == "d_grid":
             grid = cfg.grid
@@ -492,16 +520,25 @@ class DLEModel(nn.Module):
     def head(self, latents: Tensor) -> Tensor:
         """Latent sequences [B, T, latent] → window outputs [B, outputs].
 
+        A family model (``scan_features`` > 0) reads [B, T, latent + scan_features]: each
+        frame's latent vector followed by the scan's features (the same in every frame).
         "d_grid": log-density of p(D | window) (units of d_max, up to a constant) at the
         grid's knots, then the log-mass of D beyond the grid. "gaussian": (D̂, σ̂) in units
         of d_max, both made positive with 1 + ELU.
         """
-        if latents.dim() != 3 or latents.shape[-1] != self.config.latent:
-            raise DleStreamError(
-                f"latents of shape {tuple(latents.shape)} are not [windows, frames, {self.config.latent}]"
-            )
-        features = self.temporal(latents.transpose(1, 2))
-        pooled = features.mean(dim=-1)  # adaptive average pooling over time
+        cfg = self.config
+        if latents.dim() != 3 or latents.shape[-1] != cfg.head_inputs:
+            what = f"{cfg.latent} latents + {cfg.scan_features} scan features" if cfg.scan_features else cfg.latent
+            raise DleStreamError(f"latents of shape {tuple(latents.shape)} are not [windows, frames, {what}]")
+        if self.scan_film is None:
+            features = self.temporal(latents.transpose(1, 2))
+            pooled = features.mean(dim=-1)  # adaptive average pooling over time
+        else:
+            g1, b1, g2, b2 = self.scan_film(latents[:, 0, cfg.latent:])
+            t = self.temporal
+            x = t.stem_bn(t.stem(latents[..., : cfg.latent].transpose(1, 2)))
+            x = F.gelu(x * (1 + g1[..., None]) + b1[..., None])
+            pooled = t.blocks(x).mean(dim=-1) * (1 + g2) + b2
         out = self.mlp(pooled)
         if self.config.output == "d_grid":
             return torch.cat([out[:, :-1] @ self.grid_basis.T, out[:, -1:]], dim=1) + self.grid_log_prior
@@ -509,13 +546,39 @@ class DLEModel(nn.Module):
         sigma_norm = 1.0 + F.elu(out[:, 1]) + self.config.sigma_eps
         return torch.stack([d_norm, sigma_norm], dim=1)
 
-    def forward(self, movies: Tensor) -> Tensor:
-        """Movies [B, T, H, W] → window outputs [B, outputs] (see :meth:`head`)."""
+    def forward(self, movies: Tensor, scan: Tensor | None = None) -> Tensor:
+        """Movies [B, T, H, W] → window outputs [B, outputs] (see :meth:`head`); a family
+        model needs the scan features ``scan`` [B, scan_features] (or [scan_features])."""
         if movies.dim() != 4:
             raise DleStreamError(f"movies must be [B, T, H, W], got shape {tuple(movies.shape)}")
         b, t = movies.shape[:2]
-        latents = self.encode(movies.reshape(b * t, *movies.shape[2:]))
-        return self.head(latents.reshape(b, t, -1))
+        latents = self.encode(movies.reshape(b * t, *movies.shape[2:])).reshape(b, t, -1)
+        return self.head(with_scan_features(latents, scan, self.config))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters the head stage trains: temporal ResNet, MLP and (family) scan FiLM."""
+        parts: list[nn.Module] = [self.temporal, self.mlp]
+        if self.scan_film is not None:
+            parts.append(self.scan_film)
+        return [p for m in parts for p in m.parameters()]
+
+
+def with_scan_features(latents: Tensor, scan: Tensor | None, config: ModelConfig) -> Tensor:
+    """Latents [B, T, latent] → the head's input: unchanged for a one-scan model, the scan
+    features ``scan`` ([B, F] or [F]) appended to every frame for a family model."""
+    if not config.scan_features:
+        if scan is not None:
+            raise DleStreamError("this model serves one scan: it takes no scan features")
+        return latents
+    if scan is None:
+        raise DleStreamError("a family model needs the scan's features (dle_stream.scan_family)")
+    scan = scan.to(device=latents.device, dtype=latents.dtype)
+    if scan.dim() == 1:
+        scan = scan.expand(latents.shape[0], -1)
+    if tuple(scan.shape) != (latents.shape[0], config.scan_features):
+        raise DleStreamError(f"scan features of shape {tuple(scan.shape)}: expected "
+                             f"[{latents.shape[0]}, {config.scan_features}]")
+    return torch.cat([latents, scan[:, None, :].expand(-1, latents.shape[1], -1)], dim=2)
 
 
 class GridLoss(nn.Module):

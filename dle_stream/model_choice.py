@@ -8,6 +8,12 @@ model serves the scan), :func:`rank_models` orders the available packages by it,
 model, how far its ratios are, and the exact command that trains one (warm-started from it).
 :func:`warm_start_parent` is the package ``dle-stream train`` starts from when a new scan's
 training is not told where to start (``--from MODEL`` or ``--scratch``).
+
+A *family* model (:mod:`dle_stream.scan_family`) serves every scan inside its box;
+:func:`serving_model` is what ``replay``/``run`` use: the model asked for when it serves
+the scan, else an available family model of the same D range whose box holds the scan
+(with a note saying so), else nothing. Family models are not warm-start parents of a
+one-scan training (their head reads scan features a one-scan model does not have).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def rank_models(scan: ScanTiming, prefer: str | None = None) -> list[tuple[float
         try:
             timing = card.timing
         except Exception:  # noqa: BLE001 - a package with an unreadable timing serves nothing
+            continue
+        if card.scan_family:  # serves its box (serving_model), not one scan to be near to
             continue
         ranked.append((scan_distance(timing, scan), folder, card))
     ranked.sort(key=lambda r: (round(r[0], 9), r[2].name != prefer))
@@ -86,6 +94,8 @@ def warm_start_parent(scan: ScanTiming, d_min_um2_s: float, d_max_um2_s: float,
             timing = card.timing
         except Exception:  # noqa: BLE001 - a package with an unreadable timing serves nothing
             continue
+        if card.scan_family:  # a family model's head reads scan features: not a one-scan parent
+            continue
         dist = scan_distance(timing, scan)
         same = same_d_range(card, d_min_um2_s, d_max_um2_s)
         extra = 0.0 if same else d_range_distance(card, d_min_um2_s, d_max_um2_s)
@@ -126,3 +136,43 @@ def no_model_message(scan: ScanTiming, recording: str | Path | None, asked: str)
     return (f"model {asked} does not serve this scan ({here}) and no available model does; {nearest}; "
             f"train one for it, starting from that model: dle-stream train {like} --warm-from {card.name} "
             f"--out models/my-scope --minutes 30")
+
+
+def serves(card: ModelCard, scan: ScanTiming) -> bool:
+    """The model is valid for this scan: inside a family model's box, or the same ratios,
+    pixel size and direction as a one-scan model's (up to a common time scale)."""
+    family = card.family
+    if family is not None:
+        return family.contains(scan)
+    return card.timing.compare(scan).compatible
+
+
+def serving_model(scan: ScanTiming, asked: str | Path,
+                  models: list[tuple[Path, ModelCard]] | None = None) -> tuple[Path, ModelCard, str | None] | None:
+    """The model a stream with this scan uses when ``asked`` was requested: (folder, card,
+    note). ``asked`` itself when it serves the scan (note None); else an available family
+    model of ``asked``'s D range whose box holds the scan (ties: by name), with a one-line
+    note saying why; None when neither (see :func:`no_model_message`)."""
+    from dle_stream.model_package import load_card, resolve_model
+
+    folder = resolve_model(asked)
+    card = load_card(folder)
+    if serves(card, scan):
+        return folder, card, None
+    families = []
+    for other_folder, other in (list_models() if models is None else models):
+        try:
+            ok = other.family is not None and other.family.contains(scan) and \
+                same_d_range(other, card.d_min_um2_s, card.d_max_um2_s)
+        except Exception:  # noqa: BLE001 - an unreadable family serves nothing
+            ok = False
+        if ok:
+            families.append((other.name, other_folder, other))
+    if not families:
+        return None
+    _, fam_folder, fam = min(families, key=lambda f: f[0])
+    r = scan_ratios(scan)
+    note = (f"model {card.name} was trained for another scan; using {fam.name}, which serves a family of scans "
+            f"holding this one (line/dwell {r['line_per_dwell']:.4g}, frame/line {r['frame_per_line']:.4g}, "
+            f"dwell {scan.dwell_us:g} µs) for the same D range {fam.d_min_um2_s:g}–{fam.d_max_um2_s:g} µm²/s")
+    return fam_folder, fam, note

@@ -31,12 +31,15 @@ from safetensors.torch import load_file, save_file
 from dle_stream.errors import DleStreamError
 from dle_stream.files import write_atomic
 from dle_stream.model import DLEModel, ModelConfig
+from dle_stream.scan_family import ScanFamily
 from dle_stream.timing import ScanTiming
 
 _SafetensorError: type[Exception] = getattr(safetensors, "SafetensorError", Exception)
 
 #: The card schema this version reads and writes.
 SCHEMA_VERSION = 1
+#: Card fields added after schema 1 was written: a card without them is read with their default.
+OPTIONAL_CARD_FIELDS = ("scan_family",)
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
 #: Environment variable with extra model folders (``os.pathsep``-separated).
@@ -72,6 +75,8 @@ class ModelCard:
         architecture: :meth:`ModelConfig.to_dict`.
         training: steps, time_s, device, ... (opaque here).
         validation: metrics on held-out simulated movies (opaque here).
+        scan_family: a family model's box of scans (:meth:`ScanFamily.to_dict`); empty for a
+            model of one scan (``scan_timing``). A family's ``scan_timing`` is one scan of its box.
         weights_sha256: sha256 hex digest of ``weights.safetensors`` (set on save).
         software_version: dle-stream version that wrote the package.
         created: ISO 8601 time the package was written.
@@ -93,6 +98,7 @@ class ModelCard:
     architecture: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+    scan_family: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
     software_version: str = field(default_factory=_version)
     created: str = field(default_factory=_now)
@@ -105,6 +111,13 @@ class ModelCard:
     def timing(self) -> ScanTiming:
         """The training scan timing as a :class:`ScanTiming`."""
         return ScanTiming.from_dict(self.scan_timing, source=f"model {self.name} card scan_timing")
+
+    @property
+    def family(self) -> ScanFamily | None:
+        """The box of scans a family model serves (None: a model of one scan)."""
+        if not self.scan_family:
+            return None
+        return ScanFamily.from_dict(self.scan_family, source=f"model {self.name} card scan_family")
 
     @property
     def model_config(self) -> ModelConfig:
@@ -129,7 +142,7 @@ class ModelCard:
                 f"upgrade dle-stream or retrain the model with this version"
             )
         names = cls.field_names()
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n not in OPTIONAL_CARD_FIELDS]
         if missing:
             raise DleStreamError(
                 f"{source}: the card lacks field(s) {', '.join(missing)}; "
@@ -141,7 +154,7 @@ class ModelCard:
                 f"{source}: unknown card field(s) {', '.join(unknown)}; "
                 f"the package was written by another dle-stream version: upgrade or re-save it"
             )
-        card = cls(**{n: data[n] for n in names})
+        card = cls(**{n: data[n] for n in names if n in data})
         card.validate(source)
         return card
 
@@ -173,7 +186,7 @@ class ModelCard:
         if isinstance(self.name, str) and not self.name.strip():
             problems.append("name must not be empty")
         for name in ("scan_timing", "psf_priors", "brightness_priors", "simulator", "architecture", "training",
-                     "validation"):
+                     "validation", "scan_family"):
             if not isinstance(getattr(self, name), dict):
                 problems.append(f"{name} must be a JSON object")
         if problems:
@@ -183,6 +196,16 @@ class ModelCard:
             config = self.model_config
         except DleStreamError as exc:
             raise DleStreamError(f"{source}: {exc}") from None
+        if bool(self.scan_family) != bool(config.scan_features):
+            raise DleStreamError(
+                f"{source}: " + ("the card has a scan family but the network takes no scan features"
+                                 if self.scan_family else "the network takes scan features but the card has no "
+                                 "scan_family") + "; fix the card")
+        if self.scan_family:
+            try:
+                _ = self.family
+            except DleStreamError as exc:
+                raise DleStreamError(f"{source}: {exc}") from None
         if (config.tile_height, config.tile_width) != (self.tile_height, self.tile_width):
             raise DleStreamError(
                 f"{source}: tile {self.tile_height}×{self.tile_width} px differs from the architecture's "

@@ -62,6 +62,9 @@ class StreamOptions:
     parameter_names: dict[str, str] = field(default_factory=dict)
     #: run the recording check (:func:`dle_stream.recording_check.replay_check`) before a replay
     recording_check: bool = True
+    #: set when the asked model does not serve the scan and a family model does (then
+    #: ``model`` is that family model's folder): the one line that says so
+    model_note: str | None = None
 
 
 @dataclass
@@ -216,6 +219,8 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
         if rec.truncated:
             warnings.append(f"INCOMPLETE RECORDING: {rec.truncation_note}")
         est, comparison = _estimator_for(opts, timing, recording)
+        if opts.model_note:
+            warnings.insert(0, opts.model_note)
         layout = make_layout(rec.height, rec.width, est.tile_shape, opts)
         window = opts.window or est.window_frames
         if rec.n_frames < window:
@@ -360,12 +365,15 @@ def _estimator_for(opts: StreamOptions, timing: ScanTiming,
                    recording: Path | None) -> tuple[StreamEstimator, TimingComparison]:
     """The stream estimator for this scan, or one line naming the nearest model and the
     train command when the chosen model does not serve it."""
-    from dle_stream.model_choice import no_model_message
-    from dle_stream.model_package import load_card, resolve_model
+    from dle_stream.model_choice import no_model_message, serving_model
 
-    card = load_card(resolve_model(opts.model))
-    if not card.timing.compare(timing).compatible:
+    chosen = serving_model(timing, opts.model)
+    if chosen is None:
         raise EstimatorChoiceError(no_model_message(timing, recording, opts.model))
+    folder, _, note = chosen
+    if note is not None:  # a family model serves the scan the asked model does not: the log names it
+        opts.model = str(folder)
+        opts.model_note = note
     return make_stream_estimator(opts.estimator, opts.model, timing, opts.device)
 
 
@@ -450,6 +458,8 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
     timing, timing_source, warnings = resolved
     warnings = notes + warnings
     est, comparison = _estimator_for(opts, timing, None)
+    if opts.model_note:
+        warnings.insert(0, opts.model_note)
     if demo and not opts.roi and opts.rois_file is None:  # the demo's two halves, as two ROIs
         opts.roi = [f"left=0,0,{w // 2},{h}", f"right={w // 2},0,{w - w // 2},{h}"]
     layout = make_layout(h, w, est.tile_shape, opts)

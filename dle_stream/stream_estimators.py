@@ -36,6 +36,8 @@ class DLEStream:
     estimator: DiffusionEstimator
     timing_scale: float = 1.0
     name: str = "dle"
+    #: the stream's scan (a family model reads it with every window)
+    scan: ScanTiming | None = None
 
     @property
     def tile_shape(self) -> tuple[int, int]:
@@ -67,7 +69,7 @@ class DLEStream:
         return np.asarray(self.estimator.encode(tiles), dtype=np.float32)
 
     def estimate(self, windows: np.ndarray) -> np.ndarray:
-        return self.estimator.window_log_likelihoods(windows)
+        return self.estimator.window_log_likelihoods(windows, self.scan)
 
 
 class PixelEstimator(Protocol):
@@ -122,7 +124,7 @@ def make_stream_estimator(estimator: str, model: str, timing: ScanTiming,
     dle = DiffusionEstimator.load(model, device=device)
     comparison = dle.timing_check(timing)
     if kind == "dle":
-        return DLEStream(dle, comparison.time_scale), comparison
+        return DLEStream(dle, comparison.time_scale, scan=timing), comparison
     card = dle.card
     psf = card.psf_priors.get("sigma_xy_um", [0.21])[0] if isinstance(card.psf_priors, dict) else 0.21
     d_range = (card.d_min_um2_s / comparison.time_scale, card.d_max_um2_s / comparison.time_scale)

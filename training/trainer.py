@@ -46,7 +46,8 @@ from dle_stream import __version__
 from dle_stream.errors import DleStreamError
 from dle_stream.evaluation.metrics import json_safe, prior_baseline, summarize
 from dle_stream.likelihood import posterior, window_log_likelihood
-from dle_stream.model import DLEModel, GridLoss, ModelConfig, gaussian_nll
+from dle_stream.model import DLEModel, GridLoss, ModelConfig, gaussian_nll, with_scan_features
+from dle_stream.scan_family import REFERENCE_SCANS, SCAN_FEATURES, ScanFamily
 from dle_stream.timing import ScanTiming
 from dle_stream.training.augment import random_raster_augment
 from dle_stream.training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
@@ -107,6 +108,9 @@ class TrainConfig:
     #: combined NLL (K = group_size and K = 4) joins the loss (0: single windows only)
     combine_groups: int = 2
     group_size: int = 16
+    #: a family model (:mod:`dle_stream.scan_family`): every cached movie's scan drawn from this
+    #: box (``timing`` is then only the card's representative scan); None: one scan, ``timing``
+    scan_family: ScanFamily | None = None
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -123,6 +127,10 @@ class TrainConfig:
             raise DleStreamError("train: --combine-groups must be ≥ 0 and the group size a multiple of 4")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise DleStreamError(f"train: unknown --device {self.device!r}; use auto, cpu or cuda")
+        if self.scan_family is not None and (self.e2e_steps or self.e2e_minutes):
+            raise DleStreamError("train: a family model trains its head only; leave out --e2e-steps/--e2e-minutes")
+        if self.scan_family is not None and self.architecture.scan_features != SCAN_FEATURES:
+            raise DleStreamError(f"train: a family model needs architecture scan_features = {SCAN_FEATURES}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise DleStreamError("train: --device cuda but no CUDA GPU is visible; use --device cpu or auto")
 
@@ -187,6 +195,15 @@ class Trainer:
         #: validation: the operating range and the paper's density, as the accuracy suites
         self.val_sim = Simulator(config.priors.operating(), config.timing, config.tile_height, config.tile_width,
                                  config.frames, self.device)
+        #: a family model: its validation scans (name → scan; the curve pools them) and the
+        #: scan of the combination group being filled
+        self.family = config.scan_family
+        self.val_scans: dict[str, ScanTiming] = {}
+        if self.family is not None:
+            self.val_scans = {name: t for name, t in REFERENCE_SCANS.items() if self.family.contains(t)}
+            if not self.val_scans:
+                raise DleStreamError("train: the scan family holds none of the reference scans to validate on")
+        self._group_scan: ScanTiming | None = None
         self.d_max = config.priors.d_max_um2_s
         self.state: dict = {"stage": "autoencoder", "ae_step": 0, "head_step": 0, "elapsed_s": 0.0,
                             "movies_simulated": 0, "curve": [], "runs": 0, "e2e_step": 0, "groups_made": 0}
@@ -200,8 +217,7 @@ class Trainer:
         self.val_groups: tuple[torch.Tensor, torch.Tensor] | None = None
         self.opt_ae = torch.optim.Adam(list(self.model.encoder.parameters()) + list(self.model.decoder.parameters()),
                                        lr=config.ae_lr)
-        self.opt_head = torch.optim.Adam(list(self.model.temporal.parameters()) + list(self.model.mlp.parameters()),
-                                         lr=config.lr)
+        self.opt_head = torch.optim.Adam(self.model.head_parameters(), lr=config.lr)
         self.opt_e2e = torch.optim.Adam(list(self.model.encoder.parameters()) + list(self.model.temporal.parameters())
                                         + list(self.model.mlp.parameters()), lr=config.e2e_lr)
         self.checkpoint_dir = config.out / "checkpoint"
@@ -397,11 +413,43 @@ class Trainer:
         that the single-window loss still sees as many D values as movies)."""
         grouped = self.grouped and self._adds % 2 == 0
         self._adds += 1
+        if self.family is not None:
+            self._add_family_movies(cache, n, grouped)
+            return
         d, group = self._group_labels(n) if grouped else (None, None)
         lat, d_out, vis = simulate_latents(self.sim, self.model, n, self.gen,
                                            augment=not self.cfg.timing.bidirectional, d_um2_s=d)
         self.state["movies_simulated"] += n
         cache.add(lat, d_out, vis, group)
+
+    def _add_family_movies(self, cache: LatentCache, n: int, grouped: bool) -> None:
+        """A family model's movies: each call (ungrouped) or each group of one D its own scan
+        drawn from the family's box; the scan's features are appended to the latents."""
+        assert self.family is not None
+        left = n
+        while left > 0:
+            if grouped:
+                if not self._group or self._group[1] == 0 or self._group_scan is None:
+                    self._group = []  # start a new group, and draw its scan
+                    self._group_scan = self.family.draw(self.gen)
+                k = min(left, self._group[1] if self._group else self.cfg.group_size)
+                d, group = self._group_labels(k)
+                timing = self._group_scan
+            else:
+                k, d, group, timing = left, None, None, self.family.draw(self.gen)
+            sim = MixedSimulator(self.train_priors, timing, self.cfg.tile_height, self.cfg.tile_width,
+                                 self.cfg.frames, self.device)
+            lat, d_out, vis = simulate_latents(sim, self.model, k, self.gen, augment=not timing.bidirectional,
+                                               d_um2_s=d)
+            cache.add(self._with_features(lat, timing), d_out, vis, group)
+            self.state["movies_simulated"] += k
+            left -= k
+
+    def _with_features(self, latents: torch.Tensor, timing: ScanTiming) -> torch.Tensor:
+        """Latents [n, T, latent] with the scan's family features appended to every frame."""
+        assert self.family is not None
+        features = torch.from_numpy(self.family.features(timing, self.d_max))
+        return with_scan_features(latents, features, self.cfg.architecture)
 
     def fill_cache(self, cache: LatentCache, n_movies: int, fraction: float, label: str) -> None:
         task = self._task(label, n_movies, 0)
@@ -418,10 +466,15 @@ class Trainer:
         k = self.cfg.group_size
         self.model.eval()
         lat, d = [], []
-        for _ in range(n_groups):
-            dg = self.val_sim.draw_d(1, g)
-            latents, _, _ = simulate_latents(self.val_sim, self.model, k, g, augment=False, d_um2_s=dg.repeat(k))
-            lat.append(latents)
+        scans = list(self.val_scans.values())
+        for i in range(n_groups):
+            timing = scans[i % len(scans)] if scans else None
+            sim = self.val_sim if timing is None else Simulator(
+                self.cfg.priors.operating(), timing, self.cfg.tile_height, self.cfg.tile_width, self.cfg.frames,
+                self.device)
+            dg = sim.draw_d(1, g)
+            latents, _, _ = simulate_latents(sim, self.model, k, g, augment=False, d_um2_s=dg.repeat(k))
+            lat.append(latents if timing is None else self._with_features(latents, timing))
             d.append(dg.cpu())
         return torch.stack(lat), torch.cat(d)
 
@@ -444,14 +497,21 @@ class Trainer:
         all_k, four = self._combined_nll(out, d_um2_s)
         return {f"nll_k{k}": float(all_k), "nll_k4": float(four)}
 
-    def validation_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def validation_latents(self, n: int, timing: ScanTiming | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` held-out movies (the validation seed) of the run's scan, or of ``timing``; a
+        family model's validation without ``timing`` splits ``n`` over its validation scans."""
+        if timing is None and self.family is not None:
+            parts = [self.validation_latents(max(1, n // len(self.val_scans)), t) for t in self.val_scans.values()]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         g = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED)
+        sim = self.val_sim if timing is None else Simulator(self.cfg.priors.operating(), timing, self.cfg.tile_height,
+                                                            self.cfg.tile_width, self.cfg.frames, self.device)
         lat, d = [], []
         self.model.eval()
         for i in range(0, n, self.cfg.sim_batch):
             m = min(self.cfg.sim_batch, n - i)
-            latents, dd, _ = simulate_latents(self.val_sim, self.model, m, g, augment=False)
-            lat.append(latents)
+            latents, dd, _ = simulate_latents(sim, self.model, m, g, augment=False)
+            lat.append(latents if timing is None else self._with_features(latents, timing))
             d.append(dd)
         return torch.cat(lat), torch.cat(d)
 
@@ -663,7 +723,8 @@ class Trainer:
             # a resumed head: its starting weights are the ones to beat, so that a run never
             # ends worse on the held-out curve than the package it continued
             self._validate_and_keep_best(cache, val, math.nan)
-        forward = self._stage(("temporal", "mlp"), lambda x: self.model.head(x))
+        head_parts = ("temporal", "mlp") + (("scan_film",) if self.family is not None else ())
+        forward = self._stage(head_parts, lambda x: self.model.head(x))
         task = self._task("predictor", total if total else None, 0)
         recent_loss, recent_l1 = [], []
         while True:
@@ -701,7 +762,7 @@ class Trainer:
                 extra = weight * (all_k + four)
                 if group_weight != 1.0:
                     extra = extra * group_weight
-            loss, l1 = self._nll_step(self.opt_head, list(self.model.temporal.parameters()) + list(self.model.mlp.parameters()),
+            loss, l1 = self._nll_step(self.opt_head, self.model.head_parameters(),
                                       out, d, extra, weight=single_weight)
             self.state["head_step"] += 1
             self._step_done("predictor")
@@ -768,7 +829,7 @@ class Trainer:
                     self.val_groups = self.validation_groups(max(2, CURVE_VALIDATION_MOVIES // self.cfg.group_size))
             # each rank caches its share of the movies (together: cache_movies)
             cache_movies = self.ranks.share(cfg.cache_movies)
-            cache = self.cache = LatentCache(cache_movies, cfg.frames, cfg.architecture.latent)
+            cache = self.cache = LatentCache(cache_movies, cfg.frames, cfg.architecture.head_inputs)
             t_fill = time.monotonic()
             # the cache may take 45 % of the budget, or 10 % after a long end-to-end stage
             fill_until = 0.45 if cfg.minutes is None else max(0.45, self.run_elapsed() / (cfg.minutes * 60) + 0.1)
@@ -778,11 +839,11 @@ class Trainer:
             # with a short budget, validate on fewer movies (at least 64) rather than not train
             per_movie = (time.monotonic() - t_fill) / max(cache.size, 1)
             if cfg.minutes is not None:
-                affordable = int(0.25 * cfg.minutes * 60 / (1.3 * per_movie))
+                affordable = int(0.25 * cfg.minutes * 60 / (1.3 * per_movie * max(1, len(self.val_scans))))
                 if affordable < cfg.val_movies:
                     self.val_movies = max(64, affordable)
                     self.log(f"short budget: final validation on {self.val_movies} held-out movies")
-            reserve = per_movie * self.val_movies * 1.3 + 5
+            reserve = per_movie * self.val_movies * max(1, len(self.val_scans)) * 1.3 + 5
             self.train_predictor(cache, val_curve, reserve)
         except KeyboardInterrupt:
             usable = self.state["head_step"] > 0
@@ -797,11 +858,21 @@ class Trainer:
             self.ranks.wait_for_all()  # that no process leaves the group while another still works
             return cfg.out
         self.recalibrate_batchnorm(cache, batches=32)
-        val = self.validation_latents(self.val_movies)
+        per_scan: dict[str, dict] = {}
+        if self.family is not None:  # each validation scan on its own (the movies a one-scan run validates on)
+            parts = {name: self.validation_latents(self.val_movies, t) for name, t in self.val_scans.items()}
+            for name, (lat, d) in parts.items():
+                per_scan[name] = {"n_movies": int(d.numel()), "dle": self.evaluate(lat, d),
+                                  "prior_baseline": prior_baseline(d.numpy(), cfg.priors.d_mean_um2_s,
+                                                                   cfg.priors.d_std_um2_s),
+                                  "scan": self.val_scans[name].to_dict()}
+            val = (torch.cat([p[0] for p in parts.values()]), torch.cat([p[1] for p in parts.values()]))
+        else:
+            val = self.validation_latents(self.val_movies)
         metrics = self.evaluate(*val)
         baseline = prior_baseline(val[1].numpy(), cfg.priors.d_mean_um2_s, cfg.priors.d_std_um2_s)
-        metrics = json_safe({"n_movies": self.val_movies, "seed": VALIDATION_SEED, "dle": metrics,
-                                   "prior_baseline": baseline})
+        metrics = json_safe({"n_movies": int(val[1].numel()), "seed": VALIDATION_SEED, "dle": metrics,
+                             "prior_baseline": baseline, **({"per_scan": per_scan} if per_scan else {})})
         self.state["validation"] = metrics
         self._curve("validation", self.state["head_step"], metrics["dle"]["nll"], metrics["dle"]["l1"],
                     metrics["dle"]["best_half_l1"])
@@ -850,6 +921,7 @@ class Trainer:
                                      if self.grouped else None),
             },
             validation=validation or {"note": "not yet validated (checkpoint during training)"},
+            scan_family={} if self.family is None else self.family.to_dict(),
             weights_sha256="", software_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
@@ -908,6 +980,7 @@ def _config_json(cfg: TrainConfig) -> dict:
     data["out"] = str(cfg.out)
     data["encoder_from"] = str(cfg.encoder_from) if cfg.encoder_from else None
     data["warm_from"] = str(cfg.warm_from) if cfg.warm_from else None
+    data["scan_family"] = cfg.scan_family.to_dict() if cfg.scan_family else None
     return data
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from dle_stream.errors import DleStreamError
 from dle_stream.model import ModelConfig
+from dle_stream.scan_family import SCAN_FEATURES, ScanFamily
 from dle_stream.timing import ScanTiming
 from dle_stream.training.priors import SimulatorPriors, get_preset
 from dle_stream.training.trainer import TrainConfig
@@ -49,7 +50,8 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
                timing_file: Path | None, refresh_movies: int = 4, refresh_every: int = 2,
                end_to_end: dict | None = None, warm_from: str | Path | None = None,
                steady_share: float | None = None, output: str | None = None, lr: float | None = None,
-               combine_groups: int | None = None, effects_share: float | None = None) -> TrainConfig:
+               combine_groups: int | None = None, effects_share: float | None = None,
+               family: ScanFamily | None = None) -> TrainConfig:
     """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch.
 
     ``warm_from``: a model package whose weights start the training (its architecture, with
@@ -58,6 +60,8 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
     share of training movies with effects of a real sample (each movie's effects drawn by
     :class:`~dle_stream.training.effects_prior.EffectsPrior`; cloud or steady as the others).
     ``combine_groups``: groups of windows of one D in each step's combination loss.
+    ``family``: train one model for this box of scans (:mod:`dle_stream.scan_family`), with
+    the preset's scan as its representative; it needs ``warm_from`` (its encoder is reused).
     """
     e2e: dict[str, Any] = {k: v for k, v in (end_to_end or {}).items() if v is not None}
     #: TrainConfig fields given on the command line (a resumed run keeps its own otherwise)
@@ -86,6 +90,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
             frames=saved["frames"], architecture=ModelConfig.from_dict(saved["architecture"]), seed=seed,
             device=device, steps=steps, minutes=minutes, ae_steps=saved["ae_steps"], cache_movies=cache_movies,
             val_movies=val_movies, resume=True, refresh_movies=refresh_movies, refresh_every=refresh_every,
+            scan_family=(ScanFamily.from_dict(saved["scan_family"]) if saved.get("scan_family") else None),
             **{"combine_groups": saved.get("combine_groups", 0), "group_size": saved.get("group_size", 16), **kept,
                **overrides},
             **e2e,
@@ -140,6 +145,13 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
     if timing.height_px < p.tile_height or timing.width_px < p.tile_width:
         raise DleStreamError(f"the scan's frame ({timing.height_px}×{timing.width_px} px) is smaller than a "
                              f"{p.tile_height}×{p.tile_width} px tile; check the timing source ({source})")
+    if family is not None:
+        if warm_from is None:
+            raise DleStreamError("--family: give the model to start from (--from MODEL); its encoder is reused")
+        if like is not None or given or timing_file is not None:
+            raise DleStreamError("--family trains for a box of scans: leave out --like, --timing and the timing flags")
+        family = replace(family, psf_sigma_xy_um=float(priors.psf_sigma_xy_um[0]))
+        architecture = replace(architecture, scan_features=SCAN_FEATURES)
     folder_name = out.name or "model"
     return TrainConfig(
         name=name or folder_name, priors=priors, timing=timing, out=out, preset=p.name,
@@ -149,4 +161,5 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         refresh_movies=refresh_movies, refresh_every=refresh_every, architecture=architecture,
         **overrides,
         warm_from=None if warm_from is None else Path(resolve_model(warm_from)), **e2e,
+        scan_family=family,
     )

@@ -1,0 +1,243 @@
+"""A model for a family of scans (issue 16 item 3): the box, the scan features, the
+conditioned network, its package, and how replay picks it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dle_stream import ScanTiming
+from dle_stream.errors import DleStreamError
+from dle_stream.model import DLEModel, ModelConfig, with_scan_features
+from dle_stream.scan_family import DEFAULT_FAMILY, REFERENCE_SCANS, SCAN_FEATURES, ScanFamily
+
+
+def _family_package(folder: Path, name: str = "fam", d_max: float = 1.5, family: ScanFamily = DEFAULT_FAMILY,
+                    seed: int = 0) -> Path:
+    """A tiny untrained family package (40-frame windows)."""
+    from dle_stream.model_package import ModelCard, save_model_package
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(temporal_channels=16, head_hidden=16, scan_features=SCAN_FEATURES)
+    model = DLEModel(cfg)
+    with torch.no_grad():  # a FiLM that is not the identity, so that the scan matters
+        model.scan_film.net[-1].weight.normal_(0, 0.5)
+    timing = REFERENCE_SCANS["paper"]
+    card = ModelCard(name=name, tile_height=20, tile_width=20, window_frames=40, d_min_um2_s=0.0, d_max_um2_s=d_max,
+                     scan_timing=timing.to_dict(), pixel_size_um=timing.pixel_size_um, architecture=cfg.to_dict(),
+                     scan_family=family.to_dict())
+    return save_model_package(folder, model, card)
+
+
+# ------------------------------------------------------------------ the box
+def test_drawn_scans_lie_in_the_box_and_their_features_in_the_unit_cube():
+    g = torch.Generator().manual_seed(1)
+    scans = [DEFAULT_FAMILY.draw(g) for _ in range(300)]
+    for t in scans:
+        assert DEFAULT_FAMILY.contains(t), DEFAULT_FAMILY.outside(t)
+        # a drawn scan is a real raster: its lines hold its pixels, its frame its lines
+        assert t.width_px * t.dwell_us <= t.line_period_us and t.height_px * t.line_period_us <= t.frame_period_us
+        f = DEFAULT_FAMILY.features(t, 1.5)
+        assert f.shape == (SCAN_FEATURES,) and np.all(np.abs(f[:4]) <= 1 + 1e-6) and f[4] == 0
+    frames = np.array([t.frame_period_us for t in scans])
+    assert frames.min() >= 20_000 and frames.max() <= 400_000
+    # log-uniform draws spread over the box: both halves of each ratio's log range are visited
+    ratios = np.log([t.line_period_us / t.dwell_us for t in scans])
+    mid = np.log(DEFAULT_FAMILY.line_per_dwell).mean()
+    assert 0.2 < np.mean(ratios < mid) < 0.8
+
+
+def test_the_reference_scans_are_inside_and_the_box_says_what_is_outside():
+    for name, t in REFERENCE_SCANS.items():
+        assert DEFAULT_FAMILY.contains(t), name
+    paper = REFERENCE_SCANS["paper"]
+    too_long_lines = dataclasses.replace(paper, line_period_us=8.0 * 2000, frame_period_us=8.0 * 2000 * 20,
+                                         width_px=20, height_px=20)
+    assert any("line period / dwell" in w for w in DEFAULT_FAMILY.outside(too_long_lines))
+    bidi = dataclasses.replace(paper, bidirectional=True)
+    assert any("bidirectional" in w for w in DEFAULT_FAMILY.outside(bidi))
+    assert any("pixel size" in w for w in DEFAULT_FAMILY.outside(dataclasses.replace(paper, pixel_size_um=0.3)))
+
+
+def test_features_follow_the_physics_times_scaled_change_only_the_spread_and_by_log_b():
+    # every time b× longer: the same ratios; a particle spreads D·t, so only the spread
+    # feature moves, by the same step up for b = 2 as down for b = 1/2 (it is ln-spaced)
+    paper = REFERENCE_SCANS["paper"]
+    base = DEFAULT_FAMILY.features(paper, 1.5)
+    up = DEFAULT_FAMILY.features(paper.scaled(2.0), 1.5) - base
+    down = DEFAULT_FAMILY.features(paper.scaled(0.5), 1.5) - base
+    np.testing.assert_allclose(up[[0, 1, 3, 4]], 0, atol=1e-6)
+    assert up[2] > 0 and up[2] == pytest.approx(-down[2], rel=1e-5)
+    # four times longer: twice the step of two times longer
+    assert DEFAULT_FAMILY.features(paper.scaled(4.0), 1.5)[2] - base[2] == pytest.approx(2 * up[2], rel=1e-5)
+    # longer lines at the same dwell and lines per frame: line/dwell up, frame/line the same
+    longer = ScanTiming(0.15, 8.0, 3016.0, 3016.0 * paper.frame_period_us / paper.line_period_us, 20, 20, False)
+    d = DEFAULT_FAMILY.features(longer, 1.5) - base
+    assert d[0] > 0 and abs(d[1]) < 1e-5 and d[2] > 0  # the frame got longer too: more spread
+    # a model's features place the scan in its box whatever its D range: the box's ends are ±1
+    lo = ScanTiming(0.15, 1.0, 64.0, 64.0 * 32 * 10, 51, 20, False)  # line/dwell and frame/line at their minima
+    for d_max in (1.5, 50.0):
+        f = DEFAULT_FAMILY.features(lo, d_max)
+        assert f[0] == pytest.approx(-1, abs=1e-5) and f[1] == pytest.approx(-1 + 2 * math.log(10) / math.log(20), abs=1e-5)
+
+
+def test_a_family_round_trips_and_bad_boxes_are_refused():
+    again = ScanFamily.from_dict(DEFAULT_FAMILY.to_dict())
+    assert again == DEFAULT_FAMILY
+    with pytest.raises(DleStreamError, match="line_per_dwell"):
+        dataclasses.replace(DEFAULT_FAMILY, line_per_dwell=(100.0, 50.0))
+    with pytest.raises(DleStreamError, match="unknown field"):
+        ScanFamily.from_dict({**DEFAULT_FAMILY.to_dict(), "zoom": 2})
+    narrow = dataclasses.replace(DEFAULT_FAMILY, frame_period_us=(1.0, 2.0))  # no scan of the box fits
+    with pytest.raises(DleStreamError, match="widen the box"):
+        narrow.draw(torch.Generator().manual_seed(0), max_tries=50)
+
+
+# ---------------------------------------------------------------- the network
+def test_a_new_family_head_starts_as_its_one_scan_parent_and_then_reads_the_scan():
+    torch.manual_seed(0)
+    parent = DLEModel(ModelConfig(temporal_channels=16, head_hidden=16)).eval()
+    family = DLEModel(ModelConfig(temporal_channels=16, head_hidden=16, scan_features=SCAN_FEATURES)).eval()
+    family.load_state_dict(parent.state_dict(), strict=False)
+    latents = torch.randn(3, 64, parent.config.latent)
+    scans = torch.randn(3, SCAN_FEATURES)
+    with torch.no_grad():
+        same = family.head(with_scan_features(latents, scans, family.config))
+        torch.testing.assert_close(same, parent.head(latents))  # warm start: identical for every scan
+        family.scan_film.net[-1].weight.normal_(0, 0.5)
+        a = family.head(with_scan_features(latents, scans, family.config))
+        b = family.head(with_scan_features(latents, scans + 1.0, family.config))
+    assert (a - b).abs().max() > 1e-3  # once trained, the scan changes the output
+
+
+def test_scan_features_are_required_by_a_family_head_and_refused_by_a_one_scan_one():
+    one = ModelConfig(temporal_channels=16, head_hidden=16)
+    fam = dataclasses.replace(one, scan_features=SCAN_FEATURES)
+    lat = torch.zeros(2, 40, one.latent)
+    with pytest.raises(DleStreamError, match="needs the scan"):
+        with_scan_features(lat, None, fam)
+    with pytest.raises(DleStreamError, match="takes no scan features"):
+        with_scan_features(lat, torch.zeros(SCAN_FEATURES), one)
+    with pytest.raises(DleStreamError, match="scan features"):
+        DLEModel(fam).head(lat)  # latents without the features
+
+
+# ------------------------------------------------------------------ package
+def test_a_family_package_loads_and_its_card_must_match_its_network(tmp_path):
+    from dle_stream.model_package import load_card, load_model_package
+
+    folder = _family_package(tmp_path / "fam")
+    model, card = load_model_package(folder)
+    assert card.family == DEFAULT_FAMILY and model.config.scan_features == SCAN_FEATURES
+    data = load_card(folder).to_dict()
+    data["scan_family"] = {}
+    from dle_stream.model_package import ModelCard
+
+    with pytest.raises(DleStreamError, match="scan_family"):
+        ModelCard.from_dict(data)
+
+
+def test_a_card_written_before_families_still_loads(small_model):
+    import json
+
+    from dle_stream.model_package import CARD_FILE, ModelCard
+
+    data = json.loads((small_model / CARD_FILE).read_text())
+    data.pop("scan_family", None)
+    card = ModelCard.from_dict(data)
+    assert card.family is None
+
+
+# ---------------------------------------------------------------- estimator
+def test_the_family_estimator_serves_its_box_reads_the_scan_and_refuses_what_is_outside(tmp_path):
+    from dle_stream.estimator import DiffusionEstimator
+
+    est = DiffusionEstimator.load(_family_package(tmp_path / "fam"))
+    movies = np.random.default_rng(0).poisson(50, (2, 40, 20, 20)).astype(np.float32)
+    ll64, scale = est.window_log_likelihoods_of_movies(movies, REFERENCE_SCANS["64x64-8us"])
+    ll512, _ = est.window_log_likelihoods_of_movies(movies, REFERENCE_SCANS["512x512-1us"])
+    assert scale == 1.0  # a family model's D is never rescaled
+    assert np.abs(ll64 - ll512).max() > 1e-3  # the same movies read as different scans
+    latents = est.encode(movies.reshape(-1, 20, 20)).reshape(2, 40, -1)
+    np.testing.assert_allclose(est.window_log_likelihoods(latents, REFERENCE_SCANS["64x64-8us"]), ll64, rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(DleStreamError, match="pass scan"):
+        est.window_log_likelihoods(latents)
+    outside = ScanTiming(0.15, 20.0, 20.0 * 100, 20.0 * 100 * 100, 64, 64, False)  # dwell 20 µs: not in the box
+    with pytest.raises(DleStreamError, match=r"dwell \(µs\) 20 not in"):
+        est.timing_check(outside)
+
+
+def test_replay_picks_a_family_model_for_a_scan_the_asked_model_does_not_serve(tmp_path, monkeypatch):
+    from dle_stream.model_choice import serving_model
+    from dle_stream.model_package import MODELS_ENV
+
+    models = tmp_path / "models"
+    _family_package(models / "fam-low", name="fam-low", d_max=1.5)
+    _family_package(models / "fam-high", name="fam-high", d_max=50.0)
+    monkeypatch.setenv(MODELS_ENV, str(models))
+    scan = REFERENCE_SCANS["128x128-2us"]
+    folder, card, note = serving_model(scan, "brain-qd-low")
+    assert card.name == "fam-low" and "trained for another scan" in note  # the same D range as asked
+    folder, card, note = serving_model(scan, "beads-high")
+    assert card.name == "fam-high"
+    folder, card, note = serving_model(REFERENCE_SCANS["paper"], "brain-qd-low")
+    assert card.name == "brain-qd-low" and note is None  # the asked model serves its own scan
+    far = ScanTiming(0.15, 20.0, 20.0 * 100, 20.0 * 100 * 100, 64, 64, False)
+    assert serving_model(far, "brain-qd-low") is None
+
+
+def test_replay_without_flags_uses_the_family_model_and_logs_which(tmp_path, monkeypatch):
+    from dle_stream.model_package import MODELS_ENV
+    from dle_stream.recording import write_recording
+    from dle_stream.session import StreamOptions, replay
+
+    models = tmp_path / "models"
+    _family_package(models / "fam-low", name="fam-low", d_max=1.5)
+    monkeypatch.setenv(MODELS_ENV, str(models))
+    timing = dataclasses.replace(REFERENCE_SCANS["64x64-8us"], height_px=40)
+    movie = np.random.default_rng(0).poisson(100, (90, 40, 64)).astype(np.uint16)
+    rec = write_recording(tmp_path / "rec64.tif", movie, timing)
+    opts = StreamOptions(dashboard="quiet", recording_check=False, log=tmp_path / "out.zarr")
+    result = replay(rec, opts)
+    assert result.stats.windows_done > 0
+    assert any("using fam-low" in w for w in result.warnings)
+    assert Path(opts.model).name == "fam-low"
+    assert math.isfinite(float(np.nanmax(result.tile_d)))
+
+
+# ------------------------------------------------------------------ training
+def test_family_training_draws_scans_from_the_box_keeps_a_group_on_one_scan_and_validates_each(tmp_path, small_model):
+    from dle_stream.model_package import load_model_package
+    from dle_stream.training.trainer import Trainer
+    from dle_stream.training.training_setup import config_for
+
+    cfg = config_for(out=tmp_path / "fam", preset="low", like=None, d_max=None, steps=6, minutes=None, device="cpu",
+                     seed=3, resume=False, encoder_from=None, ae_steps=None, cache_movies=96, val_movies=16,
+                     name="fam", flags={}, timing_file=None, warm_from=small_model, family=DEFAULT_FAMILY)
+    cfg = dataclasses.replace(cfg, frames=40, batch=8, sim_batch=8, group_size=8, combine_groups=2)
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    out = trainer.run()
+    cache = trainer.cache
+    latent = cfg.architecture.latent
+    feats = cache.latents[: cache.size, 0, latent:].float().numpy()
+    # the features are constant along each movie and are those of scans inside the box
+    np.testing.assert_array_equal(cache.latents[: cache.size, -1, latent:].float().numpy(), feats)
+    assert np.all(np.abs(feats[:, :4]) <= 1.001)
+    # every group of windows of one D (a tile's windows) is of one scan; the cache holds many scans
+    groups = cache.group[: cache.size].numpy()
+    for gid in np.unique(groups[groups >= 0]):
+        members = feats[groups == gid]
+        assert np.ptp(members, axis=0).max() == 0, gid
+    assert len(np.unique(feats.round(3), axis=0)) >= 4
+    model, card = load_model_package(out)
+    assert card.family is not None and model.config.scan_features == SCAN_FEATURES
+    per_scan = card.validation["per_scan"]
+    assert set(per_scan) == set(REFERENCE_SCANS)  # every reference scan in the box, validated on its own
+    assert all(v["n_movies"] == 16 and math.isfinite(v["dle"]["l1"]) for v in per_scan.values())
+    assert card.training["warm_from"] == "tiny"
