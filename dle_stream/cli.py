@@ -747,8 +747,13 @@ def models() -> None:
         t = card.timing
         val = card.validation.get("dle", {}) if isinstance(card.validation, dict) else {}
         l1 = f"{val['l1']:.3g}" if isinstance(val.get("l1"), (int, float)) else "—"
+        fam = card.family
+        scan = (f"{t.dwell_us:g} / {t.line_period_us:g} / {t.frame_period_us:g}" if fam is None else
+                f"family: dwell {fam.dwell_us[0]:g}–{fam.dwell_us[1]:g}, line/dwell {fam.line_per_dwell[0]:g}–"
+                f"{fam.line_per_dwell[1]:g}, frame/line {fam.frame_per_line[0]:g}–{fam.frame_per_line[1]:g}, "
+                f"frame {fam.frame_period_us[0]:g}–{fam.frame_period_us[1]:g}")
         rows.append([card.name, f"{card.d_min_um2_s:g}–{card.d_max_um2_s:g}", f"{card.tile_height}×{card.tile_width}",
-                     str(card.window_frames), f"{t.dwell_us:g} / {t.line_period_us:g} / {t.frame_period_us:g}",
+                     str(card.window_frames), scan,
                      f"{card.pixel_size_um:g}", l1, str(path)])
         table.add_row(*rows[-1])
     if not found:

@@ -241,3 +241,11 @@ def test_family_training_draws_scans_from_the_box_keeps_a_group_on_one_scan_and_
     assert set(per_scan) == set(REFERENCE_SCANS)  # every reference scan in the box, validated on its own
     assert all(v["n_movies"] == 16 and math.isfinite(v["dle"]["l1"]) for v in per_scan.values())
     assert card.training["warm_from"] == "tiny"
+
+
+def test_calibrating_a_family_model_is_refused_not_done_at_one_scan(tmp_path):
+    from dle_stream.training.calibration import calibrate
+
+    folder = _family_package(tmp_path / "fam")
+    with pytest.raises(DleStreamError, match="family model"):
+        calibrate(folder, n_per_cell=128)

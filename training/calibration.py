@@ -489,6 +489,11 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     model, card = load_model_package(folder, device=device)
     if model.config.output != "d_grid":
         raise DleStreamError(f"{folder}: only a model with a grid likelihood output can be calibrated")
+    if card.family is not None:
+        # the warp and temperature were measured to differ with the model's training; a family's
+        # would differ across its box too, and fitting them at one scan would claim the rest
+        raise DleStreamError(f"{folder}: {card.name} is a family model; calibration over a box of scans is not "
+                             f"implemented (its intervals are the network's own, see its card's validation)")
     projected = not model.config.grid_basis
     if projected:
         model = project_output_to_spline_basis(model)
