@@ -246,6 +246,7 @@ def train(
     warm_from: Optional[str] = typer.Option(None, "--warm-from", "--from", help="Start from this model package's weights (name or folder): skips pretraining; a new output layer where shapes differ. Default for a scan given by --like, timing flags or --timing: the nearest available model with the same D range."),
     scratch: bool = typer.Option(False, "--scratch", help="Train from scratch (autoencoder pretraining first), not from the nearest available model."),
     family: bool = typer.Option(False, "--family", help="Train one model for a family of scans (the box of dle_stream.scan_family.DEFAULT_FAMILY: dwell 1–10 µs, line/dwell 64–800, frame/line 32–640, frames of 20–400 ms, unidirectional, pixel 0.15 µm), taking the scan as an input; starts from --from (default: the preset's shipped model)."),
+    family_box: Optional[Path] = typer.Option(None, "--family-box", help="With --family: the box as a JSON file of ScanFamily fields (line_per_dwell, frame_per_line, dwell_us, frame_period_us, pixel_size_um as [min, max]; psf_sigma_xy_um; bidirectional_share)."),
     output: Optional[str] = typer.Option(None, "--output", help="Window output: d_grid (a combinable likelihood of D; default) or gaussian (the paper's D ± σ)."),
     steady_share: Optional[float] = typer.Option(None, "--steady-share", help="Share of training movies with a steady particle density (default 0: the paper's spreading cloud only)."),
     effects_share: Optional[float] = typer.Option(None, "--effects-share", help="Share of training movies with effects of a real sample: whole-field motion, blinking, bleaching, dimmer/brighter dots, wider PSF, denser fields, each drawn per movie (default 0: none)."),
@@ -297,10 +298,12 @@ def train(
         )
 
     box = None
+    if family_box is not None and not family:
+        raise DleStreamError("--family-box: add --family (it gives the box of a family model)")
     if family:
-        from dle_stream.scan_family import DEFAULT_FAMILY
+        from dle_stream.scan_family import DEFAULT_FAMILY, ScanFamily
 
-        box = DEFAULT_FAMILY
+        box = DEFAULT_FAMILY if family_box is None else ScanFamily.from_file(family_box)
         if scratch or encoder_from is not None:
             raise DleStreamError("--family starts from a trained model's encoder: leave out --scratch/--encoder-from")
         if warm_from is None and not resume:

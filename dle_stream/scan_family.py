@@ -27,8 +27,10 @@ dimensionless; each centred on the box and divided by its half-width, so that th
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,6 +161,18 @@ class ScanFamily:
     # ----------------------------------------------------------- serialising
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ScanFamily":
+        """A box from a JSON file of :class:`ScanFamily` fields (errors name the file)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DleStreamError(f"{path}: no such file; give the family box as a JSON file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DleStreamError(f"{path}: not a readable JSON file ({exc}); fix the family box file") from None
+        return cls.from_dict(data, source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "scan_family") -> "ScanFamily":

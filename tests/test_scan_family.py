@@ -249,3 +249,13 @@ def test_calibrating_a_family_model_is_refused_not_done_at_one_scan(tmp_path):
     folder = _family_package(tmp_path / "fam")
     with pytest.raises(DleStreamError, match="family model"):
         calibrate(folder, n_per_cell=128)
+
+
+def test_train_family_box_file_errors_are_one_line(cli, tmp_path):
+    bad = tmp_path / "box.json"
+    bad.write_text('{"line_per_dwell": [64, 800]}')
+    assert "missing field" in cli.error("train", "--family", "--family-box", bad, "--steps", "1", "--out", tmp_path / "m")
+    assert "no such file" in cli.error("train", "--family", "--family-box", tmp_path / "nope.json", "--steps", "1",
+                                       "--out", tmp_path / "m2")
+    assert "add --family" in cli.error("train", "--family-box", bad, "--steps", "1", "--out", tmp_path / "m3")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()
