@@ -259,3 +259,22 @@ def test_train_family_box_file_errors_are_one_line(cli, tmp_path):
                                        "--out", tmp_path / "m2")
     assert "add --family" in cli.error("train", "--family-box", bad, "--steps", "1", "--out", tmp_path / "m3")
     assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()
+
+
+def test_a_family_run_resumes_as_a_family_run(tmp_path, small_model):
+    from dle_stream.model_package import load_card
+    from dle_stream.training.trainer import Trainer
+    from dle_stream.training.training_setup import config_for
+
+    common = dict(out=tmp_path / "fam", preset="low", like=None, d_max=None, minutes=None, device="cpu", seed=3,
+                  encoder_from=None, ae_steps=None, cache_movies=48, val_movies=8, name="fam", flags={},
+                  timing_file=None)
+    box = dataclasses.replace(DEFAULT_FAMILY, dwell_us=(2.0, 8.0))
+    cfg = config_for(**common, steps=2, resume=False, warm_from=small_model, family=box)
+    Trainer(dataclasses.replace(cfg, frames=40, batch=8, sim_batch=8, group_size=8), log=lambda *a, **k: None).run()
+    again = config_for(**common, steps=2, resume=True)
+    assert again.scan_family == dataclasses.replace(box, psf_sigma_xy_um=0.21)
+    assert again.architecture.scan_features == SCAN_FEATURES
+    Trainer(dataclasses.replace(again, frames=40, batch=8, sim_batch=8, group_size=8), log=lambda *a, **k: None).run()
+    card = load_card(tmp_path / "fam")
+    assert card.family == again.scan_family and card.training["predictor_steps"] == 4
