@@ -12,8 +12,9 @@ training is not told where to start (``--from MODEL`` or ``--scratch``).
 A *family* model (:mod:`dle_stream.scan_family`) serves every scan inside its box;
 :func:`serving_model` is what ``replay``/``run`` use: the model asked for when it serves
 the scan, else an available family model of the same D range whose box holds the scan
-(with a note saying so), else nothing. Family models are not warm-start parents of a
-one-scan training (their head reads scan features a one-scan model does not have).
+(with a note saying so), else nothing. A family model whose box holds a scan is also a
+warm-start parent for it (specialised to the scan, :func:`~dle_stream.scan_family.specialise_to_scan`,
+it starts at the family's accuracy there; among parents at distance 0, one-scan models first).
 """
 
 from __future__ import annotations
@@ -94,14 +95,15 @@ def warm_start_parent(scan: ScanTiming, d_min_um2_s: float, d_max_um2_s: float,
             timing = card.timing
         except Exception:  # noqa: BLE001 - a package with an unreadable timing serves nothing
             continue
-        if card.scan_family:  # a family model's head reads scan features: not a one-scan parent
-            continue
-        dist = scan_distance(timing, scan)
+        family = card.family if card.scan_family else None
+        if family is not None and not family.contains(scan):
+            continue  # a family serves (and is specialised to) the scans of its box only
+        dist = 0.0 if family is not None else scan_distance(timing, scan)
         same = same_d_range(card, d_min_um2_s, d_max_um2_s)
         extra = 0.0 if same else d_range_distance(card, d_min_um2_s, d_max_um2_s)
         if not math.isfinite(extra):
             continue
-        candidates.append(((not same, round(dist + extra, 9), card.name), dist, folder, card))
+        candidates.append(((not same, round(dist + extra, 9), family is not None, card.name), dist, folder, card))
     if not candidates:
         return None
     _, dist, folder, card = min(candidates, key=lambda c: c[0])
@@ -114,6 +116,10 @@ def warm_start_note(dist: float, card: ModelCard, d_min_um2_s: float, d_max_um2_
     rng = ("the same D range" if same_d_range(card, d_min_um2_s, d_max_um2_s)
            else f"D {card.d_min_um2_s:g}–{card.d_max_um2_s:g} µm²/s, no available model has "
                 f"{d_min_um2_s:g}–{d_max_um2_s:g}")
+    if card.scan_family:
+        return (f"warm start from {card.name}, a family model whose box holds this scan ({rng}), specialised to "
+                f"this scan (it already serves it: `replay` uses it without training); --scratch trains from "
+                f"scratch, --from MODEL starts from another")
     return (f"warm start from {card.name}, the nearest available model ({rng}; its scan: line/dwell "
             f"{r['line_per_dwell']:.4g}, frame/line {r['frame_per_line']:.4g}, pixel {r['pixel_size_um']:g} µm; "
             f"distance {dist:.2f}); --scratch trains from scratch, --from MODEL starts from another")

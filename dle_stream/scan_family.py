@@ -214,3 +214,41 @@ REFERENCE_SCANS: dict[str, ScanTiming] = {
     "128x128-2us": _square_scan(128, 2.0),
     "512x512-1us": _square_scan(512, 1.0),
 }
+
+
+def specialise_to_scan(model, family: ScanFamily, timing: ScanTiming, d_max_um2_s: float):
+    """The one-scan model a family model is at ``timing``: its FiLM read once at the scan's
+    features and folded into the stem's BatchNorm (scale and shift per channel) and the MLP's
+    first layer (the pooled features' scale and shift), the FiLM removed. Same outputs as the
+    family model with that scan's features (up to float rounding); the start of a one-scan
+    training warm-started from a family (:meth:`~dle_stream.training.trainer.Trainer._warm_start`).
+
+    Args:
+        model: a :class:`~dle_stream.model.DLEModel` with ``scan_features`` (not changed).
+        family: its box (``timing`` must be inside it).
+        timing: the scan to specialise to.
+        d_max_um2_s: the model's D range top (µm²/s), as in :meth:`ScanFamily.features`.
+    """
+    from dataclasses import replace as dc_replace
+
+    from dle_stream.model import DLEModel
+
+    if model.scan_film is None:
+        raise DleStreamError("specialise_to_scan: the model is not a family model")
+    outside = family.outside(timing)
+    if outside:
+        raise DleStreamError(f"specialise_to_scan: the scan is outside the family's box ({'; '.join(outside)})")
+    one = DLEModel(dc_replace(model.config, scan_features=0))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("scan_film.")}
+    one.load_state_dict(state)
+    with torch.no_grad():
+        features = torch.from_numpy(family.features(timing, d_max_um2_s))[None]
+        g1, b1, g2, b2 = (t[0] for t in model.scan_film(features))
+        bn = one.temporal.stem_bn
+        bn.weight.mul_(1 + g1)
+        bn.bias.mul_(1 + g1).add_(b1)
+        first = one.mlp[0]
+        assert isinstance(first, torch.nn.Linear)  # the MLP's first layer (DLEModel)
+        first.bias.add_(first.weight @ b2)
+        first.weight.mul_((1 + g2)[None, :])
+    return one.train(model.training)

@@ -278,3 +278,52 @@ def test_a_family_run_resumes_as_a_family_run(tmp_path, small_model):
     Trainer(dataclasses.replace(again, frames=40, batch=8, sim_batch=8, group_size=8), log=lambda *a, **k: None).run()
     card = load_card(tmp_path / "fam")
     assert card.family == again.scan_family and card.training["predictor_steps"] == 4
+
+
+def test_a_family_model_specialised_to_a_scan_is_that_scan_s_one_scan_model(tmp_path):
+    from dle_stream.model_package import load_model_package
+    from dle_stream.scan_family import specialise_to_scan
+
+    fam, card = load_model_package(_family_package(tmp_path / "fam", seed=4))
+    lat = torch.randn(5, 64, fam.config.latent)
+    for name in ("64x64-8us", "512x512-1us"):
+        scan = REFERENCE_SCANS[name]
+        one = specialise_to_scan(fam, card.family, scan, card.d_max_um2_s).eval()
+        assert one.config.scan_features == 0 and one.scan_film is None
+        with torch.no_grad():
+            want = fam.head(with_scan_features(lat, torch.from_numpy(card.family.features(scan, 1.5)), fam.config))
+            torch.testing.assert_close(one.head(lat), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(DleStreamError, match="outside"):
+        specialise_to_scan(fam, card.family, ScanTiming(0.15, 20.0, 2000.0, 200000.0, 64, 64, False), 1.5)
+
+
+def test_a_new_scan_in_a_family_s_box_trains_from_the_family_specialised_to_it(tmp_path, monkeypatch):
+    from dle_stream.model_choice import warm_start_parent
+    from dle_stream.model_package import MODELS_ENV, load_model_package
+    from dle_stream.training.trainer import Trainer
+    from dle_stream.training.training_setup import config_for
+
+    models = tmp_path / "models"
+    folder = _family_package(models / "fam-low", name="fam-low", d_max=1.5, seed=5)
+    monkeypatch.setenv(MODELS_ENV, str(models))
+    scan = REFERENCE_SCANS["128x128-2us"]
+    dist, parent, card = warm_start_parent(scan, 0.0, 1.5)
+    assert card.name == "fam-low" and dist == 0.0  # no one-scan model serves it; the family does
+    dist, parent, card = warm_start_parent(REFERENCE_SCANS["paper"], 0.0, 1.5)
+    assert card.name == "brain-qd-low"  # the one-scan model of the very scan comes first
+    assert warm_start_parent(ScanTiming(0.15, 20.0, 2000.0, 200000.0, 64, 64, False), 0.0, 1.5)[2].name != "fam-low"
+
+    timing_file = tmp_path / "scan.json"
+    timing_file.write_text(scan.to_json())
+    cfg = config_for(out=tmp_path / "one", preset="low", like=None, d_max=None, steps=1, minutes=None, device="cpu",
+                     seed=0, resume=False, encoder_from=None, ae_steps=None, cache_movies=16, val_movies=8, name="one",
+                     flags={}, timing_file=timing_file, warm_from=folder)
+    assert cfg.scan_family is None and cfg.architecture.scan_features == 0
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    trainer.load()  # the warm start
+    fam, fam_card = load_model_package(folder)
+    lat = torch.randn(3, 64, fam.config.latent)
+    trainer.model.eval()
+    with torch.no_grad():
+        want = fam.head(with_scan_features(lat, torch.from_numpy(fam_card.family.features(scan, 1.5)), fam.config))
+        torch.testing.assert_close(trainer.model.head(lat), want, rtol=1e-4, atol=1e-4)

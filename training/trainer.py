@@ -285,6 +285,15 @@ class Trainer:
         from dle_stream.model_package import load_model_package
 
         donor, card = load_model_package(folder)
+        if donor.config.scan_features and not self.model.config.scan_features:
+            from dle_stream.scan_family import specialise_to_scan
+
+            assert card.family is not None  # a valid card: scan features only with a scan family
+            if not card.family.contains(self.cfg.timing):
+                raise DleStreamError(f"{folder}: family model {card.name} does not serve this scan "
+                                     f"({'; '.join(card.family.outside(self.cfg.timing))}); start from another model")
+            donor = specialise_to_scan(donor, card.family, self.cfg.timing, card.d_max_um2_s)
+            self.log(f"warm start: family model {card.name} specialised to this scan")
         if donor.config.output == "d_grid" and not donor.config.grid_basis and self.model.config.grid_basis \
                 and donor.config.grid.knots.size == self.model.config.grid.knots.size:
             from dle_stream.training.output_basis import project_output_to_spline_basis

@@ -114,7 +114,8 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         # the parent's calibration belongs to its weights; a free-knot head becomes a smooth one
         # (its output layer projected on the basis at the warm start)
         architecture = replace(architecture.uncalibrated(), grid_prior_exact=True,
-                               grid_basis=architecture.grid_basis or ModelConfig.grid_basis)
+                               grid_basis=architecture.grid_basis or ModelConfig.grid_basis,
+                               scan_features=0)  # a family parent is specialised to the scan (set below for a family)
         if parent.d_max_um2_s and d_max is None:
             priors = priors.with_(d_max_um2_s=float(parent.d_max_um2_s))
     elif output is not None:
