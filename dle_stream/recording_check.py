@@ -389,13 +389,25 @@ KEY_FIELDS = {"v": "the check's version", "priors": "the card's simulator priors
               "n": "the number of reference tiles", "seed": "the reference seed"}
 
 
-def reference_key_doc(card, n_tiles: int | None = None, seed: int = REFERENCE_SEED) -> dict[str, Any]:
-    """What a model's reference depends on: the card's simulator priors and scan timing, tile size,
+def reference_timing(card, timing: ScanTiming | None = None) -> ScanTiming:
+    """The scan a model's reference tiles are simulated with: the card's, or for a family model
+    the recording's scan ``timing`` (its quantities, e.g. the light kept from line to line,
+    depend on the scan), cut to one tile (a unidirectional scan's tiles all look alike)."""
+    if card.family is None or timing is None:
+        return card.timing
+    return ScanTiming(timing.pixel_size_um, timing.dwell_us, timing.line_period_us, timing.frame_period_us,
+                      card.tile_width, card.tile_height, timing.bidirectional)
+
+
+def reference_key_doc(card, n_tiles: int | None = None, seed: int = REFERENCE_SEED,
+                      timing: ScanTiming | None = None) -> dict[str, Any]:
+    """What a model's reference depends on: the card's simulator priors and scan timing (a family
+    model's: the scan checked, :func:`reference_timing`), tile size,
     window length (plus the D range when the card has no priors), the check's version, tile count
     (default :data:`REFERENCE_TILES`) and seed. Not the weights, calibration, validation or name."""
     n_tiles = REFERENCE_TILES if n_tiles is None else n_tiles
     priors = card.simulator.get("priors") if isinstance(card.simulator, dict) else None
-    doc = {"v": CHECK_VERSION, "priors": priors, "timing": card.scan_timing,
+    doc = {"v": CHECK_VERSION, "priors": priors, "timing": reference_timing(card, timing).to_dict(),
            "tile": [card.tile_height, card.tile_width], "frames": card.window_frames, "n": int(n_tiles),
            "seed": int(seed)}
     if not priors:
@@ -403,8 +415,8 @@ def reference_key_doc(card, n_tiles: int | None = None, seed: int = REFERENCE_SE
     return json.loads(json.dumps(doc))  # plain JSON types, as read back from a file
 
 
-def _reference_key(card, n_tiles: int, seed: int) -> str:
-    doc = reference_key_doc(card, n_tiles, seed)
+def _reference_key(card, n_tiles: int, seed: int, timing: ScanTiming | None = None) -> str:
+    doc = reference_key_doc(card, n_tiles, seed, timing)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -417,6 +429,8 @@ def shipped_reference(folder: str | Path, card) -> tuple[Reference | None, str]:
     the card (:func:`reference_key_doc` with the default tile count and seed); else None and why
     (a short reason; :func:`write_reference` writes the file again)."""
     path = Path(folder) / REFERENCE_FILE
+    if card.family is not None:
+        return None, f"family model {card.name}: its reference ranges depend on the scan (simulated per scan)"
     if not path.is_file():
         return None, f"model {card.name} ships no reference ranges ({REFERENCE_FILE})"
     try:
@@ -446,12 +460,14 @@ def training_priors(card):
 
 
 def reference(model: str | Path, *, n_tiles: int | None = None, seed: int = REFERENCE_SEED, cache: bool = True,
-              progress=None, simulate: bool = True, shipped: bool = True) -> Reference:
+              progress=None, simulate: bool = True, shipped: bool = True,
+              timing: ScanTiming | None = None) -> Reference:
     """The quantities on ``n_tiles`` (default :data:`REFERENCE_TILES`) tiles simulated from
     ``model``'s card (priors, timing, tile size, window length): the package's shipped
     :data:`REFERENCE_FILE` when it matches the card, else the disk cache, else simulated (and
     cached). With ``simulate=False`` a missing reference raises :class:`ReferenceUnavailable`
-    (its message says why) instead of being simulated."""
+    (its message says why) instead of being simulated. ``timing``: the scan checked (a family
+    model's reference is simulated with it, :func:`reference_timing`; others ignore it)."""
     import torch
 
     from dle_stream.model_package import load_card, resolve_model
@@ -465,7 +481,7 @@ def reference(model: str | Path, *, n_tiles: int | None = None, seed: int = REFE
         found, why = shipped_reference(folder, card)
         if found is not None:
             return found
-    path = _cache_dir() / f"{card.name}-{_reference_key(card, n_tiles, seed)}.json"
+    path = _cache_dir() / f"{card.name}-{_reference_key(card, n_tiles, seed, timing)}.json"
     if cache and path.is_file():
         try:
             doc = json.loads(path.read_text())
@@ -479,7 +495,7 @@ def reference(model: str | Path, *, n_tiles: int | None = None, seed: int = REFE
             f"{why or f'model {card.name}: no reference ranges shipped'} and none cached; `dle-stream check "
             f"RECORDING --model {model}` simulates them once (about a minute) for later runs")
     priors = training_priors(card)
-    timing = card.timing
+    timing = reference_timing(card, timing)
     sim = MixedSimulator(priors, timing, card.tile_height, card.tile_width, card.window_frames)
     g = torch.Generator().manual_seed(seed)
     values: dict[str, list[float]] = {k: [] for k in (*VALUE_KEYS, "d_um2_s")}
@@ -520,6 +536,9 @@ def write_reference(model: str | Path, *, progress=None) -> Path:
 
     folder = resolve_model(model)
     card = load_card(folder)
+    if card.family is not None:
+        raise DleStreamError(f"{card.name} is a family model: its reference ranges depend on the scan; "
+                             f"`dle-stream check RECORDING --model {model}` simulates and caches them for its scan")
     ref = reference(folder, progress=progress, shipped=False)
 
     def num(x: float) -> float | None:
@@ -748,7 +767,7 @@ def check_recording(path: str | Path, *, model: str = "brain-qd-low", windows: i
         if "stale" in why or "damaged" in why:
             notes = [*notes, f"{why}: simulated or cached ranges are used; `dle-stream check --write-reference "
                              f"{model}` writes them again"]
-        ref = reference(model, progress=progress)
+        ref = reference(model, progress=progress, timing=timing)
         psf = training_priors(card).psf_sigma_xy_um[0]
         res = check_movie(rec, timing, ref, psf, (card.tile_height, card.tile_width), windows, card.window_frames,
                           label=str(path))
@@ -784,8 +803,11 @@ def replay_check(rec, model: str | Path, timing: ScanTiming, *, label: str = "",
         found, where = shipped_reference(folder, card)
         if found is None:
             try:
-                found = reference(folder, simulate=False, shipped=False)
+                found = reference(folder, simulate=False, shipped=False, timing=timing)
             except ReferenceUnavailable:
+                if card.family is not None:
+                    return skipped(f"{where}, and none cached for this scan; `dle-stream check RECORDING --model "
+                                   f"{model}` simulates them once (about a minute)")
                 return skipped(f"{where}, and none cached; `dle-stream check --write-reference {model}` writes them "
                                f"(about a minute)")
             where = "cached"

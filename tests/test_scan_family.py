@@ -327,3 +327,26 @@ def test_a_new_scan_in_a_family_s_box_trains_from_the_family_specialised_to_it(t
     with torch.no_grad():
         want = fam.head(with_scan_features(lat, torch.from_numpy(fam_card.family.features(scan, 1.5)), fam.config))
         torch.testing.assert_close(trainer.model.head(lat), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_recording_check_of_a_family_model_is_simulated_for_the_recording_s_scan(tmp_path, monkeypatch):
+    from dle_stream import recording_check as rc
+    from dle_stream.model_package import load_card
+
+    folder = _family_package(tmp_path / "fam")
+    card = load_card(folder)
+    a, b = REFERENCE_SCANS["64x64-8us"], REFERENCE_SCANS["512x512-1us"]
+    # the reference tiles get the checked scan's line and frame period, not the card's
+    assert rc.reference_timing(card, a).line_period_us == a.line_period_us
+    assert rc.reference_key_doc(card, timing=a) != rc.reference_key_doc(card, timing=b)
+    # a frame of another size with the same scan shares the reference
+    assert rc.reference_key_doc(card, timing=dataclasses.replace(a, width_px=60)) == rc.reference_key_doc(card, timing=a)
+    longer = dataclasses.replace(a, frame_period_us=a.line_period_us * 128)  # more lines per frame: another scan
+    assert rc.reference_key_doc(card, timing=longer) != rc.reference_key_doc(card, timing=a)
+    assert rc.shipped_reference(folder, card)[0] is None
+    with pytest.raises(DleStreamError, match="family model"):
+        rc.write_reference(folder)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    movie = np.random.default_rng(0).poisson(100, (40, 40, 40)).astype(np.float32)
+    verdict = rc.replay_check(movie, folder, dataclasses.replace(a, width_px=40, height_px=40))
+    assert verdict["status"] == "skipped" and "for this scan" in verdict["reason"]
