@@ -47,11 +47,12 @@ def encoder_key(est: DiffusionEstimator) -> str:
     return digest.hexdigest()
 
 
-def validation_movies(preset: str, timing, n: int):
-    """(movies as batches [b, T, H, W], D µm²/s [n]): the trainer's validation for this scan."""
+def validation_movies(preset: str, timing, n: int, seed: int = VALIDATION_SEED):
+    """(movies as batches [b, T, H, W], D µm²/s [n]): the trainer's validation for this scan
+    (with ``seed`` another draw of the same kind)."""
     p = get_preset(preset)
     sim = Simulator(p.priors.operating(), timing, p.tile_height, p.tile_width, p.frames, "cpu")
-    g = torch.Generator().manual_seed(VALIDATION_SEED)
+    g = torch.Generator().manual_seed(seed)
     batches, d = [], []
     for i in range(0, n, SIM_BATCH):
         b = sim.simulate(min(SIM_BATCH, n - i), generator=g)
@@ -76,6 +77,8 @@ def main() -> None:
     ap.add_argument("--range", choices=("low", "high"), required=True)
     ap.add_argument("--compare", action="append", default=[], help="SCAN=MODEL: a one-scan model for that scan")
     ap.add_argument("--movies", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=VALIDATION_SEED,
+                    help="seed of the movies (default: the trainer's validation seed, the one-scan runs' card movies)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.out is not None and a.out.exists():
@@ -97,7 +100,7 @@ def main() -> None:
         if not fam.card.family.contains(timing):
             continue
         t0 = time.monotonic()
-        batches, d_true = validation_movies(a.range, timing, a.movies)
+        batches, d_true = validation_movies(a.range, timing, a.movies, a.seed)
         encoded: dict[str, np.ndarray] = {}
         for label, est in [(f"{fam.card.name} (family)", fam), *others.get(scan, [])]:
             key = encoder_key(est)
@@ -108,7 +111,8 @@ def main() -> None:
             rows.append((scan, label, m))
             print(f"{scan:12s} {label:32s} L1 {m['l1']:.4g}  best half {m['best_half_l1']:.4g}  relative "
                   f"{m['relative_l1']:.3f}  68% cov {m['cov68']:.2f}  ({time.monotonic() - t0:.0f} s)", flush=True)
-    lines = [f"Held-out movies: {a.movies} per scan, the trainer's validation seed {VALIDATION_SEED}, preset {a.range}.",
+    which = "the trainer's validation seed" if a.seed == VALIDATION_SEED else "seed"
+    lines = [f"Held-out movies: {a.movies} per scan, {which} {a.seed}, preset {a.range}.",
              "", "| scan | model | L1 µm²/s | best half | relative L1 | 68 % interval holds D |", "|---|---|---|---|---|---|"]
     lines += [f"| {s} | {label} | {m['l1']:.4g} | {m['best_half_l1']:.4g} | {m['relative_l1']:.3f} | {m['cov68']:.2f} |"
               for s, label, m in rows]
