@@ -180,5 +180,7 @@ def serving_model(scan: ScanTiming, asked: str | Path,
     r = scan_ratios(scan)
     note = (f"model {card.name} was trained for another scan; using {fam.name}, which serves a family of scans "
             f"holding this one (line/dwell {r['line_per_dwell']:.4g}, frame/line {r['frame_per_line']:.4g}, "
-            f"dwell {scan.dwell_us:g} µs) for the same D range {fam.d_min_um2_s:g}–{fam.d_max_um2_s:g} µm²/s")
+            f"dwell {scan.dwell_us:g} µs) for the same D range {fam.d_min_um2_s:g}–{fam.d_max_um2_s:g} µm²/s"
+            + ("" if fam.model_config.grid_temperature != 1.0 else
+               "; it is not calibrated for combining windows: running intervals may be too narrow (BENCHMARKS.md)"))
     return fam_folder, fam, note
