@@ -757,6 +757,11 @@ def check_recording(path: str | Path, *, model: str = "brain-qd-low", windows: i
                               max(rec.width, t.width_px), max(rec.height, t.height_px), t.bidirectional)
         timing, _, notes = resolve_timing(rec, flags=timing_flags, timing_file=timing_file, fallback=fallback,
                                           fallback_label=f"the model card of {model}", names=names)
+        from dle_stream.model_choice import serving_model
+
+        chosen = serving_model(timing, model)
+        if chosen is not None and chosen[2] is not None:  # replay would use this family model: check against it
+            model, card, notes = str(chosen[0]), chosen[1], [chosen[2], *notes]
         if rec.height < card.tile_height or rec.width < card.tile_width:
             raise DleStreamError(f"{path}: frames of {rec.height}×{rec.width} px are smaller than the model's "
                                  f"{card.tile_height}×{card.tile_width}-px tile; use a larger recording")

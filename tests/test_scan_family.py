@@ -350,3 +350,23 @@ def test_the_recording_check_of_a_family_model_is_simulated_for_the_recording_s_
     movie = np.random.default_rng(0).poisson(100, (40, 40, 40)).astype(np.float32)
     verdict = rc.replay_check(movie, folder, dataclasses.replace(a, width_px=40, height_px=40))
     assert verdict["status"] == "skipped" and "for this scan" in verdict["reason"]
+
+
+def test_check_without_model_checks_against_the_family_model_replay_would_use(tmp_path, monkeypatch):
+    from dle_stream.model_package import MODELS_ENV
+    from dle_stream.recording import write_recording
+    from dle_stream.recording_check import check_recording
+
+    models = tmp_path / "models"
+    _family_package(models / "fam-low", name="fam-low", d_max=1.5)
+    monkeypatch.setenv(MODELS_ENV, str(models))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    timing = dataclasses.replace(REFERENCE_SCANS["64x64-8us"], height_px=40, width_px=40)
+    movie = np.random.default_rng(0).poisson(100, (45, 40, 40)).astype(np.uint16)
+    rec = write_recording(tmp_path / "rec.tif", movie, timing)
+    import dle_stream.recording_check as rc
+
+    monkeypatch.setattr(rc, "REFERENCE_TILES", 8)  # a small reference (simulated for this scan)
+    res = check_recording(rec, model="brain-qd-low", windows=1)
+    assert res.model == "fam-low"
+    assert any("using fam-low" in w for w in res.warnings)
