@@ -301,9 +301,15 @@ class EstimateStream:
         try:
             if (self.timing.height_px, self.timing.width_px) != (height, width):
                 raise DleStreamError(_size_message(self.timing, "the source's frames", height, width))
+            from dle_stream.model_choice import serving_model
+
             card = load_card(resolve_model(self.model))
             comparison = card.timing.compare(self.timing)
-            if not comparison.compatible:
+            chosen = serving_model(self.timing, self.model)
+            if chosen is not None and chosen[2] is not None:  # a family model serves this scan (as in replay)
+                self._warn(chosen[2])
+                self.model = str(chosen[0])
+            elif chosen is None:
                 raise DleStreamError(
                     f"model {self.model} was trained for another scan ({comparison.explain()}), so it cannot estimate "
                     f"D for this timing; give the timing the movie was scanned with (line and frame period of the "

@@ -370,3 +370,24 @@ def test_check_without_model_checks_against_the_family_model_replay_would_use(tm
     res = check_recording(rec, model="brain-qd-low", windows=1)
     assert res.model == "fam-low"
     assert any("using fam-low" in w for w in res.warnings)
+
+
+def test_the_python_api_uses_the_family_model_as_replay_does(tmp_path, monkeypatch):
+    import warnings
+
+    from dle_stream import api
+    from dle_stream.model_package import MODELS_ENV
+
+    models = tmp_path / "models"
+    _family_package(models / "fam-low", name="fam-low", d_max=1.5)
+    monkeypatch.setenv(MODELS_ENV, str(models))
+    timing = dataclasses.replace(REFERENCE_SCANS["128x128-2us"], height_px=20, width_px=40)
+    movie = np.random.default_rng(1).poisson(100, (50, 20, 40)).astype(np.float32)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        res = api.estimate(movie, timing, window=40, hop=10)
+    assert any("using fam-low" in w for w in res.warnings)
+    assert np.isfinite(res.rois.to_pandas()["d_um2_s"]).all()
+    far = dataclasses.replace(timing, dwell_us=20.0, line_period_us=20.0 * 160, frame_period_us=20.0 * 160 * 128)
+    with pytest.raises(DleStreamError, match="trained for another scan"):
+        api.estimate(movie, far, window=40, hop=10)
