@@ -94,7 +94,7 @@ def main() -> None:
             sys.exit(f"--compare {spec}: unknown scan {scan!r} (one of {', '.join(REFERENCE_SCANS)})")
         est = DiffusionEstimator.load(model)
         est.timing_check(REFERENCE_SCANS[scan])  # raises unless the model serves the scan
-        others.setdefault(scan, []).append((est.card.name, est))
+        others.setdefault(scan, []).append((model, est))
     rows = []
     for scan, timing in REFERENCE_SCANS.items():
         if not fam.card.family.contains(timing):
@@ -102,14 +102,14 @@ def main() -> None:
         t0 = time.monotonic()
         batches, d_true = validation_movies(a.range, timing, a.movies, a.seed)
         encoded: dict[str, np.ndarray] = {}
-        for label, est in [(f"{fam.card.name} (family)", fam), *others.get(scan, [])]:
+        for label, est in [(f"{a.family} (family)", fam), *others.get(scan, [])]:
             key = encoder_key(est)
             if key not in encoded:
                 encoded[key] = np.concatenate([est.encode(b.reshape(-1, *b.shape[2:])).reshape(b.shape[0], b.shape[1], -1)
                                                for b in batches])
             m = score(est, encoded[key], d_true, timing)
             rows.append((scan, label, m))
-            print(f"{scan:12s} {label:32s} L1 {m['l1']:.4g}  best half {m['best_half_l1']:.4g}  relative "
+            print(f"{scan:12s} {label:44s} L1 {m['l1']:.4g}  best half {m['best_half_l1']:.4g}  relative "
                   f"{m['relative_l1']:.3f}  68% cov {m['cov68']:.2f}  ({time.monotonic() - t0:.0f} s)", flush=True)
     which = "the trainer's validation seed" if a.seed == VALIDATION_SEED else "seed"
     lines = [f"Held-out movies: {a.movies} per scan, {which} {a.seed}, preset {a.range}.",
