@@ -187,11 +187,28 @@ def test_nan_or_infinite_pixels_stop_with_the_file_and_frame_named(tmp_path, sma
 
 
 def test_a_scan_no_model_serves_names_the_nearest_model_and_the_train_command(tmp_path, cli):
-    """The recording says how it was scanned (its line period is 2× the shipped models'
-    ratio): the refusal names the scan, the nearest model and the exact train command."""
-    timing = ScanTiming(0.15, 8.0, 3016.0, 130_000.0, 40, 40)
+    """The recording says how it was scanned (lines of 1000 dwell times: outside the shipped
+    models' scan and the shipped family's box): the refusal names the scan, the nearest model
+    and the exact train command."""
+    timing = ScanTiming(0.15, 8.0, 8000.0, 344_000.0, 40, 40)
     path = write_recording(tmp_path / "slow.tif", np.random.default_rng(0).poisson(100, (50, 40, 40)).astype(np.uint16),
                            timing)
     result = cli("replay", str(path), "--no-dashboard")
-    one_line_error(result, "does not serve this scan", "line/dwell 377", "nearest: brain-qd-low",
+    one_line_error(result, "does not serve this scan", "line/dwell 1000", "nearest: brain-qd-low",
                    f"dle-stream train --like {path} --warm-from brain-qd-low")
+
+
+def test_a_scan_in_the_shipped_family_s_box_is_replayed_by_it_without_flags(tmp_path, cli):
+    """Lines of 377 dwell times (2× the paper's ratio): no one-scan model serves it, the shipped
+    family-low does; replay uses it with no flags, says so, and logs it."""
+    from dle_stream.zarr_log import open_log
+
+    timing = ScanTiming(0.15, 8.0, 3016.0, 130_000.0, 40, 40)
+    path = write_recording(tmp_path / "slow.tif", np.random.default_rng(0).poisson(100, (410, 40, 40)).astype(np.uint16),
+                           timing)
+    log = tmp_path / "slow.zarr"
+    result = cli("replay", str(path), "--no-dashboard", "--no-check", "--log", str(log))
+    assert result.exit_code == 0, result.output
+    assert "using family-low" in " ".join(result.output.split())
+    card = open_log(log).attrs["model_card"]
+    assert card["name"] == "family-low" and card["scan_family"]  # the log names the model that ran

@@ -84,7 +84,21 @@ def train_config(monkeypatch, cli, tmp_path):
     return run
 
 
-NEW_SCAN_FLAGS = ("--dwell-us", "2", "--line-period-us", "320", "--frame-period-us", "40960")
+#: a scan outside the shipped family models' box (dwell 20 µs, frames of 410 ms), so that the
+#: nearest one-scan model is the parent
+NEW_SCAN_FLAGS = ("--dwell-us", "20", "--line-period-us", "3200", "--frame-period-us", "409600")
+#: a scan inside the shipped family models' box (128×128 px at 2 µs)
+IN_BOX_FLAGS = ("--dwell-us", "2", "--line-period-us", "320", "--frame-period-us", "40960")
+
+
+def test_a_new_scan_inside_the_family_box_starts_from_the_family_model_and_says_so(train_config):
+    cfg, out = train_config(*IN_BOX_FLAGS)
+    assert cfg.warm_from.name == "family-low" and cfg.scan_family is None  # a one-scan model, from the family
+    assert cfg.architecture.scan_features == 0
+    assert "warm start from family-low, a family model whose box holds this scan" in out
+    assert "replay" in out and "without training" in out
+    cfg, out = train_config("--preset", "high", *IN_BOX_FLAGS)
+    assert cfg.warm_from.name == "family-high" and cfg.priors.d_max_um2_s == 50.0
 
 
 def test_train_for_a_new_scan_starts_from_the_nearest_model_and_says_so(train_config):
