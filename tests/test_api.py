@@ -159,8 +159,9 @@ def _error(call) -> str:
 def test_errors_are_one_line_and_name_the_argument(movie):
     assert "20×20 px frames" in _error(lambda: dle.estimate(movie, ScanTiming.reference()))
     assert "dataclasses.replace" in _error(lambda: dle.estimate(movie, ScanTiming.reference()))
-    # the model's timing stretched to the frame by with_frame_size is another scan: refused clearly
-    stretched = ScanTiming.reference().with_frame_size(HEIGHT, WIDTH)
+    # the model's timing stretched to the frame by with_frame_size is another scan; with a pixel
+    # size outside the shipped family's box no model serves it: refused clearly
+    stretched = dataclasses.replace(ScanTiming.reference().with_frame_size(HEIGHT, WIDTH), pixel_size_um=0.3)
     assert "trained for another scan" in _error(lambda: dle.estimate(movie, stretched))
     assert "scan timing" in _error(lambda: dle.estimate(movie, None))
     assert "hop=0" in _error(lambda: dle.estimate(movie, TIMING, hop=0))
@@ -173,7 +174,8 @@ def test_errors_are_one_line_and_name_the_argument(movie):
     bad = movie[:150].copy()
     bad[3, 5, 5] = np.nan
     assert "NaN" in _error(lambda: dle.estimate(bad, TIMING, window=WINDOW))
-    narrow = dataclasses.replace(TIMING, line_period_us=1400.0)  # fits the frame, other ratios
+    # fits the frame, other ratios, and a pixel size outside the shipped family's box
+    narrow = dataclasses.replace(TIMING, line_period_us=1400.0, pixel_size_um=0.3)
     assert "another scan" in _error(lambda: dle.estimate(movie, narrow))
 
 
