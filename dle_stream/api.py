@@ -305,15 +305,20 @@ class EstimateStream:
 
             card = load_card(resolve_model(self.model))
             comparison = card.timing.compare(self.timing)
-            chosen = serving_model(self.timing, self.model)
+            chosen = serving_model(self.timing, self.model, substitute=self.model == DEFAULT_MODEL)
             if chosen is not None and chosen[2] is not None:  # a family model serves this scan (as in replay)
                 self._warn(chosen[2])
                 self.model = str(chosen[0])
             elif chosen is None:
+                from dle_stream.model_choice import family_for
+
+                family = family_for(self.timing, card.d_min_um2_s, card.d_max_um2_s)
                 raise DleStreamError(
                     f"model {self.model} was trained for another scan ({comparison.explain()}), so it cannot estimate "
-                    f"D for this timing; give the timing the movie was scanned with (line and frame period of the "
-                    f"full frame), or train a model for this scan with the `dle-stream train` command")
+                    f"D for this timing; " + (f"the family model {family[1].name} serves it: pass "
+                                               f"model='{family[1].name}'" if family is not None else
+                    "give the timing the movie was scanned with (line and frame period of the "
+                    "full frame), or train a model for this scan with the `dle-stream train` command"))
             est, _ = make_stream_estimator(self.estimator, self.model, self.timing, self.device)
             window = self.window or est.window_frames
             if window < est.min_frames:

@@ -132,6 +132,17 @@ def no_model_message(scan: ScanTiming, recording: str | Path | None, asked: str)
             f"{r['pixel_size_um']:g} µm, {'bi' if scan.bidirectional else 'uni'}directional")
     ranked = rank_models(scan, prefer=Path(str(asked)).name)
     like = f"--like {recording}" if recording is not None else "--dwell-us … --line-period-us … --frame-period-us …"
+    try:
+        from dle_stream.model_package import load_card, resolve_model
+
+        asked_card = load_card(resolve_model(asked))
+        family = family_for(scan, asked_card.d_min_um2_s, asked_card.d_max_um2_s)
+    except Exception:  # noqa: BLE001 - the message must not fail for the asked model's sake
+        family = None
+    if family is not None:
+        return (f"model {asked} does not serve this scan ({here}); the family model {family[1].name} does (same D "
+                f"range): use --model {family[1].name} (or leave out --model), or train a model for this scan: "
+                f"dle-stream train {like} --out models/my-scope --minutes 15")
     if not ranked:
         return (f"no model serves this scan ({here}); train one: dle-stream train {like} --out models/my-scope "
                 f"--minutes 30")
@@ -153,30 +164,41 @@ def serves(card: ModelCard, scan: ScanTiming) -> bool:
     return card.timing.compare(scan).compatible
 
 
-def serving_model(scan: ScanTiming, asked: str | Path,
-                  models: list[tuple[Path, ModelCard]] | None = None) -> tuple[Path, ModelCard, str | None] | None:
-    """The model a stream with this scan uses when ``asked`` was requested: (folder, card,
-    note). ``asked`` itself when it serves the scan (note None); else an available family
-    model of ``asked``'s D range whose box holds the scan (ties: by name), with a one-line
-    note saying why; None when neither (see :func:`no_model_message`)."""
-    from dle_stream.model_package import load_card, resolve_model
-
-    folder = resolve_model(asked)
-    card = load_card(folder)
-    if serves(card, scan):
-        return folder, card, None
+def family_for(scan: ScanTiming, d_min_um2_s: float, d_max_um2_s: float,
+               models: list[tuple[Path, ModelCard]] | None = None) -> tuple[Path, ModelCard] | None:
+    """An available family model of this D range whose box holds the scan (ties: by name), or None."""
     families = []
     for other_folder, other in (list_models() if models is None else models):
         try:
             ok = other.family is not None and other.family.contains(scan) and \
-                same_d_range(other, card.d_min_um2_s, card.d_max_um2_s)
+                same_d_range(other, d_min_um2_s, d_max_um2_s)
         except Exception:  # noqa: BLE001 - an unreadable family serves nothing
             ok = False
         if ok:
             families.append((other.name, other_folder, other))
     if not families:
         return None
-    _, fam_folder, fam = min(families, key=lambda f: f[0])
+    _, folder, card = min(families, key=lambda f: f[0])
+    return folder, card
+
+
+def serving_model(scan: ScanTiming, asked: str | Path, substitute: bool = True,
+                  models: list[tuple[Path, ModelCard]] | None = None) -> tuple[Path, ModelCard, str | None] | None:
+    """The model a stream with this scan uses when ``asked`` was requested: (folder, card,
+    note). ``asked`` itself when it serves the scan (note None); else, with ``substitute``
+    (the user did not name the model: the default), an available family model of ``asked``'s
+    D range whose box holds the scan (:func:`family_for`), with a one-line note saying why;
+    None when neither (see :func:`no_model_message`, which names such a family)."""
+    from dle_stream.model_package import load_card, resolve_model
+
+    folder = resolve_model(asked)
+    card = load_card(folder)
+    if serves(card, scan):
+        return folder, card, None
+    found = family_for(scan, card.d_min_um2_s, card.d_max_um2_s, models) if substitute else None
+    if found is None:
+        return None
+    fam_folder, fam = found
     r = scan_ratios(scan)
     note = (f"model {card.name} was trained for another scan; using {fam.name}, which serves a family of scans "
             f"holding this one (line/dwell {r['line_per_dwell']:.4g}, frame/line {r['frame_per_line']:.4g}, "

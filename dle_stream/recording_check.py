@@ -758,8 +758,9 @@ def check_recording(path: str | Path, *, model: str = "brain-qd-low", windows: i
         timing, _, notes = resolve_timing(rec, flags=timing_flags, timing_file=timing_file, fallback=fallback,
                                           fallback_label=f"the model card of {model}", names=names)
         from dle_stream.model_choice import serving_model
+        from dle_stream.session import DEFAULT_MODEL
 
-        chosen = serving_model(timing, model)
+        chosen = serving_model(timing, model, substitute=str(model) == DEFAULT_MODEL)  # only the default gives way
         if chosen is not None and chosen[2] is not None:  # replay would use this family model: check against it
             model, card, notes = str(chosen[0]), chosen[1], [chosen[2], *notes]
         if rec.height < card.tile_height or rec.width < card.tile_width:

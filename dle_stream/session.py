@@ -367,7 +367,8 @@ def _estimator_for(opts: StreamOptions, timing: ScanTiming,
     train command when the chosen model does not serve it."""
     from dle_stream.model_choice import no_model_message, serving_model
 
-    chosen = serving_model(timing, opts.model)
+    # only the default model gives way to a family model; a model the user named is kept (or refused)
+    chosen = serving_model(timing, opts.model, substitute=opts.model == DEFAULT_MODEL)
     if chosen is None:
         raise EstimatorChoiceError(no_model_message(timing, recording, opts.model))
     folder, _, note = chosen

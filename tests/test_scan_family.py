@@ -391,3 +391,18 @@ def test_the_python_api_uses_the_family_model_as_replay_does(tmp_path, monkeypat
     far = dataclasses.replace(timing, dwell_us=20.0, line_period_us=20.0 * 160, frame_period_us=20.0 * 160 * 128)
     with pytest.raises(DleStreamError, match="trained for another scan"):
         api.estimate(movie, far, window=40, hop=10)
+
+
+def test_a_model_the_user_named_is_not_replaced_the_refusal_names_the_family(tmp_path, monkeypatch, cli, small_model):
+    from dle_stream.model_package import MODELS_ENV
+    from dle_stream.recording import write_recording
+
+    models = tmp_path / "models"
+    _family_package(models / "fam-low", name="fam-low", d_max=1.5)
+    monkeypatch.setenv(MODELS_ENV, str(models))
+    timing = dataclasses.replace(REFERENCE_SCANS["64x64-8us"], height_px=40, width_px=40)
+    rec = write_recording(tmp_path / "rec.tif", np.random.default_rng(0).poisson(100, (60, 40, 40)).astype(np.uint16),
+                          timing)
+    text = cli.error("replay", rec, "--model", small_model, "--no-dashboard")
+    assert "does not serve this scan" in text and "the family model fam-low does" in text
+    assert "--model fam-low" in text and "dle-stream train --like" in text
