@@ -476,11 +476,10 @@ class Trainer:
         self.model.eval()
         lat, d = [], []
         scans = list(self.val_scans.values())
+        sims = [self._validation_simulator(t) for t in scans]
         for i in range(n_groups):
             timing = scans[i % len(scans)] if scans else None
-            sim = self.val_sim if timing is None else Simulator(
-                self.cfg.priors.operating(), timing, self.cfg.tile_height, self.cfg.tile_width, self.cfg.frames,
-                self.device)
+            sim = sims[i % len(sims)] if sims else self.val_sim
             dg = sim.draw_d(1, g)
             latents, _, _ = simulate_latents(sim, self.model, k, g, augment=False, d_um2_s=dg.repeat(k))
             lat.append(latents if timing is None else self._with_features(latents, timing))
@@ -506,6 +505,11 @@ class Trainer:
         all_k, four = self._combined_nll(out, d_um2_s)
         return {f"nll_k{k}": float(all_k), "nll_k4": float(four)}
 
+    def _validation_simulator(self, timing: ScanTiming) -> Simulator:
+        """The validation movies' simulator (operating range, the run's tiles) for another scan."""
+        return Simulator(self.cfg.priors.operating(), timing, self.cfg.tile_height, self.cfg.tile_width,
+                         self.cfg.frames, self.device)
+
     def validation_latents(self, n: int, timing: ScanTiming | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` held-out movies (the validation seed) of the run's scan, or of ``timing``; a
         family model's validation without ``timing`` splits ``n`` over its validation scans."""
@@ -513,8 +517,7 @@ class Trainer:
             parts = [self.validation_latents(max(1, n // len(self.val_scans)), t) for t in self.val_scans.values()]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         g = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED)
-        sim = self.val_sim if timing is None else Simulator(self.cfg.priors.operating(), timing, self.cfg.tile_height,
-                                                            self.cfg.tile_width, self.cfg.frames, self.device)
+        sim = self.val_sim if timing is None else self._validation_simulator(timing)
         lat, d = [], []
         self.model.eval()
         for i in range(0, n, self.cfg.sim_batch):
