@@ -80,6 +80,10 @@ class MixedSimulator:
         """[n] D from the training prior, µm²/s (the same for cloud and steady movies)."""
         return self.main.draw_d(n, generator)
 
+    def d_quantile(self, q: torch.Tensor) -> torch.Tensor:
+        """D (µm²/s) at quantiles ``q`` of the training prior (see :meth:`Simulator.d_quantile`)."""
+        return self.main.d_quantile(q)
+
     def simulate(self, n_movies: int, generator: torch.Generator, d_um2_s: torch.Tensor | None = None) -> MixedBatch:
         """``n_movies`` movies; ``d_um2_s`` [n] fixes their D (drawn from the prior if None).
         The batch lists cloud movies first, then steady ones, then the movies with sample

@@ -162,6 +162,27 @@ class Simulator:
             d = torch.where((u >= p.d_beyond[0]) & (u < sum(p.d_beyond)), self._uniform(n, top, 2 * top, g), d)
         return d
 
+    def d_quantile(self, q: torch.Tensor) -> torch.Tensor:
+        """D (µm²/s) at quantiles ``q`` [n] in [0, 1) of the distribution :meth:`draw_d` draws
+        from (its inverse CDF): stratified or low-discrepancy ``q`` give D values spread as
+        evenly as the prior allows (:mod:`dle_stream.training.d_sequence`)."""
+        p = self.priors
+        b_near, b_far = p.d_beyond
+        inside = 1.0 - b_near - b_far
+        q = torch.as_tensor(q, dtype=torch.float64, device=self.device).clamp(0.0, 1.0 - 1e-12)
+        u = (q / inside).clamp(max=1.0)
+        if p.d_prior == "uniform":
+            d = p.d_min_um2_s + u * (p.d_max_um2_s - p.d_min_um2_s)
+        else:
+            lo, hi = math.log(p.d_min_um2_s), math.log(p.d_max_um2_s)
+            d = torch.exp(lo + u * (hi - lo))
+        top = p.d_grid_top * p.d_max_um2_s
+        if b_near > 0:
+            d = torch.where(q >= inside, p.d_max_um2_s + (q - inside) / b_near * (top - p.d_max_um2_s), d)
+        if b_far > 0:
+            d = torch.where(q >= inside + b_near, top + (q - inside - b_near) / b_far * top, d)
+        return d
+
     def draw_particle_counts(self, n: int, g: torch.Generator) -> torch.Tensor:
         p = self.priors
         if p.particles == "fixed":

@@ -51,6 +51,7 @@ from dle_stream.scan_family import REFERENCE_SCANS, SCAN_FEATURES, ScanFamily
 from dle_stream.timing import ScanTiming
 from dle_stream.training.augment import random_raster_augment
 from dle_stream.training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
+from dle_stream.training.d_sequence import EvenQuantiles
 from dle_stream.training.distributed import SINGLE, Ranks
 from dle_stream.training.latent_cache import LatentCache, simulate_latents
 from dle_stream.training.mixture import MixedSimulator
@@ -63,6 +64,8 @@ VALIDATION_SEED = 20_240_917
 MIN_PREDICTOR_STEPS = 20
 #: Movies of the small validation set used for the learning curve at each checkpoint.
 CURVE_VALIDATION_MOVIES = 128
+#: the golden ratio's fractional part: offsets one process's even D sequence from another's
+GOLDEN = 0.6180339887498949
 #: Share of the predictor stage over which the combination loss is phased in (0 → full weight).
 GROUP_LOSS_RAMP = 0.3
 
@@ -108,6 +111,13 @@ class TrainConfig:
     #: combined NLL (K = group_size and K = 4) joins the loss (0: single windows only)
     combine_groups: int = 2
     group_size: int = 16
+    #: how the training movies' D values are drawn from the prior: "random" (independent
+    #: draws) or "even" (a randomised van der Corput sequence of prior quantiles, separately
+    #: for single movies and for groups: :mod:`dle_stream.training.d_sequence`)
+    d_draws: str = "random"
+    #: held-out groups of ``group_size`` windows of one D scored at every validation (the
+    #: combined part of the score that picks the kept weights)
+    val_groups: int = 8
     #: a family model (:mod:`dle_stream.scan_family`): every cached movie's scan drawn from this
     #: box (``timing`` is then only the card's representative scan); None: one scan, ``timing``
     scan_family: ScanFamily | None = None
@@ -125,6 +135,10 @@ class TrainConfig:
             raise DleStreamError("train: --e2e-frames must be ≥ 8 and the end-to-end batch ≥ 2")
         if self.combine_groups < 0 or self.group_size < 4 or self.group_size % 4:
             raise DleStreamError("train: --combine-groups must be ≥ 0 and the group size a multiple of 4")
+        if self.d_draws not in ("random", "even"):
+            raise DleStreamError(f"train: --d-draws must be random or even, got {self.d_draws!r}")
+        if self.val_groups < 2:
+            raise DleStreamError(f"train: --val-groups must be ≥ 2, got {self.val_groups}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise DleStreamError(f"train: unknown --device {self.device!r}; use auto, cpu or cuda")
         if self.scan_family is not None and (self.e2e_steps or self.e2e_minutes):
@@ -207,6 +221,9 @@ class Trainer:
         self.d_max = config.priors.d_max_um2_s
         self.state: dict = {"stage": "autoencoder", "ae_step": 0, "head_step": 0, "elapsed_s": 0.0,
                             "movies_simulated": 0, "curve": [], "runs": 0, "e2e_step": 0, "groups_made": 0}
+        if config.d_draws == "even":  # [shift, next index] of each sequence; kept in the checkpoint
+            shifts = torch.rand(2, generator=torch.Generator().manual_seed(config.seed + 20261130)).tolist()
+            self.state["even_d"] = {"single": [shifts[0], 0], "group": [shifts[1], 0]}
         #: combination loss: groups of windows of one D (grid heads only)
         self.grouped = self.grid_loss is not None and config.combine_groups > 0
         self._group: list = []  # [D µm²/s, movies still to simulate, id] of the group being filled
@@ -402,13 +419,27 @@ class Trainer:
         self._end_stage()
         self.state["stage"] = "predictor"
 
+    def _draw_d(self, n: int, kind: str) -> torch.Tensor | None:
+        """D µm²/s [n] of the next ``n`` movies (``kind`` "single") or groups ("group") from the
+        training prior: even quantiles with ``d_draws`` "even"; None (the simulator draws
+        them) for single movies with "random"."""
+        seq = self.state.get("even_d", {}).get(kind)
+        if seq is None:
+            return None if kind == "single" else self.sim.draw_d(n, self.gen)
+        # every process its own shift of the sequence (a resumed run shares rank 0's state)
+        q = EvenQuantiles((seq[0] + GOLDEN * self.ranks.rank) % 1.0, int(seq[1])).next(n)
+        seq[1] = int(seq[1]) + n
+        return self.sim.d_quantile(q).to(self.device)
+
     def _group_labels(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(D µm²/s [n], group id [n]) for the next ``n`` training movies: groups of
         ``group_size`` movies share a D drawn from the training prior."""
         ds, ids = [], []
         for _ in range(n):
             if not self._group or self._group[1] == 0:
-                d = float(self.sim.draw_d(1, self.gen)[0])
+                group_d = self._draw_d(1, "group")
+                assert group_d is not None
+                d = float(group_d[0])
                 self._group = [d, self.cfg.group_size, self.state["groups_made"]]
                 self.state["groups_made"] += 1
             ds.append(self._group[0])
@@ -425,7 +456,7 @@ class Trainer:
         if self.family is not None:
             self._add_family_movies(cache, n, grouped)
             return
-        d, group = self._group_labels(n) if grouped else (None, None)
+        d, group = self._group_labels(n) if grouped else (self._draw_d(n, "single"), None)
         lat, d_out, vis = simulate_latents(self.sim, self.model, n, self.gen,
                                            augment=not self.cfg.timing.bidirectional, d_um2_s=d)
         self.state["movies_simulated"] += n
@@ -437,6 +468,7 @@ class Trainer:
         assert self.family is not None
         left = n
         while left > 0:
+            d: torch.Tensor | None
             if grouped:
                 if not self._group or self._group[1] == 0 or self._group_scan is None:
                     self._group = []  # start a new group, and draw its scan
@@ -445,7 +477,8 @@ class Trainer:
                 d, group = self._group_labels(k)
                 timing = self._group_scan
             else:
-                k, d, group, timing = left, None, None, self.family.draw(self.gen)
+                k, group, timing = left, None, self.family.draw(self.gen)
+                d = self._draw_d(k, "single")
             sim = MixedSimulator(self.train_priors, timing, self.cfg.tile_height, self.cfg.tile_width,
                                  self.cfg.frames, self.device)
             lat, d_out, vis = simulate_latents(sim, self.model, k, self.gen, augment=not timing.bidirectional,
@@ -838,7 +871,7 @@ class Trainer:
             if self.ranks.main:  # only rank 0 validates
                 val_curve = self.validation_latents(CURVE_VALIDATION_MOVIES)
                 if self.grouped:
-                    self.val_groups = self.validation_groups(max(2, CURVE_VALIDATION_MOVIES // self.cfg.group_size))
+                    self.val_groups = self.validation_groups(self.cfg.val_groups)
             # each rank caches its share of the movies (together: cache_movies)
             cache_movies = self.ranks.share(cfg.cache_movies)
             cache = self.cache = LatentCache(cache_movies, cfg.frames, cfg.architecture.head_inputs)

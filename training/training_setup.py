@@ -41,7 +41,7 @@ def implausible(timing: ScanTiming) -> list[str]:
 
 
 #: TrainConfig fields a resumed run takes from its checkpoint unless given on the command line.
-RESUME_KEEPS = ("lr", "batch", "ae_batch", "ae_lr", "e2e_lr", "sim_batch", "checkpoint_minutes")
+RESUME_KEEPS = ("lr", "batch", "ae_batch", "ae_lr", "e2e_lr", "sim_batch", "checkpoint_minutes", "d_draws", "val_groups")
 
 
 def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None, steps: int | None,
@@ -51,7 +51,8 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
                end_to_end: dict | None = None, warm_from: str | Path | None = None,
                steady_share: float | None = None, output: str | None = None, lr: float | None = None,
                combine_groups: int | None = None, effects_share: float | None = None,
-               family: ScanFamily | None = None) -> TrainConfig:
+               family: ScanFamily | None = None, d_draws: str | None = None,
+               val_groups: int | None = None) -> TrainConfig:
     """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch.
 
     ``warm_from``: a model package whose weights start the training (its architecture, with
@@ -60,6 +61,8 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
     share of training movies with effects of a real sample (each movie's effects drawn by
     :class:`~dle_stream.training.effects_prior.EffectsPrior`; cloud or steady as the others).
     ``combine_groups``: groups of windows of one D in each step's combination loss.
+    ``d_draws``: "random" or "even" training D values (:mod:`~dle_stream.training.d_sequence`);
+    ``val_groups``: held-out groups of windows of one D scored at each validation.
     ``family``: train one model for this box of scans (:mod:`dle_stream.scan_family`), with
     the preset's scan as its representative; it needs ``warm_from`` (its encoder is reused).
     """
@@ -68,6 +71,10 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
     overrides: dict[str, Any] = {} if lr is None else {"lr": float(lr)}
     if combine_groups is not None:
         overrides["combine_groups"] = int(combine_groups)
+    if d_draws is not None:
+        overrides["d_draws"] = str(d_draws)
+    if val_groups is not None:
+        overrides["val_groups"] = int(val_groups)
     if ae_steps is None:  # a short --steps budget should not pretrain for 1500 steps
         ae_steps = min(DEFAULT_AE_STEPS, steps) if steps is not None else DEFAULT_AE_STEPS
     if refresh_movies < 0 or refresh_every < 1:
