@@ -30,8 +30,9 @@ def evaluate(path, cfg, n=None, ks=(1, 4, 16), verbose=False):
     for f, raw in zip(fr, cells):
         ll = calibrated(raw, cfg)
         for k in ks:
-            g = ll[: n * k].reshape(n, k, -1)
-            post = posterior(combine(g, axis=1), grid, 1.0, n_windows=np.full(n, k))
+            n_k = n * max(ks) // k  # every window at every K, as bench --suite combine
+            g = ll[: n_k * k].reshape(n_k, k, -1)
+            post = posterior(combine(g, axis=1), grid, 1.0, n_windows=np.full(n_k, k))
             z = (post.d - f) / post.sigma
             rows.append(dict(f=float(f), k=k, bias=float(np.mean(post.d - f)), zm=float(np.mean(z)), zs=float(np.std(z)),
                              c68=float(np.mean((post.lo68 <= f) & (f <= post.hi68))),

@@ -87,7 +87,7 @@ def test_the_trainer_draws_group_and_movie_d_values_evenly_and_resumes_the_seque
     again.state["even_d"] = saved
     assert float(again._draw_d(1, "group")[0]) == nxt
     # random draws: the simulator's own (None for single movies)
-    assert _trainer(tmp_path / "c")._draw_d(4, "single") is None
+    assert _trainer(tmp_path / "c", d_draws="random")._draw_d(4, "single") is None
 
 
 def _prior_cdf(t, d):

@@ -216,5 +216,7 @@ def test_combine_bench_on_a_steady_density_says_so_in_its_results():
     doc = run_combine("brain-qd-low", n=2, fractions=(0.5,), ks=(1, 2), density="box")
     assert doc["density"] == "box" and "box density" in doc["priors"]
     assert [c["k"] for c in doc["cells"]] == [1, 2]
+    # every simulated window counts at every K: 2 groups of 2 are also 4 single windows
+    assert [c["n"] for c in doc["cells"]] == [4, 2]
     assert all(np.isfinite(c["z_mean"]) and c["d_true_um2_s"] == 0.75 for c in doc["cells"])
     assert "box density" in markdown(doc)

@@ -113,8 +113,11 @@ class TrainConfig:
     group_size: int = 16
     #: how the training movies' D values are drawn from the prior: "random" (independent
     #: draws) or "even" (a randomised van der Corput sequence of prior quantiles, separately
-    #: for single movies and for groups: :mod:`dle_stream.training.d_sequence`)
-    d_draws: str = "random"
+    #: for single movies and for groups: :mod:`dle_stream.training.d_sequence`). Even since
+    #: session 10: from the same start, 16 windows combined from an even-draws head were
+    #: biased by at most 1.0 σ before calibration, from a random-draws head by up to 2.5 σ
+    #: (BENCHMARKS.md, "Honest numbers, seventh pass")
+    d_draws: str = "even"
     #: held-out groups of ``group_size`` windows of one D scored at every validation (the
     #: combined part of the score that picks the kept weights)
     val_groups: int = 8
