@@ -281,3 +281,21 @@ def test_a_tile_filmed_for_eight_windows_keeps_its_particles_in_view():
     cloud = visible_by_window(*_operating_simulator(est, density="cloud"))
     assert steady[-1] > 0.5 * steady[0] and steady[-4:].mean() > 0.5 * steady[:4].mean(), steady
     assert cloud[-1] < 0.2 * cloud[0], cloud  # why the cloud is not used for tiles over time
+
+
+def test_the_peak_of_the_average_likelihood_is_read_between_knots():
+    """Windows of one true D whose readings scatter around c = 0.4123·d_max (between two
+    knots): the average log-likelihood peaks at c up to the readings' own scatter
+    (s/√n = 0.0016·d_max); reading the highest knot instead was off by up to half a knot
+    spacing, and jumped a whole knot between two halves of one cell."""
+    from dle_stream.training.calibration import mean_peak
+
+    rng = np.random.default_rng(0)
+    c, s, n = 0.4123, 0.05, 1000
+    readings = c + s * rng.standard_normal(n)
+    lls = gaussian_log_likelihood(readings, np.full(n, s), GRID)
+    peak = mean_peak(lls, GRID)
+    assert abs(peak - readings.mean()) < 2e-4          # the Gaussians' average peaks at the mean reading
+    assert abs(peak - c) < 3 * s / np.sqrt(n)
+    spacing = np.diff(GRID.knots)[np.searchsorted(GRID.knots, c) - 1]
+    assert min(abs(GRID.knots - peak)) > 0.05 * spacing  # not snapped to a knot

@@ -141,9 +141,26 @@ def simulate_tile_cells(est, fractions: tuple[float, ...], tiles: int, windows: 
 
 
 def mean_peak(log_likelihoods: np.ndarray, grid: DGrid) -> float:
-    """Where the average of windows' log-likelihoods [n, entries] peaks (units of d_max, on [0, top])."""
-    fine = np.mean(np.asarray(log_likelihoods, dtype=np.float64)[:, :-1], axis=0) @ grid.interp_matrix
-    return float(grid.fine[int(np.argmax(fine))])
+    """Where the average of windows' log-likelihoods [n, entries] peaks (units of d_max, on [0, top]).
+
+    The vertex of the parabola through the highest knot and its two neighbours (clamped to
+    them), not the highest knot itself: between knots the likelihood is interpolated
+    linearly, so the highest point of that interpolation is always a knot, and a peak read
+    there moves in steps of a knot (0.01–0.02·d_max, as large as the σ of 16 windows
+    combined) as the windows change.
+    """
+    mean = np.mean(np.asarray(log_likelihoods, dtype=np.float64)[:, :-1], axis=0)
+    x = np.asarray(grid.knots, dtype=np.float64)
+    k = int(np.argmax(mean))
+    if k == 0 or k == x.size - 1:
+        return float(x[k])
+    (x0, x1, x2), (y0, y1, y2) = x[k - 1:k + 2], mean[k - 1:k + 2]
+    # vertex of the quadratic through three points (any spacing)
+    num = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
+    den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    if den == 0:
+        return float(x1)
+    return float(np.clip(x1 - 0.5 * num / den, x0, x2))
 
 
 def fit_warp(fractions: tuple[float, ...], cells: np.ndarray, grid: DGrid) -> tuple[tuple[float, float], ...]:
