@@ -251,7 +251,7 @@ def train(
     steady_share: Optional[float] = typer.Option(None, "--steady-share", help="Share of training movies with a steady particle density (default 0: the paper's spreading cloud only)."),
     effects_share: Optional[float] = typer.Option(None, "--effects-share", help="Share of training movies with effects of a real sample: whole-field motion, blinking, bleaching, dimmer/brighter dots, wider PSF, denser fields, each drawn per movie (default 0: none)."),
     combine_groups: Optional[int] = typer.Option(None, "--combine-groups", help="Grid heads: groups of 16 windows of one D per step whose combined likelihood joins the loss (default 2; 0: single windows only)."),
-    d_draws: Optional[str] = typer.Option(None, "--d-draws", help="How training movies' D values are drawn from the prior: random (independent) or even (a low-discrepancy sequence, so that the cache holds no clusters or gaps of D for the head to learn). Default even."),
+    d_draws: Optional[str] = typer.Option(None, "--d-draws", help="How training movies' D values are drawn from the prior: random (independent) or even (a low-discrepancy sequence, so that the cache holds no clusters or gaps of D for the head to learn; used for the shipped brain-qd-low). Default random."),
     val_groups: Optional[int] = typer.Option(None, "--val-groups", help="Grid heads: held-out groups of 16 windows of one D scored at every validation (default 8; more: a steadier choice of the kept weights)."),
     ae_steps: Optional[int] = typer.Option(None, "--ae-steps", help="Autoencoder pretraining steps (default 1500, or --steps when that is smaller)."),
     cache_movies: int = typer.Option(4096, "--cache-movies", help="Simulated movies kept as latents for the predictor."),

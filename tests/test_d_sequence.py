@@ -68,9 +68,13 @@ def test_the_quantile_function_inverts_the_distribution_the_simulator_draws_from
 
 
 def _trainer(tmp_path, **kw):
-    from tests.test_trainer import easy_config
+    from dle_stream.model import ModelConfig
+    from dle_stream.training.trainer import TrainConfig
 
-    return Trainer(easy_config(tmp_path, **kw), log=lambda *a: None)
+    preset = get_preset("low")
+    config = TrainConfig(name="even", priors=preset.priors, timing=preset.timing, out=tmp_path, frames=100,
+                         architecture=ModelConfig(temporal_channels=16, head_hidden=32), seed=0, steps=1, **kw)
+    return Trainer(config, log=lambda *a: None)
 
 
 def test_the_trainer_draws_group_and_movie_d_values_evenly_and_resumes_the_sequence(tmp_path):
@@ -88,6 +92,7 @@ def test_the_trainer_draws_group_and_movie_d_values_evenly_and_resumes_the_seque
     assert float(again._draw_d(1, "group")[0]) == nxt
     # random draws: the simulator's own (None for single movies)
     assert _trainer(tmp_path / "c", d_draws="random")._draw_d(4, "single") is None
+    assert _trainer(tmp_path / "d").cfg.d_draws == "random"  # the default
 
 
 def _prior_cdf(t, d):
