@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.test_trainer import easy_config  # noqa: E402
-
 from dle_stream.training.trainer import train  # noqa: E402
+from tests.test_trainer import easy_config  # noqa: E402
 
 mode, seed, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 if out.exists():
