@@ -52,10 +52,10 @@ class LatentRecorder(DiffusionEstimator):
         self.kept: list[np.ndarray] = []
 
     def window_log_likelihoods_of_movies(self, movie, timing):
-        x = torch.as_tensor(np.asarray(movie), dtype=torch.float32)
+        x = np.asarray(movie, dtype=np.float32)
         b, t = x.shape[:2]
-        latents = self._encode_tensor(x.reshape(b * t, *x.shape[2:])).reshape(b, t, -1)
-        self.kept.append(latents.numpy().astype(np.float16))
+        latents = self.encode(x.reshape(b * t, *x.shape[2:])).reshape(b, t, -1)
+        self.kept.append(latents.astype(np.float16))
         return np.zeros((b, self.grid.n), dtype=np.float32), self.timing_check(timing).time_scale
 
 

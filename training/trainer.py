@@ -431,8 +431,9 @@ class Trainer:
         if seq is None:
             return None if kind == "single" else self.sim.draw_d(n, self.gen)
         # every process its own shift of the sequence (a resumed run shares rank 0's state)
-        q = EvenQuantiles((seq[0] + GOLDEN * self.ranks.rank) % 1.0, int(seq[1])).next(n)
-        seq[1] = int(seq[1]) + n
+        quantiles = EvenQuantiles((seq[0] + GOLDEN * self.ranks.rank) % 1.0, int(seq[1]))
+        q = quantiles.next(n)
+        seq[1] = quantiles.index
         return self.sim.d_quantile(q).to(self.device)
 
     def _group_labels(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
