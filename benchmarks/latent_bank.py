@@ -118,7 +118,9 @@ def raw(bank: Path, package: str, out_dir: Path) -> None:
     model, card = load_model_package(package)
     model.config = model.config.uncalibrated()
     est = DiffusionEstimator(model, card, Path(package), "cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():
+        raise SystemExit(f"{out_dir}: exists; choose a new folder (raw never overwrites)")
+    out_dir.mkdir(parents=True)
     digest = encoder_digest(model)
     for part in PARTS:
         src = bank / f"{part}.npy"
