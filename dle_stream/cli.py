@@ -253,6 +253,7 @@ def train(
     combine_groups: Optional[int] = typer.Option(None, "--combine-groups", help="Grid heads: groups of 16 windows of one D per step whose combined likelihood joins the loss (default 2; 0: single windows only)."),
     d_draws: Optional[str] = typer.Option(None, "--d-draws", help="How training movies' D values are drawn from the prior: random (independent) or even (a low-discrepancy sequence, so that the cache holds no clusters or gaps of D for the head to learn; used for the shipped brain-qd-low). Default random."),
     val_groups: Optional[int] = typer.Option(None, "--val-groups", help="Grid heads: held-out groups of 16 windows of one D scored at every validation (default 8; more: a steadier choice of the kept weights)."),
+    average_steps: Optional[float] = typer.Option(None, "--average-steps", help="Average the head's weights exponentially over about this many steps; validation, the kept weights and the package use the average (default 0: off)."),
     ae_steps: Optional[int] = typer.Option(None, "--ae-steps", help="Autoencoder pretraining steps (default 1500, or --steps when that is smaller)."),
     cache_movies: int = typer.Option(4096, "--cache-movies", help="Simulated movies kept as latents for the predictor."),
     val_movies: int = typer.Option(512, "--val-movies", help="Held-out movies for the final validation."),
@@ -297,7 +298,7 @@ def train(
             end_to_end={"e2e_steps": e2e_steps, "e2e_minutes": e2e_minutes, "e2e_frames": e2e_frames, "e2e_batch": e2e_batch},
             flags=flags, timing_file=timing, warm_from=warm, steady_share=steady_share, output=output, lr=lr,
             combine_groups=combine_groups, effects_share=effects_share, family=box,
-            d_draws=d_draws, val_groups=val_groups,
+            d_draws=d_draws, val_groups=val_groups, average_steps=average_steps,
         )
 
     box = None

@@ -285,3 +285,46 @@ def test_a_bidirectional_model_estimates_a_tile_far_from_column_0_as_well_as_one
     baseline = 0.25 * 1.5  # guessing the prior mean: E|D − 0.75| for D uniform on 0–1.5 µm²/s
     assert errors[0] < 0.8 * baseline and errors[40] < 0.8 * baseline, errors
     assert errors[40] < 1.3 * errors[0] and errors[0] < 1.3 * errors[40], errors
+
+
+def test_averaged_head_weights_are_what_the_package_holds_and_resume_continues_the_average(tmp_path):
+    """--average-steps A: the package's head weights are the exponential average (decay
+    1 − 1/A) of the weights after each step, not the last step's; a resumed run continues
+    that average instead of starting it again."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "m"
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def record(trainer, stage):
+        if stage == "predictor":
+            seen.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()
+                         if k.startswith(("temporal.", "mlp.")) and "running_" not in k and "num_batches" not in k})
+
+    cfg = easy_config(out, steps=5, ae_steps=5, cache_movies=64, val_movies=32, average_steps=3.0)
+    trainer = Trainer(cfg, log=lambda *a: None, on_step=record)
+    trainer.run()
+    assert len(seen) == 5
+    written = load_file(str(out / "weights.safetensors"))
+    a = 1.0 - 1.0 / 3.0
+    for k in seen[0]:
+        expect = seen[0][k].clone()
+        for w in seen[1:]:
+            expect = a * expect + (1 - a) * w[k]
+        assert torch.allclose(written[k], expect, atol=1e-6), k
+    changed = [k for k in seen[0] if not torch.allclose(written[k], seen[-1][k], atol=1e-6)]
+    assert changed  # not the last step's weights
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["weights_averaged_over_steps"] == 3.0
+
+    resumed = Trainer(easy_config(out, resume=True, steps=2, ae_steps=5, cache_movies=64, val_movies=32,
+                                  average_steps=3.0), log=lambda *a: None)
+    resumed.load()
+    assert int(resumed.head_average.n_averaged) == 5
+    resumed.run()
+    assert int(resumed.head_average.n_averaged) == 7
+
+
+def test_average_steps_must_be_off_or_at_least_two(tmp_path):
+    with pytest.raises(DleStreamError, match="--average-steps"):
+        easy_config(tmp_path, average_steps=1.0)

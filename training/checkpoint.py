@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoint/`` inside the model package being trained. Each save
 is one *generation* ``g``: ``model-g.safetensors`` (every parameter and buffer),
-``optimizer-NAME-g.safetensors`` (Adam's moments and step counts) and then ``state.json``
+``optimizer-NAME-g.safetensors`` (Adam's moments and step counts), ``average-NAME-g.safetensors``
+(running averages of weights, when a run keeps them) and then ``state.json``
 (step counters, stage, learning-curve rows, optimiser hyper-parameters, and the names of
 that generation's tensor files). Nothing is pickled.
 
@@ -35,8 +36,8 @@ READABLE_VERSIONS = (1, 2)
 STATE_FILE = "state.json"
 #: files a checkpoint writes that a later save may remove: tensor files of any generation or
 #: version, and temporary files left by a kill (``x.tmp``, or ``.x.<random>.tmp`` of write_atomic)
-_OWN_FILE = re.compile(r"^(model|optimizer-[A-Za-z0-9_]+)(-\d+)?\.safetensors(\.tmp)?$"
-                       r"|^\.((model|optimizer-[A-Za-z0-9_]+)(-\d+)?\.safetensors|state\.json)\..+\.tmp$"
+_OWN_FILE = re.compile(r"^(model|optimizer-[A-Za-z0-9_]+|average-[A-Za-z0-9_]+)(-\d+)?\.safetensors(\.tmp)?$"
+                       r"|^\.((model|optimizer-[A-Za-z0-9_]+|average-[A-Za-z0-9_]+)(-\d+)?\.safetensors|state\.json)\..+\.tmp$"
                        r"|^state\.json\.tmp$")
 
 
@@ -76,8 +77,9 @@ def _committed_generation(folder: Path) -> int:
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-                    state: dict) -> None:
-    """Write a new generation of the checkpoint in ``folder``; ``state.json`` last (the commit)."""
+                    state: dict, averages: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Write a new generation of the checkpoint in ``folder``; ``state.json`` last (the commit).
+    ``averages``: name → tensors of running weight averages kept beside the model."""
     folder.mkdir(parents=True, exist_ok=True)
     generation = _committed_generation(folder) + 1
     model_file = f"model-{generation}.safetensors"
@@ -90,10 +92,14 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizers: dict[str, 
             opt_files[name] = f"optimizer-{name}-{generation}.safetensors"
             _atomic_write_tensors(tensors, folder / opt_files[name])
         opt_meta[name] = rest
+    avg_files: dict[str, str] = {}
+    for name, tensors in (averages or {}).items():
+        avg_files[name] = f"average-{name}-{generation}.safetensors"
+        _atomic_write_tensors(tensors, folder / avg_files[name])
     doc = {**state, "version": STATE_VERSION, "generation": generation,
-           "files": {"model": model_file, "optimizers": opt_files}, "optimizers": opt_meta}
+           "files": {"model": model_file, "optimizers": opt_files, "averages": avg_files}, "optimizers": opt_meta}
     _atomic_write_text(json.dumps(doc, indent=1), folder / STATE_FILE)
-    _remove_other_generations(folder, {model_file, *opt_files.values()})
+    _remove_other_generations(folder, {model_file, *opt_files.values(), *avg_files.values()})
 
 
 def _remove_other_generations(folder: Path, keep: set[str]) -> None:
@@ -153,4 +159,12 @@ def optimizer_state(folder: Path, name: str, state: dict | None = None) -> dict[
         state = json.loads((folder / STATE_FILE).read_text())
     _, optimizers = _tensor_files(folder, state)
     path = optimizers.get(name)
+    return load_file(str(path)) if path is not None and path.is_file() else {}
+
+
+def average_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of the running weight average ``name`` in the committed checkpoint ({} when it kept none)."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    name_file = ((state.get("files") or {}).get("averages") or {}).get(name)
+    path = folder / str(name_file) if name_file else None
     return load_file(str(path)) if path is not None and path.is_file() else {}

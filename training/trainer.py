@@ -34,7 +34,8 @@ import csv
 import gc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +51,13 @@ from dle_stream.model import DLEModel, GridLoss, ModelConfig, gaussian_nll, with
 from dle_stream.scan_family import REFERENCE_SCANS, SCAN_FEATURES, ScanFamily
 from dle_stream.timing import ScanTiming
 from dle_stream.training.augment import random_raster_augment
-from dle_stream.training.checkpoint import load_checkpoint, load_optimizer, optimizer_state, save_checkpoint
+from dle_stream.training.checkpoint import (
+    average_state,
+    load_checkpoint,
+    load_optimizer,
+    optimizer_state,
+    save_checkpoint,
+)
 from dle_stream.training.d_sequence import EvenQuantiles
 from dle_stream.training.distributed import SINGLE, Ranks
 from dle_stream.training.latent_cache import LatentCache, simulate_latents
@@ -122,6 +129,10 @@ class TrainConfig:
     #: held-out groups of ``group_size`` windows of one D scored at every validation (the
     #: combined part of the score that picks the kept weights)
     val_groups: int = 8
+    #: the head's weights averaged exponentially over about this many predictor steps (decay
+    #: 1 − 1/average_steps); validation, the kept weights and the package use the average
+    #: rather than the last step's weights (0: off, the last step's weights)
+    average_steps: float = 0.0
     #: a family model (:mod:`dle_stream.scan_family`): every cached movie's scan drawn from this
     #: box (``timing`` is then only the card's representative scan); None: one scan, ``timing``
     scan_family: ScanFamily | None = None
@@ -143,6 +154,8 @@ class TrainConfig:
             raise DleStreamError(f"train: --d-draws must be random or even, got {self.d_draws!r}")
         if self.val_groups < 2:
             raise DleStreamError(f"train: --val-groups must be ≥ 2, got {self.val_groups}")
+        if not (self.average_steps == 0 or (self.average_steps >= 2 and math.isfinite(self.average_steps))):
+            raise DleStreamError(f"train: --average-steps must be 0 (off) or ≥ 2, got {self.average_steps}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise DleStreamError(f"train: unknown --device {self.device!r}; use auto, cpu or cuda")
         if self.scan_family is not None and (self.e2e_steps or self.e2e_minutes):
@@ -241,6 +254,13 @@ class Trainer:
         self.opt_head = torch.optim.Adam(self.model.head_parameters(), lr=config.lr)
         self.opt_e2e = torch.optim.Adam(list(self.model.encoder.parameters()) + list(self.model.temporal.parameters())
                                         + list(self.model.mlp.parameters()), lr=config.e2e_lr)
+        #: the head's weights averaged over about ``average_steps`` predictor steps (None: off)
+        self.head_average: torch.optim.swa_utils.AveragedModel | None = None
+        if config.average_steps:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.head_average = AveragedModel(self._head_module(),
+                                              multi_avg_fn=get_ema_multi_avg_fn(1.0 - 1.0 / config.average_steps))
         self.checkpoint_dir = config.out / "checkpoint"
         self._t0 = time.monotonic()
         self._elapsed_before = 0.0
@@ -282,6 +302,10 @@ class Trainer:
                 tensors = optimizer_state(self.checkpoint_dir, name)
                 if tensors and name in state.get("optimizers", {}):
                     load_optimizer(opt, tensors, state["optimizers"][name])
+            if self.head_average is not None:
+                average = average_state(self.checkpoint_dir, "head")
+                if average:  # else the average starts from the resumed weights
+                    self.head_average.load_state_dict(average)
             # a resumed run draws new movies: its own stream
             self.gen.manual_seed(self.ranks.seed(cfg.seed + 7919 * self.state["runs"]))
             self.log(f"resumed {self.checkpoint_dir}: stage {self.state['stage']}, "
@@ -345,10 +369,45 @@ class Trainer:
             return
         self.state["elapsed_s"] = self.elapsed()
         save_checkpoint(self.checkpoint_dir, self.model, self._optimizers(),
-                        {**self.state, "config": _config_json(self.cfg)})
+                        {**self.state, "config": _config_json(self.cfg)},
+                        averages=None if self.head_average is None else {"head": self.head_average.state_dict()})
         if write_package and self.state["head_step"] > 0:
-            self.write_package(validation=self.state.get("validation"))
+            with self._averaged_head() as swapped:
+                if swapped and self.cache is not None:  # BatchNorm statistics of the averaged weights
+                    self.recalibrate_batchnorm(self.cache)
+                self.write_package(validation=self.state.get("validation"))
         self._last_ckpt = time.monotonic()
+
+    def _head_module(self) -> torch.nn.ModuleDict:
+        """The modules the head stage trains, as one module (their parameters in head_parameters' order)."""
+        parts = {"temporal": self.model.temporal, "mlp": self.model.mlp}
+        if self.model.scan_film is not None:
+            parts["scan_film"] = self.model.scan_film
+        return torch.nn.ModuleDict(parts)
+
+    @contextmanager
+    def _averaged_head(self) -> Iterator[bool]:
+        """Inside: the model's head holds the averaged weights (if a run keeps them and has
+        averaged at least one step; yields whether that changed them); after: the weights it
+        is being trained with again."""
+        live = [p.detach().clone() for p in self._head_module().parameters()]
+        if self.head_average is None or int(self.head_average.n_averaged) == 0 or all(
+                torch.equal(p, a) for p, a in zip(live, self.head_average.module.parameters())):
+            yield False
+            return
+        self._load_averaged_head()
+        try:
+            yield True
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self._head_module().parameters(), live):
+                    p.copy_(v)
+
+    def _load_averaged_head(self) -> None:
+        assert self.head_average is not None
+        with torch.no_grad():
+            for p, a in zip(self._head_module().parameters(), self.head_average.module.parameters()):
+                p.copy_(a)
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"ae": self.opt_ae, "head": self.opt_head, "e2e": self.opt_e2e}
@@ -815,6 +874,8 @@ class Trainer:
             loss, l1 = self._nll_step(self.opt_head, self.model.head_parameters(),
                                       out, d, extra, weight=single_weight)
             self.state["head_step"] += 1
+            if self.head_average is not None:
+                self.head_average.update_parameters(self._head_module())
             self._step_done("predictor")
             recent_loss.append(loss)
             recent_l1.append(l1)
@@ -832,6 +893,9 @@ class Trainer:
                 self.checkpoint()
         del forward
         self._end_stage()
+        if self.head_average is not None and int(self.head_average.n_averaged) > 0:
+            self._load_averaged_head()  # the head ends with the averaged weights
+            self.log(f"the head's weights: their average over the last ≈ {self.cfg.average_steps:g} steps")
         if self._best is not None and val is not None:
             score = self._validate_and_keep_best(cache, val, math.nan)
             best_score, best_state, best_step = self._best
@@ -843,7 +907,12 @@ class Trainer:
                 self.log(f"kept the weights of step {best_step} (validation NLL {best_score:.3f} < {score:.3f} now)")
 
     def _validate_and_keep_best(self, cache: LatentCache, val: tuple[torch.Tensor, torch.Tensor], lr: float) -> float:
-        """Validate on the held-out curve movies; remember the best weights. Returns the score."""
+        """Validate on the held-out curve movies; remember the best weights. Returns the score.
+        With a running average of the head's weights, the average is what is validated and kept."""
+        with self._averaged_head():
+            return self._validate_current(cache, val, lr)
+
+    def _validate_current(self, cache: LatentCache, val: tuple[torch.Tensor, torch.Tensor], lr: float) -> float:
         self.recalibrate_batchnorm(cache)
         metrics = self.evaluate(*val)
         score = metrics.get("grid_nll", metrics["nll"])
@@ -961,6 +1030,7 @@ class Trainer:
                 "encoder_from": self.state.get("encoder_from"),
                 "warm_from": self.state.get("warm_from"),
                 "kept_weights_of_step": self.state.get("best_step"),
+                "weights_averaged_over_steps": cfg.average_steps or None,
                 "training_d_prior": (self.cfg.architecture.training_prior.to_dict()
                                      if self.grid_loss is not None else None),
                 "steady_density_share": self.train_priors.box_fraction,

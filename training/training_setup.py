@@ -41,7 +41,8 @@ def implausible(timing: ScanTiming) -> list[str]:
 
 
 #: TrainConfig fields a resumed run takes from its checkpoint unless given on the command line.
-RESUME_KEEPS = ("lr", "batch", "ae_batch", "ae_lr", "e2e_lr", "sim_batch", "checkpoint_minutes", "d_draws", "val_groups")
+RESUME_KEEPS = ("lr", "batch", "ae_batch", "ae_lr", "e2e_lr", "sim_batch", "checkpoint_minutes", "d_draws", "val_groups",
+               "average_steps")
 
 
 def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None, steps: int | None,
@@ -52,7 +53,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
                steady_share: float | None = None, output: str | None = None, lr: float | None = None,
                combine_groups: int | None = None, effects_share: float | None = None,
                family: ScanFamily | None = None, d_draws: str | None = None,
-               val_groups: int | None = None) -> TrainConfig:
+               val_groups: int | None = None, average_steps: float | None = None) -> TrainConfig:
     """``end_to_end``: optional TrainConfig fields e2e_steps, e2e_minutes, e2e_frames, e2e_batch.
 
     ``warm_from``: a model package whose weights start the training (its architecture, with
@@ -63,6 +64,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
     ``combine_groups``: groups of windows of one D in each step's combination loss.
     ``d_draws``: "random" or "even" training D values (:mod:`~dle_stream.training.d_sequence`);
     ``val_groups``: held-out groups of windows of one D scored at each validation.
+    ``average_steps``: average the head's weights exponentially over about this many steps (0: off).
     ``family``: train one model for this box of scans (:mod:`dle_stream.scan_family`), with
     the preset's scan as its representative; it needs ``warm_from`` (its encoder is reused).
     """
@@ -75,6 +77,8 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         overrides["d_draws"] = str(d_draws)
     if val_groups is not None:
         overrides["val_groups"] = int(val_groups)
+    if average_steps is not None:
+        overrides["average_steps"] = float(average_steps)
     if ae_steps is None:  # a short --steps budget should not pretrain for 1500 steps
         ae_steps = min(DEFAULT_AE_STEPS, steps) if steps is not None else DEFAULT_AE_STEPS
     if refresh_movies < 0 or refresh_every < 1:
