@@ -390,11 +390,12 @@ class Trainer:
         """Inside: the model's head holds the averaged weights (if a run keeps them and has
         averaged at least one step; yields whether that changed them); after: the weights it
         is being trained with again."""
-        live = [p.detach().clone() for p in self._head_module().parameters()]
         if self.head_average is None or int(self.head_average.n_averaged) == 0 or all(
-                torch.equal(p, a) for p, a in zip(live, self.head_average.module.parameters())):
+                torch.equal(p, a) for p, a in zip(self._head_module().parameters(),
+                                                  self.head_average.module.parameters())):
             yield False
             return
+        live = [p.detach().clone() for p in self._head_module().parameters()]
         self._load_averaged_head()
         try:
             yield True
