@@ -555,12 +555,16 @@ class DLEModel(nn.Module):
         latents = self.encode(movies.reshape(b * t, *movies.shape[2:])).reshape(b, t, -1)
         return self.head(with_scan_features(latents, scan, self.config))
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """The parameters the head stage trains: temporal ResNet, MLP and (family) scan FiLM."""
-        parts: list[nn.Module] = [self.temporal, self.mlp]
+    def head_modules(self) -> nn.ModuleDict:
+        """The modules the head stage trains, as one module: temporal ResNet, MLP and (family) scan FiLM."""
+        parts: dict[str, nn.Module] = {"temporal": self.temporal, "mlp": self.mlp}
         if self.scan_film is not None:
-            parts.append(self.scan_film)
-        return [p for m in parts for p in m.parameters()]
+            parts["scan_film"] = self.scan_film
+        return nn.ModuleDict(parts)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters the head stage trains (:meth:`head_modules`)."""
+        return list(self.head_modules().parameters())
 
 
 def with_scan_features(latents: Tensor, scan: Tensor | None, config: ModelConfig) -> Tensor:

@@ -162,9 +162,11 @@ def optimizer_state(folder: Path, name: str, state: dict | None = None) -> dict[
     return load_file(str(path)) if path is not None and path.is_file() else {}
 
 
-def average_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of the running weight average ``name`` in the committed checkpoint ({} when it kept none)."""
-    state = json.loads((folder / STATE_FILE).read_text())
+def average_state(folder: Path, name: str, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the running weight average ``name`` in the committed checkpoint ({} when it
+    kept none); ``state`` as for :func:`optimizer_state`."""
+    if state is None:
+        state = json.loads((folder / STATE_FILE).read_text())
     name_file = ((state.get("files") or {}).get("averages") or {}).get(name)
     path = folder / str(name_file) if name_file else None
     return load_file(str(path)) if path is not None and path.is_file() else {}

@@ -259,7 +259,7 @@ class Trainer:
         if config.average_steps:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-            self.head_average = AveragedModel(self._head_module(),
+            self.head_average = AveragedModel(self.model.head_modules(),
                                               multi_avg_fn=get_ema_multi_avg_fn(1.0 - 1.0 / config.average_steps))
         self.checkpoint_dir = config.out / "checkpoint"
         self._t0 = time.monotonic()
@@ -299,11 +299,11 @@ class Trainer:
             self.state["runs"] += 1
             self._elapsed_before = float(state.get("elapsed_s", 0.0))
             for name, opt in self._optimizers().items():
-                tensors = optimizer_state(self.checkpoint_dir, name)
+                tensors = optimizer_state(self.checkpoint_dir, name, state)
                 if tensors and name in state.get("optimizers", {}):
                     load_optimizer(opt, tensors, state["optimizers"][name])
             if self.head_average is not None:
-                average = average_state(self.checkpoint_dir, "head")
+                average = average_state(self.checkpoint_dir, "head", state)
                 if average:  # else the average starts from the resumed weights
                     self.head_average.load_state_dict(average)
             # a resumed run draws new movies: its own stream
@@ -378,36 +378,29 @@ class Trainer:
                 self.write_package(validation=self.state.get("validation"))
         self._last_ckpt = time.monotonic()
 
-    def _head_module(self) -> torch.nn.ModuleDict:
-        """The modules the head stage trains, as one module (their parameters in head_parameters' order)."""
-        parts = {"temporal": self.model.temporal, "mlp": self.model.mlp}
-        if self.model.scan_film is not None:
-            parts["scan_film"] = self.model.scan_film
-        return torch.nn.ModuleDict(parts)
-
     @contextmanager
     def _averaged_head(self) -> Iterator[bool]:
         """Inside: the model's head holds the averaged weights (if a run keeps them and has
         averaged at least one step; yields whether that changed them); after: the weights it
         is being trained with again."""
         if self.head_average is None or int(self.head_average.n_averaged) == 0 or all(
-                torch.equal(p, a) for p, a in zip(self._head_module().parameters(),
+                torch.equal(p, a) for p, a in zip(self.model.head_modules().parameters(),
                                                   self.head_average.module.parameters())):
             yield False
             return
-        live = [p.detach().clone() for p in self._head_module().parameters()]
+        live = [p.detach().clone() for p in self.model.head_modules().parameters()]
         self._load_averaged_head()
         try:
             yield True
         finally:
             with torch.no_grad():
-                for p, v in zip(self._head_module().parameters(), live):
+                for p, v in zip(self.model.head_modules().parameters(), live):
                     p.copy_(v)
 
     def _load_averaged_head(self) -> None:
         assert self.head_average is not None
         with torch.no_grad():
-            for p, a in zip(self._head_module().parameters(), self.head_average.module.parameters()):
+            for p, a in zip(self.model.head_modules().parameters(), self.head_average.module.parameters()):
                 p.copy_(a)
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -876,7 +869,7 @@ class Trainer:
                                       out, d, extra, weight=single_weight)
             self.state["head_step"] += 1
             if self.head_average is not None:
-                self.head_average.update_parameters(self._head_module())
+                self.head_average.update_parameters(self.model.head_modules())
             self._step_done("predictor")
             recent_loss.append(loss)
             recent_l1.append(l1)
