@@ -552,6 +552,7 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dle_stream.evaluation.bench import markdown_table, run_suite, write_results
+    from dle_stream.evaluation.bench_files import SUITE_FILES, check_replaceable
 
     names = [e.strip() for e in estimators.split(",") if e.strip()]
     _check_out_folder(out, "--out")
@@ -561,6 +562,7 @@ def bench(
     if suite == "combine":
         _bench_combine(model, n if n != 1000 else 100, out, density)
         return
+    check_replaceable(out, SUITE_FILES)  # before the suite runs, not after
     with Progress(TextColumn(f"bench {suite}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True) as prog:
         task = prog.add_task("bench", total=n)
@@ -575,8 +577,11 @@ def _bench_combine(model: str | None, n: int, out: Path, density: str = "cloud")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dle_stream.evaluation.bench_combine import BEYOND, INSIDE, KS, markdown, run_combine, write
+    from dle_stream.evaluation.bench_files import COMBINE_FILES, check_replaceable
 
     models = [model] if model else ["brain-qd-low", "beads-high"]
+    for name in models:  # every output folder checked before the first (long) run
+        check_replaceable(out / Path(name).name if len(models) > 1 else out, COMBINE_FILES)
     for name in models:
         total = n * max(KS) * len(INSIDE + BEYOND)
         with Progress(TextColumn(f"combine {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

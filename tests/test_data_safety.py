@@ -448,3 +448,75 @@ def test_recording_check_benchmark_replaces_only_its_own_reports(tmp_path):
     bench.report(own, "Command: `python benchmarks/recording_check.py --suite low`\nsecond\n", {"a": [float("nan")]})
     assert own.read_text().endswith("second\n")
     assert json.loads((tmp_path / "check.json").read_text()) == {"a": [None]}
+
+
+# ------------------------------------------------ bench --out: only its own files replaced
+BENCH = ["bench", "--suite", "low", "--n", "6", "--estimators", "oracle", "--seed", "5"]
+
+
+@pytest.mark.parametrize("name", ["results.json", "table.md", "z_distribution.png"])
+def test_bench_never_overwrites_a_file_it_did_not_write(tmp_path, name):
+    """A user's file in --out that bears one of the bench's names is refused before the suite
+    runs (the old bench wrote over it after its run)."""
+    mine = tmp_path / name
+    mine.write_bytes(b"my own results")
+    text = one_line_error(runner.invoke(app, [*BENCH, "--out", str(tmp_path)]), "--out", name, "did not write")
+    assert "choose another --out folder" in text
+    assert mine.read_bytes() == b"my own results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_bench_combine_refuses_a_foreign_combine_json_before_running(tmp_path, monkeypatch):
+    import dle_stream.evaluation.bench_combine as bench_combine
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the combine suite ran although its output could not be written")
+
+    monkeypatch.setattr(bench_combine, "run_combine", must_not_run)
+    mine = tmp_path / "beads-high" / "combine.json"
+    mine.parent.mkdir()
+    mine.write_text('{"mine": true}')
+    one_line_error(runner.invoke(app, ["bench", "--suite", "combine", "--out", str(tmp_path)]),
+                   "--out", "combine.json", "did not write")
+    assert mine.read_text() == '{"mine": true}'
+
+
+def test_bench_replaces_its_own_earlier_results(tmp_path):
+    first = runner.invoke(app, [*BENCH, "--out", str(tmp_path)])
+    assert first.exit_code == 0, first.output
+    before = json.loads((tmp_path / "results.json").read_text())
+    again = runner.invoke(app, [*BENCH[:-1], "6", "--out", str(tmp_path)])
+    assert again.exit_code == 0, again.output
+    after = json.loads((tmp_path / "results.json").read_text())
+    assert (before["seed"], after["seed"]) == (5, 6)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_bench_cut_short_while_writing_leaves_whole_files(tmp_path, monkeypatch):
+    """A plot that fails half-way (disk full, a kill) leaves the earlier plot whole and no
+    partial file; the failure is one line naming --out."""
+    from matplotlib.figure import Figure
+
+    first = runner.invoke(app, [*BENCH, "--out", str(tmp_path)])
+    assert first.exit_code == 0, first.output
+    old = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+    assert len(old) == 3
+
+    def half_written(self, fname, *args, **kwargs):
+        with open(fname, "wb") as fh:
+            fh.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    one_line_error(runner.invoke(app, [*BENCH, "--out", str(tmp_path)]), "--out", "No space left on device")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.png")} == old
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bench_of_fewer_movies_than_its_rolling_mean(tmp_path):
+    """Two movies: the error plot's rolling mean (5 movies) is left out instead of crashing
+    (np.convolve swapped its arguments and the plot got arrays of different lengths)."""
+    done = runner.invoke(app, ["bench", "--suite", "low", "--n", "2", "--estimators", "oracle", "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "results.json").read_text())["n"] == 2
+    assert (tmp_path / "error_vs_transitions.png").stat().st_size > 1000

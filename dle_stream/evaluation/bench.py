@@ -27,6 +27,7 @@ import torch
 
 from dle_stream import __version__
 from dle_stream.errors import ParameterError, arg
+from dle_stream.evaluation.bench_files import SUITE_FILES, check_replaceable, save_figure, write_text
 from dle_stream.evaluation.metrics import json_safe, prior_baseline, summarize
 
 ALL_ESTIMATORS = ("dle", "classic", "rics", "oracle")
@@ -232,8 +233,9 @@ def plots(res: SuiteResult, out: Path) -> list[Path]:
         d, s, _ = _filled(res, name)
         err = np.abs(d - res.d_true)[order]
         ax.scatter(x, err, s=4, alpha=0.25, color=colours.get(name))
-        roll = np.convolve(err, np.ones(win) / win, mode="valid")
-        ax.plot(x[win // 2: win // 2 + roll.size], roll, color=colours.get(name), label=f"{name} (rolling mean)")
+        if err.size >= win:  # a rolling mean needs ``win`` movies (np.convolve would swap its arguments)
+            roll = np.convolve(err, np.ones(win) / win, mode="valid")
+            ax.plot(x[win // 2: win // 2 + roll.size], roll, color=colours.get(name), label=f"{name} (rolling mean)")
         best = np.argsort(s)[: res.n // 2]
         mask = np.zeros(res.n, bool)
         mask[best] = True
@@ -246,11 +248,10 @@ def plots(res: SuiteResult, out: Path) -> list[Path]:
     ax.set_xlabel("visible particle transitions")
     ax.set_ylabel("|D̂ − D| (µm²/s)")
     ax.set_title(f"{res.suite} suite: error vs information (dashed: best half by σ̂)")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
-    paths.append(out / "error_vs_transitions.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out, "error_vs_transitions.png"))
     # D̂ against D
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
     lim = float(res.d_true.max()) * 1.05
@@ -264,9 +265,7 @@ def plots(res: SuiteResult, out: Path) -> list[Path]:
         ax.set_xlabel("true D (µm²/s)")
         ax.set_ylabel("D̂ (µm²/s)")
     fig.tight_layout()
-    paths.append(out / "estimate_vs_truth.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out, "estimate_vs_truth.png"))
     # z distribution
     fig, ax = plt.subplots(figsize=(6, 4))
     grid = np.linspace(-5, 5, 201)
@@ -278,13 +277,21 @@ def plots(res: SuiteResult, out: Path) -> list[Path]:
     ax.set_xlabel("z = (D̂ − D) / σ̂")
     ax.legend()
     fig.tight_layout()
-    paths.append(out / "z_distribution.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out, "z_distribution.png"))
     return paths
 
 
+def _save(plt: Any, fig: Any, out: Path, name: str) -> Path:
+    try:
+        return save_figure(fig, out, name)
+    finally:
+        plt.close(fig)
+
+
 def write_results(res: SuiteResult, out: Path, command: str) -> dict:
+    """Write results.json, table.md and the plots into ``out`` (:data:`SUITE_FILES`; an
+    earlier bench's are replaced, anyone else's refused); returns the metrics."""
+    check_replaceable(out, SUITE_FILES)
     out.mkdir(parents=True, exist_ok=True)
     m = metrics(res)
     doc = {
@@ -298,7 +305,7 @@ def write_results(res: SuiteResult, out: Path, command: str) -> dict:
                    **{f"{k}_d": v[0].tolist() for k, v in res.estimates.items()},
                    **{f"{k}_sigma": v[1].tolist() for k, v in res.estimates.items()}},
     }
-    (out / "results.json").write_text(json.dumps(json_safe(doc)))
-    (out / "table.md").write_text(markdown_table(res, m))
+    write_text(out, "results.json", json.dumps(json_safe(doc)))
+    write_text(out, "table.md", markdown_table(res, m))
     plots(res, out)
     return m

@@ -26,6 +26,7 @@ import torch
 from dle_stream import __version__
 from dle_stream.combine import DISAGREE_P, disagreement_p
 from dle_stream.errors import ParameterError, arg
+from dle_stream.evaluation.bench_files import COMBINE_FILES, check_replaceable, save_figure, write_text
 from dle_stream.evaluation.metrics import json_safe
 from dle_stream.likelihood import combine, posterior
 
@@ -139,9 +140,12 @@ def _summary(cells: list[dict], ks: list[int]) -> str:
 
 
 def write(doc: dict, out: Path) -> None:
+    """Write combine.json, combine.md and combine.png into ``out`` (:data:`COMBINE_FILES`;
+    an earlier bench's are replaced, anyone else's refused)."""
+    check_replaceable(out, COMBINE_FILES)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "combine.json").write_text(json.dumps(json_safe(doc), indent=1))
-    (out / "combine.md").write_text(markdown(doc))
+    write_text(out, "combine.json", json.dumps(json_safe(doc), indent=1))
+    write_text(out, "combine.md", markdown(doc))
     try:
         import matplotlib
 
@@ -166,5 +170,7 @@ def write(doc: dict, out: Path) -> None:
         ax.legend()
     fig.suptitle(f"{doc['model']}: combined estimates of K independent windows")
     fig.tight_layout()
-    fig.savefig(out / "combine.png", dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, out, "combine.png")
+    finally:
+        plt.close(fig)
