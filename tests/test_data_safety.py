@@ -520,3 +520,42 @@ def test_bench_of_fewer_movies_than_its_rolling_mean(tmp_path):
     assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "results.json").read_text())["n"] == 2
     assert (tmp_path / "error_vs_transitions.png").stat().st_size > 1000
+
+
+# ------------------------------------- train --out: a trained model is never replaced
+@pytest.mark.parametrize("held", ["package", "checkpoint only"])
+def test_a_new_training_run_never_replaces_a_trained_model(tmp_path, small_model, held):
+    """`train --out FOLDER` without --resume into a folder holding a package (or a run's
+    checkpoint) used to write a new model over it: hours of training lost to a forgotten flag."""
+    import shutil
+
+    out = tmp_path / "my-scope"
+    shutil.copytree(small_model, out)
+    if held == "checkpoint only":
+        for name in ("card.json", "weights.safetensors"):
+            (out / name).unlink()
+        (out / "checkpoint").mkdir(exist_ok=True)
+        (out / "checkpoint" / "state.json").write_text("{}")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    text = one_line_error(runner.invoke(app, ["train", "--preset", "low", "--steps", "1", "--ae-steps", "1",
+                                              "--cache-movies", "8", "--val-movies", "8", "--out", str(out)]),
+                          "--out", "my-scope", "--resume")
+    assert "never replaced" in text
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_new_training_run_may_use_a_folder_without_a_run_in_it(tmp_path, monkeypatch):
+    """An existing folder holding other files (notes, recordings) is fine: the run's names are free."""
+    import dle_stream.training.trainer as trainer
+
+    class Stop(Exception):
+        pass
+
+    def fake(cfg, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(trainer, "train", fake)
+    (tmp_path / "notes.txt").write_text("scope settings")
+    result = runner.invoke(app, ["train", "--preset", "low", "--steps", "1", "--out", str(tmp_path)])
+    assert isinstance(result.exception, Stop), result.output
+    assert (tmp_path / "notes.txt").read_text() == "scope settings"

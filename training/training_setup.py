@@ -40,6 +40,21 @@ def implausible(timing: ScanTiming) -> list[str]:
     return out
 
 
+#: What a training run writes into its --out folder: a new run (no --resume) starts only
+#: where none of them is, so that a forgotten flag never writes over hours of training.
+RUN_FILES = ("card.json", "weights.safetensors", "checkpoint", "training_curve.csv", "recording_check.json")
+
+
+def check_new_run_folder(out: Path) -> None:
+    """One-line refusal if ``out`` already holds a model package or a run (see :data:`RUN_FILES`)."""
+    held = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if not held:
+        return
+    what = "a model package" if "card.json" in held else "a training run's files"
+    raise DleStreamError(f"--out {out}: it already holds {what} ({held[0]}); continue that run with --resume, "
+                         f"or give a new --out folder (a trained model is never replaced)")
+
+
 #: TrainConfig fields a resumed run takes from its checkpoint unless given on the command line.
 RESUME_KEEPS = ("lr", "batch", "ae_batch", "ae_lr", "e2e_lr", "sim_batch", "checkpoint_minutes", "d_draws", "val_groups",
                "average_steps")
@@ -106,6 +121,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
                **overrides},
             **e2e,
         )
+    check_new_run_folder(out)
     p = get_preset(preset)
     priors = p.priors
     if steady_share is not None:
