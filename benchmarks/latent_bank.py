@@ -16,6 +16,10 @@ calibration_windows.py fit take them unchanged.
 
     python benchmarks/latent_bank.py make MODEL BANK combine|suite|tiles|cloud [--n 100]
     python benchmarks/latent_bank.py raw BANK PACKAGE OUT_DIR
+
+``tiles`` (84 min on one core) can be made on several cores: ``make ... tiles --shard I/N``
+for I = 1..N at once (each cell's tiles split N ways, shard I simulated with seed + I, so
+the windows are as valid as calibrate's but not the same ones), then ``merge-tiles BANK N``.
 """
 
 from __future__ import annotations
@@ -59,14 +63,14 @@ class LatentRecorder(DiffusionEstimator):
         return np.zeros((b, self.grid.n), dtype=np.float32), self.timing_check(timing).time_scale
 
 
-def make(model_dir: str, bank: Path, part: str, n: int) -> None:
+def make(model_dir: str, bank: Path, part: str, n: int, shard: tuple[int, int] | None = None) -> None:
     from dle_stream.evaluation.bench_combine import BEYOND, INSIDE
     from dle_stream.training import calibration as cal
     from dle_stream.training.priors import get_preset
     from dle_stream.training.simulator import Simulator
 
-    out = bank / f"{part}.npy"
-    if out.exists():
+    out = bank / (f"{part}.npy" if shard is None else f"{part}-shard{shard[0]}of{shard[1]}.npy")
+    if out.exists() or (bank / f"{part}.npy").exists():
         raise SystemExit(f"{out}: exists; choose another bank")
     bank.mkdir(parents=True, exist_ok=True)
     model, card = load_model_package(model_dir)
@@ -98,7 +102,10 @@ def make(model_dir: str, bank: Path, part: str, n: int) -> None:
     else:
         fr = cal.INSIDE_FRACTIONS + cal.BEYOND_FRACTIONS
         if part == "tiles":
-            ll = cal.simulate_tile_cells(est, fr, 512 // cal.TILE_WINDOWS, cal.TILE_WINDOWS, seed=cal.CALIBRATION_SEED)
+            tiles, seed = 512 // cal.TILE_WINDOWS, cal.CALIBRATION_SEED
+            if shard is not None:
+                tiles, seed = tiles // shard[1], seed + shard[0]
+            ll = cal.simulate_tile_cells(est, fr, tiles, cal.TILE_WINDOWS, seed=seed)
             # kept per (cell, batch of tiles, window): [b, T, L] each → [cells, tiles, windows, T, L]
             per = np.stack(est.kept).reshape(len(fr), -1, cal.TILE_WINDOWS, *est.kept[0].shape)
             lat = np.moveaxis(per, 2, 3).reshape(len(fr), -1, cal.TILE_WINDOWS, *est.kept[0].shape[1:])
@@ -107,11 +114,28 @@ def make(model_dir: str, bank: Path, part: str, n: int) -> None:
             ll = cal.simulate_cells(est, fr, 512, seed=cal.CALIBRATION_SEED + 1)
             lat = np.concatenate(est.kept).reshape(*ll.shape[:2], *est.kept[0].shape[1:])
         meta.update(fractions=list(fr))
-    tmp = bank / f"{part}.part.npy"
+    tmp = bank / f"{out.stem}.part.npy"
     np.save(tmp, lat)
     tmp.rename(out)
-    (bank / f"{part}.json").write_text(json.dumps(meta, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({**meta, "shard": shard}, indent=1))
     print(out, lat.shape, f"{time.time() - t0:.0f} s")
+
+
+def merge_tiles(bank: Path, n_shards: int) -> None:
+    """tiles.npy from ``tiles-shard{I}of{N}.npy`` (their tiles side by side, per cell)."""
+    parts = [bank / f"tiles-shard{i}of{n_shards}.npy" for i in range(1, n_shards + 1)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing or (bank / "tiles.npy").exists():
+        raise SystemExit(f"{bank}: missing {missing} or tiles.npy exists")
+    lat = np.concatenate([np.load(p, mmap_mode="r") for p in parts], axis=1)
+    meta = json.loads(parts[0].with_suffix(".json").read_text())
+    tmp = bank / "tiles.part.npy"
+    np.save(tmp, lat)
+    tmp.rename(bank / "tiles.npy")
+    (bank / "tiles.json").write_text(json.dumps({**meta, "shard": None, "merged_shards": n_shards}, indent=1))
+    for p in parts:
+        p.unlink()
+    print(bank / "tiles.npy", lat.shape)
 
 
 def raw(bank: Path, package: str, out_dir: Path) -> None:
@@ -156,6 +180,10 @@ def main() -> None:
     mk.add_argument("bank", type=Path)
     mk.add_argument("part", choices=PARTS)
     mk.add_argument("--n", type=int, default=100, help="combine: groups of 16 per cell")
+    mk.add_argument("--shard", default=None, help="tiles only: I/N, this process's share of N")
+    mg = sub.add_parser("merge-tiles")
+    mg.add_argument("bank", type=Path)
+    mg.add_argument("n_shards", type=int)
     rw = sub.add_parser("raw")
     rw.add_argument("bank", type=Path)
     rw.add_argument("package")
@@ -163,7 +191,12 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.cmd == "make":
-        make(a.model, a.bank, a.part, a.n)
+        shard = tuple(int(v) for v in a.shard.split("/")) if a.shard else None
+        if shard is not None and (a.part != "tiles" or len(shard) != 2 or not 1 <= shard[0] <= shard[1]):
+            raise SystemExit(f"--shard {a.shard}: I/N with 1 ≤ I ≤ N, tiles only")
+        make(a.model, a.bank, a.part, a.n, shard)  # type: ignore[arg-type]
+    elif a.cmd == "merge-tiles":
+        merge_tiles(a.bank, a.n_shards)
     else:
         raw(a.bank, a.package, a.out_dir)
 

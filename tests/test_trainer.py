@@ -35,7 +35,9 @@ def easy_config(out, **kw):
 def trained(tmp_path_factory):
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("easy")
-    train(easy_config(out), log=lambda *a: None)
+    # 300 head steps: after 150, held-out L1 / prior-mean L1 was 0.75–0.81 by seed and machine
+    # (this test's threshold 0.8 in between); after 300, 0.59–0.68 (seeds 0, 1; one thread)
+    train(easy_config(out, steps=300), log=lambda *a: None)
     return out
 
 
@@ -45,7 +47,7 @@ def test_a_short_training_beats_guessing_the_prior_mean(trained):
     assert v["n_movies"] == 96
     # on held-out movies (their own seed), clearly better than the prior-mean guess
     assert v["dle"]["l1"] < 0.8 * v["prior_baseline"]["l1"], v
-    assert card["training"]["predictor_steps"] == 150 and card["training"]["autoencoder_steps"] == 40
+    assert card["training"]["predictor_steps"] == 300 and card["training"]["autoencoder_steps"] == 40
     assert (trained / "training_curve.csv").read_text().count("\n") > 3
 
 
