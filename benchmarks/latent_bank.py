@@ -191,10 +191,13 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.cmd == "make":
-        shard = tuple(int(v) for v in a.shard.split("/")) if a.shard else None
-        if shard is not None and (a.part != "tiles" or len(shard) != 2 or not 1 <= shard[0] <= shard[1]):
-            raise SystemExit(f"--shard {a.shard}: I/N with 1 ≤ I ≤ N, tiles only")
-        make(a.model, a.bank, a.part, a.n, shard)  # type: ignore[arg-type]
+        shard = None
+        if a.shard:
+            i, _, n_shards = a.shard.partition("/")
+            if a.part != "tiles" or not (i.isdigit() and n_shards.isdigit() and 1 <= int(i) <= int(n_shards)):
+                raise SystemExit(f"--shard {a.shard}: I/N with 1 ≤ I ≤ N, tiles only")
+            shard = (int(i), int(n_shards))
+        make(a.model, a.bank, a.part, a.n, shard)
     elif a.cmd == "merge-tiles":
         merge_tiles(a.bank, a.n_shards)
     else:

@@ -580,15 +580,15 @@ def _bench_combine(model: str | None, n: int, out: Path, density: str = "cloud")
     from dle_stream.evaluation.bench_files import COMBINE_FILES, check_replaceable
 
     models = [model] if model else ["brain-qd-low", "beads-high"]
-    for name in models:  # every output folder checked before the first (long) run
-        check_replaceable(out / Path(name).name if len(models) > 1 else out, COMBINE_FILES)
-    for name in models:
+    folders = {name: out / Path(name).name if len(models) > 1 else out for name in models}
+    for folder in folders.values():  # every output folder checked before the first (long) run
+        check_replaceable(folder, COMBINE_FILES)
+    for name, folder in folders.items():
         total = n * max(KS) * len(INSIDE + BEYOND)
         with Progress(TextColumn(f"combine {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err_console, transient=True) as prog:
             task = prog.add_task("combine", total=total)
             doc = run_combine(name, n=n, progress=functools.partial(prog.advance, task), density=density)
-        folder = out / Path(name).name if len(models) > 1 else out
         write(doc, folder)
         console.print(markdown(doc), highlight=False, soft_wrap=True, markup=False)
         console.print(f"wrote {folder}/combine.json, combine.md and combine.png", markup=False)

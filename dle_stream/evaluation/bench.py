@@ -251,7 +251,7 @@ def plots(res: SuiteResult, out: Path) -> list[Path]:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    paths.append(_save(plt, fig, out, "error_vs_transitions.png"))
+    paths.append(save_figure(fig, out, "error_vs_transitions.png"))
     # D̂ against D
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
     lim = float(res.d_true.max()) * 1.05
@@ -265,7 +265,7 @@ def plots(res: SuiteResult, out: Path) -> list[Path]:
         ax.set_xlabel("true D (µm²/s)")
         ax.set_ylabel("D̂ (µm²/s)")
     fig.tight_layout()
-    paths.append(_save(plt, fig, out, "estimate_vs_truth.png"))
+    paths.append(save_figure(fig, out, "estimate_vs_truth.png"))
     # z distribution
     fig, ax = plt.subplots(figsize=(6, 4))
     grid = np.linspace(-5, 5, 201)
@@ -277,15 +277,8 @@ def plots(res: SuiteResult, out: Path) -> list[Path]:
     ax.set_xlabel("z = (D̂ − D) / σ̂")
     ax.legend()
     fig.tight_layout()
-    paths.append(_save(plt, fig, out, "z_distribution.png"))
+    paths.append(save_figure(fig, out, "z_distribution.png"))
     return paths
-
-
-def _save(plt: Any, fig: Any, out: Path, name: str) -> Path:
-    try:
-        return save_figure(fig, out, name)
-    finally:
-        plt.close(fig)
 
 
 def write_results(res: SuiteResult, out: Path, command: str) -> dict:

@@ -170,7 +170,4 @@ def write(doc: dict, out: Path) -> None:
         ax.legend()
     fig.suptitle(f"{doc['model']}: combined estimates of K independent windows")
     fig.tight_layout()
-    try:
-        save_figure(fig, out, "combine.png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, out, "combine.png")

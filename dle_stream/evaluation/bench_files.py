@@ -63,6 +63,12 @@ def write_text(folder: Path, name: str, text: str) -> None:
 
 
 def save_figure(fig: Any, folder: Path, name: str, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG ``folder/name``, whole or not at all; returns the path."""
-    _writing(folder, name, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    """Save a matplotlib figure as PNG ``folder/name``, whole or not at all, and close it
+    (saved or not); returns the path."""
+    import matplotlib.pyplot as plt
+
+    try:
+        _writing(folder, name, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
     return folder / name
