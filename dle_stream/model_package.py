@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -41,6 +42,9 @@ SCHEMA_VERSION = 1
 #: Card fields added after schema 1 was written: a card without them is read with their default.
 OPTIONAL_CARD_FIELDS = ("scan_family",)
 WEIGHTS_FILE = "weights.safetensors"
+#: The weights the card names while a save replaces them (a hard link, or a copy); removed
+#: once the new card is in place, so it is present only after a save that did not finish.
+PREVIOUS_WEIGHTS_FILE = ".weights.previous.safetensors"
 CARD_FILE = "card.json"
 #: Environment variable with extra model folders (``os.pathsep``-separated).
 MODELS_ENV = "DLE_STREAM_MODELS"
@@ -256,6 +260,11 @@ def load_model_package(folder: str | Path, device: str | torch.device = "cpu") -
     if not weights.is_file():
         raise DleStreamError(f"{weights}: missing; the package is incomplete: copy it again or retrain the model")
     digest = _sha256(weights)
+    previous = folder / PREVIOUS_WEIGHTS_FILE
+    if digest != card.weights_sha256 and previous.is_file() and _sha256(previous) == card.weights_sha256:
+        # a save stopped between its new weights and its new card: the card's own weights
+        # are the ones kept beside them, and the package as it was before that save loads
+        weights, digest = previous, card.weights_sha256
     if digest != card.weights_sha256:
         raise DleStreamError(
             f"{weights}: sha256 {digest[:12]}… does not match the card's weights_sha256 "
@@ -294,9 +303,11 @@ def save_model_package(folder: str | Path, model: DLEModel, card: ModelCard) -> 
 
     The card is written with ``weights_sha256`` of the new weights file, the
     architecture of ``model`` and the current ``schema_version``. Both files go through
-    temporary files and renames: a crash leaves the old package, or new weights with
-    the old card, which :func:`load_model_package` refuses (sha256 mismatch) — never a
-    half-written file. Other files in the folder (checkpoints, curves) are left alone.
+    temporary files and renames, and the weights being replaced are kept (a hard link,
+    :data:`PREVIOUS_WEIGHTS_FILE`) until the new card is in place: a crash or kill at any
+    point leaves a package that loads whole, the old one or the new one, never a
+    half-written file nor new weights under the old card. Other files in the folder
+    (checkpoints, curves) are left alone.
 
     Returns the folder.
     """
@@ -312,11 +323,40 @@ def save_model_package(folder: str | Path, model: DLEModel, card: ModelCard) -> 
         save_file(state, str(tmp), metadata={"format": "pt", "dle_stream_card_schema": str(SCHEMA_VERSION)})
         digest.append(_sha256(tmp))
 
+    previous = folder / PREVIOUS_WEIGHTS_FILE
+    named = _weights_the_card_names(folder)
+    if named != previous:  # (it is `previous` after a save that did not finish: kept as it is)
+        previous.unlink(missing_ok=True)
+        if named is not None:
+            _keep_beside(named, previous)
     write_atomic(weights, write_weights)
     card = replace(card, weights_sha256=digest[0])
     text = card.to_json()
     write_atomic(folder / CARD_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    previous.unlink(missing_ok=True)
     return folder
+
+
+def _weights_the_card_names(folder: Path) -> Path | None:
+    """The file in ``folder`` whose sha256 the card holds (the weights, or the ones kept by a
+    save that did not finish); None without a readable card or matching file."""
+    try:
+        wanted = json.loads((folder / CARD_FILE).read_text(encoding="utf-8")).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    for name in (WEIGHTS_FILE, PREVIOUS_WEIGHTS_FILE):
+        if wanted and (folder / name).is_file() and _sha256(folder / name) == wanted:
+            return folder / name
+    return None
+
+
+def _keep_beside(weights: Path, previous: Path) -> None:
+    """``previous`` becomes the same file as ``weights`` (a hard link; a copy where the file
+    system has none), whole on disk before the weights are replaced."""
+    try:
+        os.link(weights, previous)
+    except OSError:
+        write_atomic(previous, lambda tmp: shutil.copyfile(weights, tmp))
 
 
 # ------------------------------------------------------------------ finding

@@ -149,6 +149,43 @@ def test_round_trip_identical_outputs(tmp_path: Path):
     assert sorted(p.name for p in folder.iterdir()) == [CARD_FILE, WEIGHTS_FILE]  # no temp files left
 
 
+def test_a_save_killed_between_its_two_files_leaves_the_old_package_loadable(tmp_path: Path, monkeypatch):
+    """Weights and card are two files; a kill after the new weights land but before the new
+    card does must leave a package that loads as the old one, not one refused for a sha256
+    mismatch (the training's best weights so far, lost)."""
+    import dle_stream.model_package as package_module
+
+    folder = save_model_package(tmp_path / "pkg", make_model(seed=1), make_card())
+    old_model, old_card = load_model_package(folder)
+    x = torch.from_numpy(movie(40, batch=2))
+    with torch.inference_mode():
+        old_output = old_model(x)
+    real_write = package_module.write_atomic
+
+    def killed_before_the_card(path, write):
+        if Path(path).name == CARD_FILE:
+            raise KeyboardInterrupt  # stands for a kill: no clean-up of the save's own runs after this
+        real_write(path, write)
+
+    monkeypatch.setattr(package_module, "write_atomic", killed_before_the_card)
+    for seed in (2, 3):  # killed twice in a row: the second save starts from the first one's leftovers
+        with pytest.raises(KeyboardInterrupt):
+            save_model_package(folder, make_model(seed=seed), make_card())
+    monkeypatch.undo()
+
+    loaded, card = load_model_package(folder)
+    assert card.weights_sha256 == old_card.weights_sha256
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), old_output)
+    # the next save completes, and the folder holds the package's two files only
+    save_model_package(folder, make_model(seed=2), make_card())
+    new_model, new_card = load_model_package(folder)
+    assert new_card.weights_sha256 != old_card.weights_sha256
+    with torch.inference_mode():
+        assert not torch.equal(new_model(x), old_output)
+    assert sorted(p.name for p in folder.iterdir()) == [CARD_FILE, WEIGHTS_FILE]
+
+
 def test_package_files_are_readable_like_any_other_file(tmp_path: Path):
     import os
     import stat
