@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -543,6 +544,25 @@ def test_a_new_training_run_never_replaces_a_trained_model(tmp_path, small_model
     assert "never replaced" in text
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
+
+def test_the_training_api_never_replaces_a_trained_model_either(tmp_path, small_model):
+    """`train(config)` (what scripts and notebooks call) wrote over a package just as the CLI
+    did: the refusal was the CLI's alone."""
+    import shutil
+
+    from dle_stream.training.trainer import train
+    from dle_stream.training.training_setup import config_for
+
+    fresh = tmp_path / "fresh"
+    config = config_for(out=fresh, preset="low", like=None, d_max=None, steps=1, minutes=None, device="cpu",
+                        seed=0, resume=False, encoder_from=None, ae_steps=1, cache_movies=8, val_movies=8,
+                        name=None, flags={}, timing_file=None)
+    out = tmp_path / "my-scope"
+    shutil.copytree(small_model, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(DleStreamError, match="never replaced"):
+        train(replace(config, out=out), log=lambda *a, **k: None)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 def test_a_new_training_run_may_use_a_folder_without_a_run_in_it(tmp_path, monkeypatch):
     """An existing folder holding other files (notes, recordings) is fine: the run's names are free."""

@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from dle_stream.errors import DleStreamError
 from dle_stream.files import write_atomic
+from dle_stream.model_package import CARD_FILE, WEIGHTS_FILE
+from dle_stream.recording_check import REFERENCE_FILE
 
 STATE_VERSION = 2
 #: versions this code loads (1: tensor files without a generation, overwritten in place)
@@ -39,6 +41,23 @@ STATE_FILE = "state.json"
 _OWN_FILE = re.compile(r"^(model|optimizer-[A-Za-z0-9_]+|average-[A-Za-z0-9_]+)(-\d+)?\.safetensors(\.tmp)?$"
                        r"|^\.((model|optimizer-[A-Za-z0-9_]+|average-[A-Za-z0-9_]+)(-\d+)?\.safetensors|state\.json)\..+\.tmp$"
                        r"|^state\.json\.tmp$")
+
+
+#: What a training run writes into its --out folder: a new run (no --resume) starts only
+#: where none of them is, so that a forgotten flag never writes over hours of training.
+RUN_FILES = (CARD_FILE, WEIGHTS_FILE, "checkpoint", "training_curve.csv", REFERENCE_FILE)
+
+
+def check_new_run_folder(out: Path) -> None:
+    """One-line refusal if ``out`` already holds a model package or a run (see :data:`RUN_FILES`):
+    a new run (not resumed) starts only in a folder without them, whoever starts it (the CLI,
+    :func:`~dle_stream.training.trainer.train`)."""
+    held = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if not held:
+        return
+    what = "a model package" if CARD_FILE in held else "a training run's files"
+    raise DleStreamError(f"--out {out}: it already holds {what} ({held[0]}); continue that run with --resume, "
+                         f"or give a new --out folder (a trained model is never replaced)")
 
 
 def _atomic_write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

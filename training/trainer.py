@@ -53,6 +53,7 @@ from dle_stream.timing import ScanTiming
 from dle_stream.training.augment import random_raster_augment
 from dle_stream.training.checkpoint import (
     average_state,
+    check_new_run_folder,
     load_checkpoint,
     load_optimizer,
     optimizer_state,
@@ -927,6 +928,8 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
         cfg = self.cfg
+        if not cfg.resume:  # a new run never writes over a package or another run's files
+            check_new_run_folder(cfg.out)
         cfg.out.mkdir(parents=True, exist_ok=True)
         self.load()
         try:

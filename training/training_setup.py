@@ -14,10 +14,9 @@ from typing import Any
 
 from dle_stream.errors import DleStreamError
 from dle_stream.model import ModelConfig
-from dle_stream.model_package import CARD_FILE, WEIGHTS_FILE
-from dle_stream.recording_check import REFERENCE_FILE
 from dle_stream.scan_family import SCAN_FEATURES, ScanFamily
 from dle_stream.timing import ScanTiming
+from dle_stream.training.checkpoint import check_new_run_folder
 from dle_stream.training.priors import SimulatorPriors, get_preset
 from dle_stream.training.trainer import TrainConfig
 
@@ -40,21 +39,6 @@ def implausible(timing: ScanTiming) -> list[str]:
             out.append(f"{name.removesuffix('_um').removesuffix('_us').replace('_', ' ')} {value:g} {unit} "
                        f"outside {lo:g}–{hi:g} {unit}")
     return out
-
-
-#: What a training run writes into its --out folder: a new run (no --resume) starts only
-#: where none of them is, so that a forgotten flag never writes over hours of training.
-RUN_FILES = (CARD_FILE, WEIGHTS_FILE, "checkpoint", "training_curve.csv", REFERENCE_FILE)
-
-
-def check_new_run_folder(out: Path) -> None:
-    """One-line refusal if ``out`` already holds a model package or a run (see :data:`RUN_FILES`)."""
-    held = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-    if not held:
-        return
-    what = "a model package" if CARD_FILE in held else "a training run's files"
-    raise DleStreamError(f"--out {out}: it already holds {what} ({held[0]}); continue that run with --resume, "
-                         f"or give a new --out folder (a trained model is never replaced)")
 
 
 #: TrainConfig fields a resumed run takes from its checkpoint unless given on the command line.
