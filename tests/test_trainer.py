@@ -134,6 +134,25 @@ def test_a_short_step_budget_also_shortens_pretraining(tmp_path):
     assert config_for(steps=None, ae_steps=None, **{**common, "minutes": 2.0}).ae_steps == 1500
 
 
+
+def test_a_warm_start_from_another_d_range_says_so_in_the_description(tmp_path):
+    """`train --from beads-high` with the default preset (low) trains for beads-high's D range
+    (0–50 µm²/s), but the card said "quantum dots in brain tissue: D uniform on 0–1.5 µm²/s"
+    (the shipped beads-high's own card said it): a card's description is a claim too."""
+    from dle_stream.training.training_setup import config_for
+
+    common = dict(out=tmp_path / "m", like=None, d_max=None, steps=10, minutes=None, device="cpu", seed=0,
+                  resume=False, encoder_from=None, ae_steps=None, cache_movies=64, val_movies=64, name=None,
+                  flags={}, timing_file=None)
+    cfg = config_for(preset="low", warm_from="beads-high", **common)
+    assert cfg.priors.d_max_um2_s == 50.0
+    assert "0–50 µm²/s" in cfg.description and "1.5" not in cfg.description
+    wider = config_for(preset="low", warm_from="brain-qd-low", **{**common, "d_max": 3.0})
+    assert "0–3 µm²/s" in wider.description and "1.5" not in wider.description
+    # the preset's own range: its own words
+    same = config_for(preset="high", warm_from="beads-high", **common)
+    assert same.description.startswith("nanobeads in water: D uniform on 0–50 µm²/s")
+
 def test_train_refuses_absurd_timing_from_metadata(tmp_path):
     """A frame period of 1e9 s (metadata misread) is refused before any training starts."""
     import json as _json

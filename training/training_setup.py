@@ -17,7 +17,7 @@ from dle_stream.model import ModelConfig
 from dle_stream.scan_family import SCAN_FEATURES, ScanFamily
 from dle_stream.timing import ScanTiming
 from dle_stream.training.checkpoint import check_new_run_folder
-from dle_stream.training.priors import SimulatorPriors, get_preset
+from dle_stream.training.priors import Preset, SimulatorPriors, get_preset
 from dle_stream.training.trainer import TrainConfig
 
 #: Autoencoder pretraining steps unless --ae-steps (or a smaller --steps) says otherwise.
@@ -45,6 +45,16 @@ def implausible(timing: ScanTiming) -> list[str]:
 RESUME_KEEPS = ("lr", "batch", "ae_batch", "ae_lr", "e2e_lr", "sim_batch", "checkpoint_minutes", "d_draws", "val_groups",
                "average_steps")
 
+
+def describe_priors(preset: Preset, priors: SimulatorPriors) -> str:
+    """The card's words for what a run simulates: the preset's own description while the D
+    range is the preset's, else one that names the range trained for (a warm start from a
+    model of another range, or --d-max), not the preset's."""
+    own = preset.priors
+    if (priors.d_min_um2_s, priors.d_max_um2_s, priors.d_prior) == (own.d_min_um2_s, own.d_max_um2_s, own.d_prior):
+        return preset.description
+    return (f"D {priors.d_prior} on {priors.d_min_um2_s:g}–{priors.d_max_um2_s:g} µm²/s, "
+            f"otherwise the priors of preset {preset.name}")
 
 def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None, steps: int | None,
                minutes: float | None, device: str, seed: int, resume: bool, encoder_from: Path | None,
@@ -169,7 +179,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
     folder_name = out.name or "model"
     return TrainConfig(
         name=name or folder_name, priors=priors, timing=timing, out=out, preset=p.name,
-        description=f"{p.description}; timing from {source}", tile_height=p.tile_height, tile_width=p.tile_width,
+        description=f"{describe_priors(p, priors)}; timing from {source}", tile_height=p.tile_height, tile_width=p.tile_width,
         frames=p.frames, seed=seed, device=device, steps=steps, minutes=minutes, ae_steps=ae_steps,
         cache_movies=cache_movies, val_movies=val_movies, encoder_from=encoder_from,
         refresh_movies=refresh_movies, refresh_every=refresh_every, architecture=architecture,
