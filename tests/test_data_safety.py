@@ -126,6 +126,40 @@ def test_failed_overwrite_keeps_the_old_file(tmp_path):
     assert not partial_path(target).exists()
 
 
+
+def test_failed_zarr_overwrite_keeps_the_old_store(tmp_path):
+    """`write_recording(..., overwrite=True)` (simulate --overwrite) deleted the old Zarr
+    recording first; a failure while writing the new one then left nothing at all."""
+    target = write_recording(tmp_path / "rec.zarr", np.full((30, 20, 20), 7, np.uint16), timing())
+
+    def frames():
+        for k in range(30):
+            if k == 5:
+                raise RuntimeError("camera unplugged")
+            yield np.zeros((20, 20), np.uint16)
+
+    with pytest.raises(RuntimeError):
+        write_recording(target, frames(), timing(), n_frames=30, overwrite=True)
+    kept = open_recording(target)
+    assert kept.n_frames == 30 and int(kept.read(0, 30).min()) == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.zarr"]  # nothing half-written beside it
+    # a finished overwrite replaces it, and leaves nothing beside it either
+    write_recording(target, np.zeros((10, 20, 20), np.uint16), timing(), overwrite=True)
+    assert open_recording(target).n_frames == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.zarr"]
+
+
+@pytest.mark.parametrize("name", ["rec.tif.partial", "rec.tif.truth.json.tmp"])
+def test_simulate_never_uses_a_users_file_as_its_scratch_file(tmp_path, name):
+    """The TIFF's partial file and the ground truth's temporary file had fixed names: a user's
+    file of that name was written over, then deleted."""
+    mine = tmp_path / name
+    mine.write_text("my notes")
+    result = runner.invoke(app, ["simulate", str(tmp_path / "rec.tif"), *SIM])
+    assert mine.read_text() == "my notes"
+    if result.exit_code != 0:  # refusing is fine too, in one line that names the file
+        one_line_error(result, name)
+
 def test_write_recording_refuses_existing_by_default(tmp_path):
     target = write_recording(tmp_path / "a.ome.tif", movie(5), timing())
     stamp = target.stat().st_mtime_ns, target.read_bytes()

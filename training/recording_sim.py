@@ -15,7 +15,6 @@ or .tif file holding a 2-D map (µm²/s) of the frame's size.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,6 +24,7 @@ import torch
 
 from dle_stream import __version__
 from dle_stream.errors import DleStreamError
+from dle_stream.files import write_atomic
 from dle_stream.tiling import tile_boxes
 from dle_stream.timing import ScanTiming
 from dle_stream.training.priors import Preset
@@ -167,10 +167,9 @@ def simulate_recording(
         "tile_px": tile, "tiles": truth,
         "note": "d_um2_s per tile; visible_transitions: Σ over frames of particles inside the tile and within σz of focus",
     }
-    tmp = truth_path.with_name(truth_path.name + ".tmp")
+    text = json.dumps(doc, indent=1)
     try:
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, truth_path)
+        write_atomic(truth_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as exc:
         raise DleStreamError(f"{truth_path}: cannot write the ground truth ({exc.strerror or exc}); the recording "
                              f"{out} was written; choose a writable folder") from None

@@ -27,8 +27,11 @@ Data safety: an existing file or folder is never replaced unless ``overwrite=Tru
 even then only a file, or a Zarr recording that dle-stream wrote itself (a foreign
 folder or a run log is never deleted). A TIFF is written to ``<name>.partial`` and
 renamed into place when complete, so a writer that is killed leaves the old file (if
-any) untouched and a ``.partial`` file whose name says it is incomplete. A Zarr store
-records in its ``"dle_stream"`` attribute how many frames were written
+any) untouched and a ``.partial`` file whose name says it is incomplete (a file of that
+name that dle-stream did not write is never used: the write is refused). A Zarr store
+that replaces a recording is written beside it (``.<name>.<random>.partial``) and swapped
+in when complete, so a failure leaves the old one whole; a new Zarr store is written in
+place, and records in its ``"dle_stream"`` attribute how many frames were written
 (``"frames_written"``, updated after every block, ``"complete": true`` at the end), so
 a store whose writer was killed says how many of its frames are valid.
 """
@@ -37,6 +40,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -167,13 +173,19 @@ def write_recording(
         raise DleStreamError(f"{path}: {len(stamps)} frame timestamps for {frames.n_frames} frames; pass one per frame")
     check_output_path(path, fmt, overwrite)
     if fmt == "zarr":
-        if path.is_dir() and any(path.iterdir()):
-            _remove_own_store(path)  # checked above: a dle-stream recording, and overwrite=True
+        # replacing a recording (checked above: dle-stream's own, and overwrite=True): the new
+        # store is written beside it and swapped in only when complete
+        replacing = path.is_dir() and any(path.iterdir())
+        target = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)) if replacing else path
         try:
-            _write_zarr(path, frames, timing, metadata, stamps)
+            _write_zarr(target, frames, timing, metadata, stamps, shown=path)
         except BaseException:
-            _remove(path, fmt)  # only what this call created
+            _remove(target, fmt)  # only what this call created
+            if replacing:
+                shutil.rmtree(target, ignore_errors=True)
             raise
+        if replacing:
+            _swap_in(target, path)
         return path
     partial = partial_path(path)
     try:
@@ -263,18 +275,35 @@ def check_output_path(path: Path, fmt: str, overwrite: bool) -> None:
         if not overwrite:
             raise ParameterError(f"{path}: the file already exists; pass {arg('overwrite', True)} to replace it, "
                                  f"or choose another output path")
+    if fmt != "zarr":
+        partial = partial_path(path)
+        if (partial.exists() or partial.is_symlink()) and not (partial.is_file() and is_own_recording(partial)):
+            raise DleStreamError(f"{partial}: exists, and is not a recording that dle-stream left unfinished; the new "
+                                 f"TIFF is written under this name until complete: move that file, or choose "
+                                 f"another output path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DleStreamError(f"{path}: the folder {parent} is not writable; choose a writable output path")
 
 
-def _remove_own_store(path: Path) -> None:
-    import shutil
-
+def _swap_in(new: Path, path: Path) -> None:
+    """Put the complete store ``new`` at ``path`` in place of the old recording there: the
+    old one is renamed aside, the new one renamed in, then the old one deleted (a kill
+    between the two renames leaves both, whole, under hidden names beside ``path``)."""
+    old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
     try:
-        shutil.rmtree(path)
+        os.rename(path, old)
     except OSError as exc:
-        raise DleStreamError(f"{path}: cannot replace the old recording ({exc.strerror or exc}); "
+        shutil.rmtree(new, ignore_errors=True)
+        raise DleStreamError(f"{path}: cannot replace the old recording ({exc.strerror or exc}); it is unchanged: "
                              f"remove it by hand or choose another output path") from None
+    try:
+        os.rename(new, path)
+    except OSError as exc:
+        os.rename(old, path)
+        shutil.rmtree(new, ignore_errors=True)
+        raise DleStreamError(f"{path}: cannot replace the old recording ({exc.strerror or exc}); it is unchanged: "
+                             f"choose another output path") from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_tiff(
@@ -332,13 +361,28 @@ def _write_tiff(
 
 
 def _write_zarr(
-    path: Path, frames: _Frames, timing: ScanTiming, extra: dict[str, Any] | None, stamps: np.ndarray | None
+    path: Path, frames: _Frames, timing: ScanTiming, extra: dict[str, Any] | None, stamps: np.ndarray | None,
+    shown: Path | None = None,
 ) -> None:
+    """Write the store at ``path`` (its name and errors are those of ``shown``, the store the
+    user asked for). An error of the frame source itself (a camera, a generator) is raised as
+    it is; zarr's own errors become one line."""
+    target, path = path, shown or path
+    source_failed = False
+
+    def source(chunk: int) -> Iterator[np.ndarray]:
+        nonlocal source_failed
+        try:
+            yield from frames.blocks(chunk)
+        except BaseException:
+            source_failed = True
+            raise
+
     frame_bytes = frames.height * frames.width * frames.dtype.itemsize
     chunk = max(1, min(ZARR_CHUNK_BYTES // max(frame_bytes, 1), frames.n_frames or 1 << 30))
     doc = md.make_document(timing, extra, None)
     try:
-        group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+        group = zarr.open_group(store=str(target), mode="w", zarr_format=3)
         group.attrs.update(
             {
                 "ome": {
@@ -377,7 +421,7 @@ def _write_zarr(
             fill_value=0,
         )
         t = 0
-        for block in frames.blocks(chunk):
+        for block in source(chunk):
             if t + len(block) > array.shape[0]:
                 array.resize((t + len(block), frames.height, frames.width))
             array[t : t + len(block)] = block
@@ -392,13 +436,13 @@ def _write_zarr(
     except DleStreamError:
         raise
     except Exception as exc:  # noqa: BLE001 - zarr's errors become one line naming the store
+        if source_failed:
+            raise
         raise DleStreamError(f"{path}: cannot write the Zarr store ({type(exc).__name__}: {exc}); check the path") from None
 
 
 def _remove(path: Path, fmt: str) -> None:
     """Delete a partly written file or Zarr store so that no half recording is left behind."""
-    import shutil
-
     try:
         if fmt == "zarr" and (path / "zarr.json").is_file():
             shutil.rmtree(path)
