@@ -602,6 +602,7 @@ def demo(
     d: str = typer.Option("0.3,1.2", "--d", help="True D of the left and right halves, µm²/s."),
     seed: int = typer.Option(0, "--seed", help="Seed of the simulated recording."),
     model: str = MODEL, dashboard: bool = DASH, quiet: bool = QUIET,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the demo.tif, its truth file and the demo.zarr log already in --out (recordings and logs dle-stream wrote; any other file is never replaced)."),
 ) -> None:
     """The built-in default: simulate a two-region recording with known D, replay it, print estimates next to the truth."""
     import tempfile
@@ -613,23 +614,23 @@ def demo(
 
     if out is not None:
         _check_out_folder(out, "--out")
+        _check_demo_files(Path(out), overwrite)
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="dle-stream-demo-"))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         p = get_preset("low")
         height, width = 40, 120
-        from dle_stream.recording.writer import is_own_recording
         from dle_stream.session import demo_timing
 
         tm = demo_timing(model, height, width)
         console.print(f"simulating {frames} frames of {height}×{width} px (left half D = {d.split(',')[0]}, "
                       f"right half D = {d.split(',')[-1]} µm²/s) into {folder}", markup=False, highlight=False,
                       soft_wrap=True)
-        # an earlier demo's recording in --out is replaced; any other file of that name is not
+        # files already in --out were checked above: replaced only with --overwrite, and only dle-stream's own
         rec = simulate_recording(folder / "demo.tif", p, frames=frames, height=height, width=width, timing=tm,
-                                 d_spec=d, seed=seed, overwrite=is_own_recording(folder / "demo.tif"))
+                                 d_spec=d, seed=seed, overwrite=overwrite)
         opts = _stream_options(model, "dle", "grid", [f"left=0,0,{width // 2},{height}", f"right={width // 2},0,{width // 2},{height}"],
-                               None, None, 50, folder / "demo.zarr", True, False, dashboard, quiet,
+                               None, None, 50, folder / "demo.zarr", overwrite, False, dashboard, quiet,
                                _timing_flags(None, None, None, None, None), None)
         result = run_replay(rec.path, opts, console=console)
     except BaseException:
@@ -639,6 +640,23 @@ def demo(
             shutil.rmtree(folder, ignore_errors=True)
         raise
     describe_result(result, console)
+
+
+def _check_demo_files(out: Path, overwrite: bool) -> None:
+    """Before anything is simulated: the demo's files already in ``out`` (a recording, its
+    truth file, a run log) are replaced only with --overwrite, and a demo.tif that dle-stream
+    did not write never is."""
+    from dle_stream.recording.writer import is_own_recording
+
+    names = ("demo.tif", "demo.tif.truth.json", "demo.zarr")
+    held = [n for n in names if (out / n).is_symlink() or ((out / n).exists()
+                                                            and not ((out / n).is_dir() and not any((out / n).iterdir())))]
+    if "demo.tif" in held and not is_own_recording(out / "demo.tif"):
+        raise DleStreamError(f"--out {out}: its demo.tif is not a recording dle-stream wrote; refusing to replace it "
+                             f"(even with --overwrite); choose another --out folder")
+    if held and not overwrite:
+        raise ParameterError(f"--out {out}: it already holds {held[0]} (an earlier demo, or your own files of that "
+                             f"name); pass --overwrite to replace the demo's files, or choose another --out folder")
 
 
 log_app = typer.Typer(help="Inspect a run's Zarr log.", no_args_is_help=True)

@@ -160,6 +160,41 @@ def test_simulate_never_uses_a_users_file_as_its_scratch_file(tmp_path, name):
     if result.exit_code != 0:  # refusing is fine too, in one line that names the file
         one_line_error(result, name)
 
+
+DEMO = ["--frames", "60", "--quiet"]
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_demo_out_never_replaces_a_users_recording_or_log(tmp_path, small_model):
+    """`demo --out DIR` replaced DIR/demo.tif, its truth file and DIR/demo.zarr whenever
+    dle-stream had written them, e.g. the user's own `simulate` and `replay --log` of that name."""
+    out = tmp_path / "experiment"
+    out.mkdir()
+    assert runner.invoke(app, ["simulate", str(out / "demo.tif"), "--frames", "60", "--size", "40x120",
+                               "--seed", "7", "--d", "0.9"]).exit_code == 0
+    assert runner.invoke(app, ["replay", str(out / "demo.tif"), "--model", str(small_model), "--window", "40",
+                               "--hop", "20", "--log", str(out / "demo.zarr"), "--quiet", "--no-check"]).exit_code == 0
+    before = _files(out)
+    one_line_error(runner.invoke(app, ["demo", "--out", str(out), "--model", str(small_model), *DEMO]),
+                   "demo.tif", "--overwrite")
+    assert _files(out) == before
+    # asked for, an earlier recording and run log of dle-stream's are replaced
+    done = runner.invoke(app, ["demo", "--out", str(out), "--model", str(small_model), "--overwrite", *DEMO])
+    assert done.exit_code == 0, done.output
+    assert _files(out)[Path("demo.tif")] != before[Path("demo.tif")]
+
+
+def test_demo_out_never_replaces_a_foreign_file_even_with_overwrite(tmp_path, small_model):
+    (tmp_path / "demo.tif").write_bytes(b"my own tiff")
+    for extra in ([], ["--overwrite"]):
+        one_line_error(runner.invoke(app, ["demo", "--out", str(tmp_path), "--model", str(small_model), *DEMO, *extra]),
+                       "demo.tif")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.tif"]  # nothing simulated beside it
+        assert (tmp_path / "demo.tif").read_bytes() == b"my own tiff"
+
 def test_write_recording_refuses_existing_by_default(tmp_path):
     target = write_recording(tmp_path / "a.ome.tif", movie(5), timing())
     stamp = target.stat().st_mtime_ns, target.read_bytes()
