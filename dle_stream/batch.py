@@ -5,7 +5,10 @@ the machine by default, or an existing one by its scheduler's address). A task r
 recording exactly as ``dle-stream replay`` does (:func:`dle_stream.session.replay`) into a
 Zarr log of its own, ``DIR/<name>.zarr`` (the crash-safe run log, docs/design.md §6), and
 returns that log's estimates as rows of one table. As the tasks finish, the driver appends
-their rows to ``DIR/results.csv`` (recording, ROI, tile, window, time, D, intervals, flags).
+their rows to ``DIR/results.csv.partial`` (recording, ROI, tile, window, time, D, intervals,
+flags), which replaces ``DIR/results.csv`` when every task has finished: an earlier table stays
+whole until then, and an interrupted batch leaves it and the partial table of the
+recordings it finished.
 
 - A recording that fails (unreadable, a scan no model serves, ...) is reported with its
   error; the others go on.
@@ -39,6 +42,8 @@ from dle_stream.session import StreamOptions
 __all__ = ["TABLE_COLUMNS", "TABLE_NAME", "RecordingOutcome", "log_table", "replay_batch", "replay_one"]
 
 #: The combined table's file in the output folder.
+#: Suffix of the table while a batch writes it (renamed to :data:`TABLE_NAME` at the end).
+PARTIAL_SUFFIX = ".partial"
 TABLE_NAME = "results.csv"
 #: Its columns: one row per recording, window and tile (D, σ and intervals in µm²/s;
 #: ``time_s`` the window's middle in acquisition time; ``roi`` the ROI(s) the tile covers).
@@ -177,8 +182,14 @@ def _check_table(path: Path) -> None:
         raise ParameterError(f"{arg('out', path.parent)}: {path.name} there is not a batch table; choose another "
                              f"{arg('out')} folder")
     if path.exists():
-        with path.open(newline="", encoding="utf-8") as fh:
-            header = next(csv.reader(fh), [])
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+        except (UnicodeDecodeError, csv.Error):
+            header = []  # not text, or not a CSV table: not ours
+        except OSError as exc:
+            raise ParameterError(f"{arg('out', path.parent)}: cannot read its {path.name} ({exc.strerror or exc}); "
+                                 f"choose another {arg('out')} folder") from None
         if tuple(header) != TABLE_COLUMNS:
             raise ParameterError(f"{arg('out', path.parent)}: it holds a {path.name} that dle-stream batch did not "
                                  f"write; choose another {arg('out')} folder (it is never overwritten)")
@@ -254,7 +265,9 @@ def replay_batch(recordings: Sequence[str | os.PathLike], out: str | os.PathLike
         raise ParameterError(f"{arg('out', out)}: is a file, not a folder; give a folder path")
     plan = _plan(recordings, out)
     table = out / TABLE_NAME
+    growing = out / (TABLE_NAME + PARTIAL_SUFFIX)
     _check_table(table)
+    _check_table(growing)
     out.mkdir(parents=True, exist_ok=True)
     client, cluster = _client(scheduler, workers)
     outcomes: list[RecordingOutcome] = []
@@ -264,7 +277,8 @@ def replay_batch(recordings: Sequence[str | os.PathLike], out: str | os.PathLike
         # one core per recording: a worker runs as many recordings at once as it has threads
         futures = [client.submit(replay_one, rec, log, opts, channel, 1, key=f"dle-stream-{i}-{Path(rec).name}",
                                  pure=False) for i, (rec, log) in enumerate(plan)]
-        with table.open("w", newline="", encoding="utf-8") as fh:
+        # the table grows under a partial name and replaces the earlier one only when complete
+        with growing.open("w", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerow(TABLE_COLUMNS)
             fh.flush()
             for future in as_completed(futures):
@@ -280,6 +294,8 @@ def replay_batch(recordings: Sequence[str | os.PathLike], out: str | os.PathLike
                 outcomes.append(outcome)
                 if on_outcome is not None:
                     on_outcome(outcome)
+            os.fsync(fh.fileno())
+        os.replace(growing, table)
     finally:
         client.close()
         if cluster is not None:

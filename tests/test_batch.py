@@ -149,3 +149,41 @@ def test_bad_batch_arguments_are_one_line_errors(tmp_path, cli, write_movie):
     (mine / "results.csv").write_text("a,b\n1,2\n")
     assert "did not write" in cli.error("batch", rec, "--out", mine)
     assert (mine / "results.csv").read_text() == "a,b\n1,2\n"  # never overwritten
+    png = tmp_path / "png"
+    png.mkdir()
+    (png / "results.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")  # not text at all
+    assert "did not write" in cli.error("batch", rec, "--out", png)  # one line, not a UnicodeDecodeError
+    assert (png / "results.csv").read_bytes().startswith(b"\x89PNG")
+
+
+def test_an_interrupted_rerun_leaves_the_earlier_table_whole(tmp_path, monkeypatch, write_movie):
+    """A rerun opened results.csv for writing at its start: Ctrl-C (or a kill) while the
+    cluster worked left a table of its header alone, or with a half row."""
+    import dask.distributed
+    from typer.testing import CliRunner
+
+    import dle_stream.batch as batch
+    from dle_stream.cli import app
+
+    out = tmp_path / "results"
+    out.mkdir()
+    table = out / "results.csv"
+    earlier = ",".join(TABLE_COLUMNS) + "\n" + "a.tif,,0,0,0,20,20,0,0,40,0,1,0.5,0.3,0.1,0.2,0.4,0.1,0.5,0,,0\n"
+    table.write_text(earlier)
+
+    class Client:
+        def submit(self, *args, **kwargs):
+            return object()
+
+        def close(self):
+            pass
+
+    def interrupted(futures):
+        raise KeyboardInterrupt  # Ctrl-C while the cluster works on the first recording
+        yield
+
+    monkeypatch.setattr(batch, "_client", lambda scheduler, workers: (Client(), None))
+    monkeypatch.setattr(dask.distributed, "as_completed", interrupted)
+    result = CliRunner().invoke(app, ["batch", str(write_movie("a.tif")), "--out", str(out)])
+    assert result.exit_code != 0
+    assert table.read_text() == earlier
