@@ -64,6 +64,7 @@ CLI_FLAGS: dict[str, str] = {
     "scheduler": "--scheduler",
     "windows": "--windows",
     "no_check": "--no-check",
+    "frames": "--frames",
 }
 
 
@@ -381,7 +382,10 @@ def calibrate(
     if windows is not None:
         if not windows.is_file():
             raise DleStreamError(f"--windows {windows}: no such file; write one with --save-windows")
-        tiles, fractions, seed, sha = load_tile_cells(windows)
+        try:
+            tiles, fractions, seed, sha = load_tile_cells(windows)
+        except DleStreamError as exc:
+            raise DleStreamError(f"--windows {exc}") from None
         if sha != weights_fingerprint(load_model_package(model)[0]):
             raise DleStreamError(f"--windows {windows}: simulated with other weights than {model}'s; simulate anew "
                                  f"(leave out --windows)")
@@ -535,6 +539,9 @@ def run(
     result = run_live(opts, demo=demo, mm_config=mm_config, scan_properties=scan_properties, frames=frames,
                       height=height, width=width, d_spec=d, seed=seed, realtime=not fast, console=console)
     describe_result(result, console)
+    if result.failure:  # what was estimated is printed and logged above; the run still did not finish
+        _print_error(result.failure)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -695,7 +702,7 @@ def log_export(
     # written beside it and renamed when complete: a failed export never leaves half a file
     rows: list[int] = []
     try:
-        write_atomic(csv_path, lambda tmp: rows.append(export_csv(path, tmp)))
+        write_atomic(csv_path, lambda tmp: rows.append(export_csv(path, tmp, shown=f"--csv {csv_path}")))
     except OSError as exc:
         raise DleStreamError(f"--csv {csv_path}: cannot write it ({exc.strerror or exc}); choose a writable path") from None
     n = rows[0]

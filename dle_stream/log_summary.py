@@ -155,8 +155,10 @@ def _fmt(x: float) -> str:
     return "" if not math.isfinite(x) else repr(x)
 
 
-def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike) -> int:
+def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike, shown: str | None = None) -> int:
     """Write one CSV row per (window, tile) of the log at ``path``; returns the row count.
+    A write error names ``shown`` (default: ``csv_path``), e.g. the file the user asked for
+    when ``csv_path`` is a temporary file beside it.
 
     Columns: :data:`CSV_COLUMNS` (``window`` is the stored window number, ``row``/``col``
     the tile's top-left pixel, D, σ and the intervals in µm²/s). Missing values (NaN) are
@@ -188,8 +190,8 @@ def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike) -> int:
                         writer.writerow([*head, t, rows_px[t], cols_px[t], *(v[t] for v in values), fl[t]])
                     n_rows += view.n_tiles
     except OSError as exc:
-        raise DleStreamError(f"cannot write the CSV file {csv_path} ({exc.strerror or exc}); "
-                             f"choose a writable path") from exc
+        raise DleStreamError(f"{shown or csv_path}: cannot write the CSV file ({exc.strerror or exc}); "
+                             f"choose a writable path") from None
     return n_rows
 
 

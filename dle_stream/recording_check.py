@@ -109,6 +109,7 @@ from typing import Any
 import numpy as np
 
 from dle_stream.errors import DleStreamError, ParameterError, arg
+from dle_stream.files import write_atomic
 from dle_stream.timing import ScanTiming
 
 #: Version of the measurements (a change invalidates cached references).
@@ -520,9 +521,8 @@ def reference(model: str | Path, *, n_tiles: int | None = None, seed: int = REFE
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(asdict(ref)).replace("NaN", "null"))
-            tmp.replace(path)
+            text = json.dumps(asdict(ref)).replace("NaN", "null")
+            write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         except OSError:
             pass  # no writable cache: the reference is simulated again next time
     ref.values = {k: [math.nan if x is None else x for x in v] for k, v in ref.values.items()}
@@ -550,9 +550,8 @@ def write_reference(model: str | Path, *, progress=None) -> Path:
            "ranges": {q.name: list(ref.range_of(q.name)) for q in QUANTITIES},
            "values": {k: [num(x) for x in v] for k, v in ref.values.items()}}
     path = folder / REFERENCE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # whole or not at all
     return path
 
 

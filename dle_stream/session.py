@@ -82,6 +82,9 @@ class StreamResult:
     combination: RunningCombination | None = None
     #: the recording check's verdict (replay; :func:`dle_stream.recording_check.replay_check`)
     recording_check: dict | None = None
+    #: why a live run could not finish (the acquisition failed, or ended before any window
+    #: was estimated); None when it did, or when the user stopped it
+    failure: str | None = None
 
 
 def make_layout(height: int, width: int, tile_shape: tuple[int, int], opts: StreamOptions) -> TileLayout:
@@ -465,6 +468,9 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
         opts.roi = [f"left=0,0,{w // 2},{h}", f"right={w // 2},0,{w - w // 2},{h}"]
     layout = make_layout(h, w, est.tile_shape, opts)
     window = opts.window or est.window_frames
+    if frames is not None and frames < window:
+        raise ParameterError(f"{arg('frames', frames)}: fewer than one {window}-frame window, so nothing could be "
+                             f"estimated; acquire at least {window} frames, or give a shorter {arg('window')}")
     source_desc = "demo camera (simulated)" if demo else f"Micro-Manager {mm_config or core.getCameraDevice()}"
     attrs = _attrs("live", source_desc, est, timing, timing_source, layout, window, opts.hop, warnings, comparison)
     log = _open_log(opts, layout, attrs, est)
@@ -500,6 +506,9 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
                 dashboard.refresh()
     except KeyboardInterrupt:
         runner.warn("stopped by the user")
+        stopped = True
+    else:
+        stopped = False
     finally:
         source.stop()
         if source.error:
@@ -507,9 +516,16 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
         if log is not None:
             log.close()
     c = runner.combination
+    failure = None
+    if source.error:
+        failure = (f"the acquisition failed ({source.error}); {runner.stats.windows_done} windows were estimated"
+                   + (f" and are in the log {opts.log}" if opts.log and runner.stats.windows_done else ""))
+    elif not stopped and runner.stats.windows_done == 0:
+        failure = (f"the acquisition ended after {runner.stats.frames_in} frames, before a {window}-frame window "
+                   f"was complete: nothing was estimated")
     return StreamResult(runner.stats, layout, timing, c.region_d.copy(), c.region_sigma.copy(), c.tile_d.copy(),
                         c.tile_sigma.copy(), opts.log, runner.stats.warnings, truth, c,
-                        live_check.final(runner.stats.frames_in))
+                        live_check.final(runner.stats.frames_in), failure=failure)
 
 
 def _announce_check(verdict: dict, runner: StreamRunner, opts: StreamOptions, console: Console) -> None:

@@ -212,3 +212,15 @@ def test_a_scan_in_the_shipped_family_s_box_is_replayed_by_it_without_flags(tmp_
     assert "using family-low" in " ".join(result.output.split())
     card = open_log(log).attrs["model_card"]
     assert card["name"] == "family-low" and card["scan_family"]  # the log names the model that ran
+
+
+@pytest.mark.parametrize("content", ["junk", "npz without the windows"])
+def test_calibrate_windows_that_are_not_saved_windows(tmp_path, small_model, cli, content):
+    """`calibrate --windows FILE` with a file that is not what --save-windows writes gave a
+    ValueError or KeyError traceback."""
+    path = tmp_path / "w.npz"
+    if content == "junk":
+        path.write_text("junk")
+    else:
+        np.savez(path, other=np.zeros(3))
+    one_line_error(cli("calibrate", str(small_model), "--windows", str(path)), "--windows", "w.npz", "--save-windows")

@@ -229,6 +229,25 @@ def test_log_export_to_a_folder_or_missing_folder(tmp_path):
     one_line_error(runner.invoke(app, ["log", "export", str(log), "--csv", str(tmp_path / "no" / "x.csv")]), "--csv")
 
 
+
+def test_a_failed_export_names_the_users_csv_not_a_temporary_file(tmp_path, monkeypatch):
+    """A write error while exporting named the hidden temporary file (.out.csv.x1y2.tmp)."""
+    import dle_stream.log_summary as log_summary
+
+    class DiskFull:
+        def __init__(self, fh):
+            pass
+
+        def writerow(self, row):
+            raise OSError(28, "No space left on device")
+
+    log = _log(tmp_path)
+    monkeypatch.setattr(log_summary.csv, "writer", DiskFull)
+    text = one_line_error(runner.invoke(app, ["log", "export", str(log), "--csv", str(tmp_path / "out.csv")]),
+                          "--csv", "out.csv", "No space left")
+    assert ".tmp" not in text
+    assert not (tmp_path / "out.csv").exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
 # ------------------------------------------------ item 2: incomplete recordings
 KILL_WRITER = textwrap.dedent("""
     import os, signal, sys
@@ -648,3 +667,41 @@ def test_a_new_training_run_may_use_a_folder_without_a_run_in_it(tmp_path, monke
     result = runner.invoke(app, ["train", "--preset", "low", "--steps", "1", "--out", str(tmp_path)])
     assert isinstance(result.exception, Stop), result.output
     assert (tmp_path / "notes.txt").read_text() == "scope settings"
+
+
+# ------------------------------------- run: a run that could not estimate says so
+def test_run_with_fewer_frames_than_a_window_is_refused_before_it_starts(tmp_path, small_model):
+    """`run --demo --frames 5` (a 40-frame window) exited 0 with "0 windows … no estimate yet"."""
+    result = runner.invoke(app, ["run", "--demo", "--frames", "5", "--fast", "--model", str(small_model),
+                                 "--size", "20x20", "--no-dashboard", "--log", str(tmp_path / "live.zarr")])
+    one_line_error(result, "--frames 5", "--window")
+
+
+def test_run_whose_acquisition_fails_exits_non_zero_and_keeps_its_log(tmp_path, small_model, monkeypatch):
+    """The camera failing mid-acquisition printed a warning on stdout and exited 0."""
+    import dle_stream.sources.demo_camera as demo_camera
+
+    make_core = demo_camera.create_demo_core
+
+    def failing(**kwargs):
+        core = make_core(**kwargs)
+        real_run = core.mda.run
+
+        def run(sequence):
+            real_run(sequence)
+            raise RuntimeError("camera disconnected")
+
+        core.mda.run = run
+        return core
+
+    monkeypatch.setattr(demo_camera, "create_demo_core", failing)
+    log = tmp_path / "live.zarr"
+    result = runner.invoke(app, ["run", "--demo", "--frames", "100", "--fast", "--model", str(small_model),
+                                 "--size", "20x20", "--no-dashboard", "--window", "40", "--hop", "20",
+                                 "--log", str(log)])
+    assert result.exit_code == 1, result.output
+    assert "camera disconnected" in result.stderr
+    from dle_stream.zarr_log import open_log
+
+    assert open_log(log).n_windows >= 1  # what was estimated before the failure is kept
+

@@ -33,9 +33,11 @@ would otherwise become spikes when windows are added.
 
 from __future__ import annotations
 
+import contextlib
+import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -456,15 +458,35 @@ def weights_fingerprint(model) -> str:
 
 
 def load_tile_cells(path: str | Path) -> tuple[np.ndarray, np.ndarray, int, str]:
-    """(tiles, fractions, seed, weights sha256) as written by :func:`save_tile_cells`."""
-    with np.load(Path(path)) as data:
+    """(tiles, fractions, seed, weights sha256) as written by :func:`save_tile_cells`.
+
+    Raises:
+        DleStreamError: one line naming the file when it is not such a file.
+    """
+    with _saved_windows(path) as data:
         return (data["tiles"].astype(np.float64), data["fractions"], int(data["seed"]), str(data["weights_sha256"]))
 
 
 def load_cloud_cells(path: str | Path) -> np.ndarray | None:
     """The independent cloud-density windows [cells, n, entries] saved beside the tiles, or None."""
-    with np.load(Path(path)) as data:
+    with _saved_windows(path) as data:
         return data["cloud"].astype(np.float64) if "cloud" in data.files else None
+
+
+@contextlib.contextmanager
+def _saved_windows(path: str | Path) -> Iterator[Any]:
+    """The .npz of :func:`save_tile_cells`, opened without pickles; any other file is one line."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("tiles", "fractions", "seed", "weights_sha256") if k not in data.files]
+            if missing:
+                raise KeyError(", ".join(missing))
+            yield data
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        what = f"it lacks {exc.args[0]}" if isinstance(exc, KeyError) else (str(exc).splitlines() or ["unreadable"])[0]
+        raise DleStreamError(f"{path}: not a file of calibration windows ({what}); write one with "
+                             f"`dle-stream calibrate MODEL --save-windows FILE`") from None
 
 
 def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION_SEED, batch: int = 32,
