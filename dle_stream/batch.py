@@ -8,7 +8,8 @@ returns that log's estimates as rows of one table. As the tasks finish, the driv
 their rows to ``DIR/results.csv.partial`` (recording, ROI, tile, window, time, D, intervals,
 flags), which replaces ``DIR/results.csv`` when every task has finished: an earlier table stays
 whole until then, and an interrupted batch leaves it and the partial table of the
-recordings it finished.
+recordings it finished. A rerun in which recordings failed keeps the earlier table (it holds
+their rows) and leaves its own beside it as ``results.csv.partial``.
 
 - A recording that fails (unreadable, a scan no model serves, ...) is reported with its
   error; the others go on.
@@ -39,7 +40,7 @@ import numpy as np
 from dle_stream.errors import DleStreamError, ParameterError, arg
 from dle_stream.session import StreamOptions
 
-__all__ = ["TABLE_COLUMNS", "TABLE_NAME", "RecordingOutcome", "log_table", "replay_batch", "replay_one"]
+__all__ = ["TABLE_COLUMNS", "TABLE_NAME", "RecordingOutcome", "log_table", "replay_batch", "replay_one", "table_written"]
 
 #: The combined table's file in the output folder.
 #: Suffix of the table while a batch writes it (renamed to :data:`TABLE_NAME` at the end).
@@ -295,12 +296,22 @@ def replay_batch(recordings: Sequence[str | os.PathLike], out: str | os.PathLike
                 if on_outcome is not None:
                     on_outcome(outcome)
             os.fsync(fh.fileno())
-        os.replace(growing, table)
+        if table.exists() and any(not o.ok for o in outcomes):
+            pass  # the earlier table keeps the rows of the recordings that failed now: both stay
+        else:
+            os.replace(growing, table)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
     return outcomes
+
+
+def table_written(out: str | os.PathLike) -> Path:
+    """The table a finished :func:`replay_batch` into ``out`` left: ``results.csv``, or
+    ``results.csv.partial`` when recordings failed and an earlier table was kept."""
+    growing = Path(out).expanduser() / (TABLE_NAME + PARTIAL_SUFFIX)
+    return growing if growing.exists() else Path(out).expanduser() / TABLE_NAME
 
 
 def summary(outcomes: Sequence[RecordingOutcome]) -> str:

@@ -481,7 +481,7 @@ def batch(
     """Replay many recordings on a Dask cluster: a log each, one table of every estimate (needs the optional cluster extra)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dle_stream.batch import TABLE_NAME, replay_batch, summary
+    from dle_stream.batch import TABLE_NAME, replay_batch, summary, table_written
 
     opts = _stream_options(model, estimator, tiles, roi, rois, window, hop, None, False, False, False, True,
                            _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
@@ -502,7 +502,10 @@ def batch(
 
         outcomes = replay_batch(recordings, out, opts, channel=channel, scheduler=scheduler, workers=workers,
                                 on_outcome=report)
-    console.print(f"{summary(outcomes)}; table: {out / TABLE_NAME}", markup=False, highlight=False, soft_wrap=True)
+    written = table_written(out)
+    kept = (f" ({out / TABLE_NAME} kept as it was: it holds the rows of the recordings that failed now)"
+            if written != out / TABLE_NAME else "")
+    console.print(f"{summary(outcomes)}; table: {written}{kept}", markup=False, highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -661,9 +664,23 @@ def _check_demo_files(out: Path, overwrite: bool) -> None:
     if "demo.tif" in held and not is_own_recording(out / "demo.tif"):
         raise DleStreamError(f"--out {out}: its demo.tif is not a recording dle-stream wrote; refusing to replace it "
                              f"(even with --overwrite); choose another --out folder")
+    if "demo.tif.truth.json" in held and not _is_own_truth_file(out / "demo.tif.truth.json"):
+        raise DleStreamError(f"--out {out}: its demo.tif.truth.json is not a truth file dle-stream wrote; refusing "
+                             f"to replace it (even with --overwrite); choose another --out folder")
     if held and not overwrite:
         raise ParameterError(f"--out {out}: it already holds {held[0]} (an earlier demo, or your own files of that "
                              f"name); pass --overwrite to replace the demo's files, or choose another --out folder")
+
+
+def _is_own_truth_file(path: Path) -> bool:
+    """A ground-truth file of ``simulate`` (its ``software`` names dle-stream)."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and str(doc.get("software", "")).startswith("dle-stream ")
 
 
 log_app = typer.Typer(help="Inspect a run's Zarr log.", no_args_is_help=True)

@@ -187,3 +187,41 @@ def test_an_interrupted_rerun_leaves_the_earlier_table_whole(tmp_path, monkeypat
     result = CliRunner().invoke(app, ["batch", str(write_movie("a.tif")), "--out", str(out)])
     assert result.exit_code != 0
     assert table.read_text() == earlier
+
+
+def test_a_rerun_whose_recordings_fail_keeps_the_earlier_table(tmp_path, monkeypatch, write_movie):
+    """A rerun in which recordings failed (a share briefly unreachable, a wrong --model)
+    replaced results.csv with a table without their rows: every row, if all failed."""
+    import dask.distributed
+    from typer.testing import CliRunner
+
+    import dle_stream.batch as batch
+    from dle_stream.cli import app
+
+    out = tmp_path / "results"
+    out.mkdir()
+    table = out / "results.csv"
+    earlier = ",".join(TABLE_COLUMNS) + "\n" + "a.tif,,0,0,0,20,20,0,0,40,0,1,0.5,0.3,0.1,0.2,0.4,0.1,0.5,0,,0\n"
+    table.write_text(earlier)
+
+    class Failed:
+        def __init__(self, recording, log):
+            self.outcome = batch.RecordingOutcome(recording, log, "failed", error="the share is unreachable")
+
+        def result(self):
+            return self.outcome
+
+    class Client:
+        def submit(self, fn, recording, log, *args, **kwargs):
+            return Failed(recording, log)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(batch, "_client", lambda scheduler, workers: (Client(), None))
+    monkeypatch.setattr(dask.distributed, "as_completed", lambda futures: iter(futures))
+    result = CliRunner().invoke(app, ["batch", str(write_movie("a.tif")), "--out", str(out)])
+    assert result.exit_code == 1
+    assert table.read_text() == earlier
+    text = " ".join(result.output.split())
+    assert "results.csv.partial" in text and "kept" in text

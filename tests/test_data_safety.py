@@ -187,13 +187,14 @@ def test_demo_out_never_replaces_a_users_recording_or_log(tmp_path, small_model)
     assert _files(out)[Path("demo.tif")] != before[Path("demo.tif")]
 
 
-def test_demo_out_never_replaces_a_foreign_file_even_with_overwrite(tmp_path, small_model):
-    (tmp_path / "demo.tif").write_bytes(b"my own tiff")
+@pytest.mark.parametrize("name", ["demo.tif", "demo.tif.truth.json"])
+def test_demo_out_never_replaces_a_foreign_file_even_with_overwrite(tmp_path, small_model, name):
+    (tmp_path / name).write_bytes(b"my own file")
     for extra in ([], ["--overwrite"]):
         one_line_error(runner.invoke(app, ["demo", "--out", str(tmp_path), "--model", str(small_model), *DEMO, *extra]),
-                       "demo.tif")
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.tif"]  # nothing simulated beside it
-        assert (tmp_path / "demo.tif").read_bytes() == b"my own tiff"
+                       name)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing simulated beside it
+        assert (tmp_path / name).read_bytes() == b"my own file"
 
 def test_write_recording_refuses_existing_by_default(tmp_path):
     target = write_recording(tmp_path / "a.ome.tif", movie(5), timing())
@@ -290,6 +291,34 @@ def test_killed_tiff_writer_leaves_only_a_partial_file(tmp_path):
     with pytest.raises(DleStreamError, match="incomplete recording"):
         open_recording(partial)
     one_line_error(runner.invoke(app, ["replay", str(partial)]), "rec.tif.partial", "simulate it again")
+    # and writing it again works: the killed writer's partial TIFF is replaced, not in the way
+    write_recording(target, movie(5), timing(), overwrite=False)
+    assert open_recording(target).n_frames == 5 and not partial.exists()
+
+
+def test_a_zarr_write_error_is_one_line_naming_the_store(tmp_path, monkeypatch):
+    """zarr's own errors while writing frames become one line naming the store the user asked
+    for (only the frame source's own errors pass through as they are)."""
+    import zarr.core.array
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("codec failure")
+
+    monkeypatch.setattr(zarr.core.array.Array, "__setitem__", broken)
+    with pytest.raises(DleStreamError, match=r"b\.zarr: cannot write the Zarr store \(ValueError: codec failure"):
+        write_recording(tmp_path / "b.zarr", movie(5), timing())
+
+
+def test_overwrite_never_swaps_a_linked_zarr_recording_for_a_local_copy(tmp_path):
+    (tmp_path / "data").mkdir()
+    data = write_recording(tmp_path / "data" / "rec.zarr", movie(5), timing())
+    (tmp_path / "work").mkdir()
+    link = tmp_path / "work" / "rec.zarr"
+    link.symlink_to(data, target_is_directory=True)
+    with pytest.raises(DleStreamError, match="link"):
+        write_recording(link, movie(3), timing(), overwrite=True)
+    assert link.is_symlink() and open_recording(data).n_frames == 5
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["rec.zarr"]
 
 
 def _incomplete_zarr(tmp_path: Path, n: int, written: int) -> Path:

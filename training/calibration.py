@@ -477,16 +477,20 @@ def load_cloud_cells(path: str | Path) -> np.ndarray | None:
 def _saved_windows(path: str | Path) -> Iterator[Any]:
     """The .npz of :func:`save_tile_cells`, opened without pickles; any other file is one line."""
     path = Path(path)
+    fix = "write one with `dle-stream calibrate MODEL --save-windows FILE`"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in ("tiles", "fractions", "seed", "weights_sha256") if k not in data.files]
-            if missing:
-                raise KeyError(", ".join(missing))
-            yield data
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        what = f"it lacks {exc.args[0]}" if isinstance(exc, KeyError) else (str(exc).splitlines() or ["unreadable"])[0]
-        raise DleStreamError(f"{path}: not a file of calibration windows ({what}); write one with "
-                             f"`dle-stream calibrate MODEL --save-windows FILE`") from None
+        data = np.load(path, allow_pickle=False)
+    except OSError as exc:
+        raise DleStreamError(f"{path}: cannot read it ({exc.strerror or exc}); {fix}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile):
+        raise DleStreamError(f"{path}: not a file of calibration windows (not an .npz archive of arrays); {fix}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise DleStreamError(f"{path}: not a file of calibration windows (one array, not an .npz archive); {fix}")
+    with data:
+        missing = [k for k in ("tiles", "fractions", "seed", "weights_sha256") if k not in data.files]
+        if missing:
+            raise DleStreamError(f"{path}: not a file of calibration windows (it lacks {', '.join(missing)}); {fix}")
+        yield data
 
 
 def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION_SEED, batch: int = 32,

@@ -28,7 +28,7 @@ even then only a file, or a Zarr recording that dle-stream wrote itself (a forei
 folder or a run log is never deleted). A TIFF is written to ``<name>.partial`` and
 renamed into place when complete, so a writer that is killed leaves the old file (if
 any) untouched and a ``.partial`` file whose name says it is incomplete (a file of that
-name that dle-stream did not write is never used: the write is refused). A Zarr store
+name that is not a TIFF is never used: the write is refused). A Zarr store
 that replaces a recording is written beside it (``.<name>.<random>.partial``) and swapped
 in when complete, so a failure leaves the old one whole; a new Zarr store is written in
 place, and records in its ``"dle_stream"`` attribute how many frames were written
@@ -253,6 +253,9 @@ def check_output_path(path: Path, fmt: str, overwrite: bool) -> None:
         raise DleStreamError(f"{path}: the folder {parent} does not exist; create it first")
     if not parent.is_dir():
         raise DleStreamError(f"{path}: {parent} is a file, not a folder; choose another output path")
+    if fmt == "zarr" and path.is_symlink() and overwrite:
+        raise DleStreamError(f"{path}: is a link; a recording is replaced only where it lies: give the folder the "
+                             f"link points to ({os.path.realpath(path)}), or choose another output path")
     if path.is_dir():
         if fmt != "zarr":
             raise DleStreamError(f"{path}: is a folder, but a TIFF recording is one file; choose another output path")
@@ -277,12 +280,25 @@ def check_output_path(path: Path, fmt: str, overwrite: bool) -> None:
                                  f"or choose another output path")
     if fmt != "zarr":
         partial = partial_path(path)
-        if (partial.exists() or partial.is_symlink()) and not (partial.is_file() and is_own_recording(partial)):
-            raise DleStreamError(f"{partial}: exists, and is not a recording that dle-stream left unfinished; the new "
-                                 f"TIFF is written under this name until complete: move that file, or choose "
-                                 f"another output path")
+        if (partial.exists() or partial.is_symlink()) and not _is_tiff_file(partial):
+            raise DleStreamError(f"{partial}: exists, and is not an unfinished TIFF recording; the new TIFF is "
+                                 f"written under this name until complete: move that file, or choose another "
+                                 f"output path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DleStreamError(f"{path}: the folder {parent} is not writable; choose a writable output path")
+
+
+def _is_tiff_file(path: Path) -> bool:
+    """A regular file that starts as a TIFF does (a killed writer's partial file has no
+    complete first page, so only its header says what it is)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _swap_in(new: Path, path: Path) -> None:
@@ -374,7 +390,7 @@ def _write_zarr(
         nonlocal source_failed
         try:
             yield from frames.blocks(chunk)
-        except BaseException:
+        except Exception:  # (not GeneratorExit: the generator closed after a zarr error)
             source_failed = True
             raise
 
