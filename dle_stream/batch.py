@@ -8,8 +8,8 @@ returns that log's estimates as rows of one table. As the tasks finish, the driv
 their rows to ``DIR/results.csv.partial`` (recording, ROI, tile, window, time, D, intervals,
 flags), which replaces ``DIR/results.csv`` when every task has finished: an earlier table stays
 whole until then, and an interrupted batch leaves it and the partial table of the
-recordings it finished. A rerun in which recordings failed keeps the earlier table (it holds
-their rows) and leaves its own beside it as ``results.csv.partial``.
+recordings it finished. A recording that fails in a rerun keeps the rows the earlier table
+held for it (its last finished estimates).
 
 - A recording that fails (unreadable, a scan no model serves, ...) is reported with its
   error; the others go on.
@@ -40,7 +40,7 @@ import numpy as np
 from dle_stream.errors import DleStreamError, ParameterError, arg
 from dle_stream.session import StreamOptions
 
-__all__ = ["TABLE_COLUMNS", "TABLE_NAME", "RecordingOutcome", "log_table", "replay_batch", "replay_one", "table_written"]
+__all__ = ["TABLE_COLUMNS", "TABLE_NAME", "RecordingOutcome", "log_table", "replay_batch", "replay_one"]
 
 #: The combined table's file in the output folder.
 #: Suffix of the table while a batch writes it (renamed to :data:`TABLE_NAME` at the end).
@@ -61,7 +61,8 @@ class RecordingOutcome:
 
     ``status``: "replayed" (from its first frame), "continued" (a partial log was
     continued), "complete" (its log was complete already: skipped) or "failed" (``error``
-    says why). ``rows``: its table rows (None when failed).
+    says why). ``rows``: its table rows (None when failed). ``earlier_rows``: for a failed
+    recording, how many of its rows the new table took over from the earlier one.
     """
 
     recording: str
@@ -71,6 +72,7 @@ class RecordingOutcome:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     rows: Any = None  # pandas.DataFrame
+    earlier_rows: int = 0
 
     @property
     def ok(self) -> bool:
@@ -295,11 +297,11 @@ def replay_batch(recordings: Sequence[str | os.PathLike], out: str | os.PathLike
                 outcomes.append(outcome)
                 if on_outcome is not None:
                     on_outcome(outcome)
+            # a recording that failed now keeps the rows the earlier table held for it
+            _carry_rows(table, {o.recording: o for o in outcomes if not o.ok}, fh)
+            fh.flush()
             os.fsync(fh.fileno())
-        if table.exists() and any(not o.ok for o in outcomes):
-            pass  # the earlier table keeps the rows of the recordings that failed now: both stay
-        else:
-            os.replace(growing, table)
+        os.replace(growing, table)
     finally:
         client.close()
         if cluster is not None:
@@ -307,11 +309,19 @@ def replay_batch(recordings: Sequence[str | os.PathLike], out: str | os.PathLike
     return outcomes
 
 
-def table_written(out: str | os.PathLike) -> Path:
-    """The table a finished :func:`replay_batch` into ``out`` left: ``results.csv``, or
-    ``results.csv.partial`` when recordings failed and an earlier table was kept."""
-    growing = Path(out).expanduser() / (TABLE_NAME + PARTIAL_SUFFIX)
-    return growing if growing.exists() else Path(out).expanduser() / TABLE_NAME
+def _carry_rows(table: Path, failed: dict[str, RecordingOutcome], fh) -> None:
+    """Append to ``fh`` the rows the earlier ``table`` holds for the ``failed`` recordings
+    (their ``earlier_rows`` counted), as they are."""
+    if not failed or not table.is_file():
+        return
+    writer = csv.writer(fh)
+    with table.open(newline="", encoding="utf-8") as old:
+        reader = csv.reader(old)
+        next(reader, None)  # the header (checked at the start: ours)
+        for row in reader:
+            if row and row[0] in failed:
+                writer.writerow(row)
+                failed[row[0]].earlier_rows += 1
 
 
 def summary(outcomes: Sequence[RecordingOutcome]) -> str:

@@ -481,7 +481,7 @@ def batch(
     """Replay many recordings on a Dask cluster: a log each, one table of every estimate (needs the optional cluster extra)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dle_stream.batch import TABLE_NAME, replay_batch, summary, table_written
+    from dle_stream.batch import TABLE_NAME, replay_batch, summary
 
     opts = _stream_options(model, estimator, tiles, roi, rois, window, hop, None, False, False, False, True,
                            _timing_flags(pixel_size_um, dwell_us, line_period_us, frame_period_us, bidirectional), timing)
@@ -502,10 +502,10 @@ def batch(
 
         outcomes = replay_batch(recordings, out, opts, channel=channel, scheduler=scheduler, workers=workers,
                                 on_outcome=report)
-    written = table_written(out)
-    kept = (f" ({out / TABLE_NAME} kept as it was: it holds the rows of the recordings that failed now)"
-            if written != out / TABLE_NAME else "")
-    console.print(f"{summary(outcomes)}; table: {written}{kept}", markup=False, highlight=False, soft_wrap=True)
+    carried = [o for o in outcomes if o.earlier_rows]
+    kept = (f" ({len(carried)} failed recordings keep their rows from the earlier table)" if carried else "")
+    console.print(f"{summary(outcomes)}; table: {out / TABLE_NAME}{kept}", markup=False, highlight=False,
+                  soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 

@@ -189,7 +189,7 @@ def test_an_interrupted_rerun_leaves_the_earlier_table_whole(tmp_path, monkeypat
     assert table.read_text() == earlier
 
 
-def test_a_rerun_whose_recordings_fail_keeps_the_earlier_table(tmp_path, monkeypatch, write_movie):
+def test_a_recording_that_fails_in_a_rerun_keeps_its_rows_in_the_table(tmp_path, monkeypatch, write_movie):
     """A rerun in which recordings failed (a share briefly unreachable, a wrong --model)
     replaced results.csv with a table without their rows: every row, if all failed."""
     import dask.distributed
@@ -201,7 +201,9 @@ def test_a_rerun_whose_recordings_fail_keeps_the_earlier_table(tmp_path, monkeyp
     out = tmp_path / "results"
     out.mkdir()
     table = out / "results.csv"
-    earlier = ",".join(TABLE_COLUMNS) + "\n" + "a.tif,,0,0,0,20,20,0,0,40,0,1,0.5,0.3,0.1,0.2,0.4,0.1,0.5,0,,0\n"
+    rec = write_movie("a.tif")
+    earlier = (",".join(TABLE_COLUMNS) + "\n" + f"{rec.absolute()},frame,0,0,0,20,20,0,0,40,0,1,0.5,0.3,0.1,0.2,0.4,"
+               f"0.1,0.5,0,,0\n")
     table.write_text(earlier)
 
     class Failed:
@@ -220,8 +222,9 @@ def test_a_rerun_whose_recordings_fail_keeps_the_earlier_table(tmp_path, monkeyp
 
     monkeypatch.setattr(batch, "_client", lambda scheduler, workers: (Client(), None))
     monkeypatch.setattr(dask.distributed, "as_completed", lambda futures: iter(futures))
-    result = CliRunner().invoke(app, ["batch", str(write_movie("a.tif")), "--out", str(out)])
+    result = CliRunner().invoke(app, ["batch", str(rec), "--out", str(out)])
     assert result.exit_code == 1
     assert table.read_text() == earlier
     text = " ".join(result.output.split())
-    assert "results.csv.partial" in text and "kept" in text
+    assert "1 failed recordings keep their rows from the earlier table" in text
+    assert not (out / "results.csv.partial").exists()
