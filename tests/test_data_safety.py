@@ -734,3 +734,11 @@ def test_run_whose_acquisition_fails_exits_non_zero_and_keeps_its_log(tmp_path, 
 
     assert open_log(log).n_windows >= 1  # what was estimated before the failure is kept
 
+
+
+def test_train_from_a_missing_encoder_leaves_no_out_folder(tmp_path):
+    """`train --encoder-from MISSING` printed "training …", made the --out folder, then failed."""
+    out = tmp_path / "new" / "m"
+    one_line_error(runner.invoke(app, ["train", "--out", str(out), "--encoder-from", str(tmp_path / "nope"),
+                                       "--steps", "1"]), "--encoder-from", "nope")
+    assert not out.exists()

@@ -118,6 +118,13 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
             **e2e,
         )
     check_new_run_folder(out)
+    if encoder_from is not None:  # before anything is written or printed
+        from dle_stream.model_package import resolve_model
+
+        try:
+            resolve_model(encoder_from)
+        except DleStreamError as exc:
+            raise DleStreamError(f"--encoder-from {exc}") from None
     p = get_preset(preset)
     priors = p.priors
     if steady_share is not None:
