@@ -42,9 +42,9 @@ from dle_stream.session import StreamOptions
 
 __all__ = ["TABLE_COLUMNS", "TABLE_NAME", "RecordingOutcome", "log_table", "replay_batch", "replay_one"]
 
-#: The combined table's file in the output folder.
 #: Suffix of the table while a batch writes it (renamed to :data:`TABLE_NAME` at the end).
 PARTIAL_SUFFIX = ".partial"
+#: The combined table's file in the output folder.
 TABLE_NAME = "results.csv"
 #: Its columns: one row per recording, window and tile (D, σ and intervals in µm²/s;
 #: ``time_s`` the window's middle in acquisition time; ``roi`` the ROI(s) the tile covers).

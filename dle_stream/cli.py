@@ -658,9 +658,10 @@ def _check_demo_files(out: Path, overwrite: bool) -> None:
     did not write never is."""
     from dle_stream.recording.writer import is_own_recording
 
-    names = ("demo.tif", "demo.tif.truth.json", "demo.zarr")
-    held = [n for n in names if (out / n).is_symlink() or ((out / n).exists()
-                                                            and not ((out / n).is_dir() and not any((out / n).iterdir())))]
+    def present(path: Path) -> bool:  # (an empty folder holds nothing to lose)
+        return path.is_symlink() or (path.is_dir() and any(path.iterdir())) or (path.exists() and not path.is_dir())
+
+    held = [n for n in ("demo.tif", "demo.tif.truth.json", "demo.zarr") if present(out / n)]
     if "demo.tif" in held and not is_own_recording(out / "demo.tif"):
         raise DleStreamError(f"--out {out}: its demo.tif is not a recording dle-stream wrote; refusing to replace it "
                              f"(even with --overwrite); choose another --out folder")

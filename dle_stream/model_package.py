@@ -259,17 +259,16 @@ def load_model_package(folder: str | Path, device: str | torch.device = "cpu") -
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise DleStreamError(f"{weights}: missing; the package is incomplete: copy it again or retrain the model")
-    digest = _sha256(weights)
-    previous = folder / PREVIOUS_WEIGHTS_FILE
-    if digest != card.weights_sha256 and previous.is_file() and _sha256(previous) == card.weights_sha256:
-        # a save stopped between its new weights and its new card: the card's own weights
-        # are the ones kept beside them, and the package as it was before that save loads
-        weights, digest = previous, card.weights_sha256
-    if digest != card.weights_sha256:
+    # after a save stopped between its new weights and its new card, the card's own weights
+    # are the ones kept beside them, and the package as it was before that save loads
+    named = _file_with_digest(folder, card.weights_sha256)
+    if named is None:
+        digest = _sha256(weights)
         raise DleStreamError(
             f"{weights}: sha256 {digest[:12]}… does not match the card's weights_sha256 "
             f"{card.weights_sha256[:12] or '(empty)'}…; the weights were changed or corrupted: copy the package again"
         )
+    weights = named
     try:
         tensors = load_file(str(weights), device="cpu")
     except (_SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -324,7 +323,11 @@ def save_model_package(folder: str | Path, model: DLEModel, card: ModelCard) -> 
         digest.append(_sha256(tmp))
 
     previous = folder / PREVIOUS_WEIGHTS_FILE
-    named = _weights_the_card_names(folder)
+    try:
+        wanted = json.loads((folder / CARD_FILE).read_text(encoding="utf-8")).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        wanted = None  # no readable card: no package to keep
+    named = _file_with_digest(folder, wanted)
     if named != previous:  # (it is `previous` after a save that did not finish: kept as it is)
         previous.unlink(missing_ok=True)
         if named is not None:
@@ -337,13 +340,9 @@ def save_model_package(folder: str | Path, model: DLEModel, card: ModelCard) -> 
     return folder
 
 
-def _weights_the_card_names(folder: Path) -> Path | None:
-    """The file in ``folder`` whose sha256 the card holds (the weights, or the ones kept by a
-    save that did not finish); None without a readable card or matching file."""
-    try:
-        wanted = json.loads((folder / CARD_FILE).read_text(encoding="utf-8")).get("weights_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
+def _file_with_digest(folder: Path, wanted: str | None) -> Path | None:
+    """The weights file in ``folder`` whose sha256 is ``wanted`` (the card's): the weights,
+    or the ones a save that did not finish kept beside them; None when neither is."""
     for name in (WEIGHTS_FILE, PREVIOUS_WEIGHTS_FILE):
         if wanted and (folder / name).is_file() and _sha256(folder / name) == wanted:
             return folder / name

@@ -109,37 +109,29 @@ def test_simulate_refuses_an_existing_truth_file(tmp_path):
     assert not (tmp_path / "rec.tif").exists()
 
 
+def camera_unplugged_at(k: int):
+    """Frames of a camera that fails before its frame ``k``."""
+    for _ in range(k):
+        yield np.zeros((20, 20), np.uint16)
+    raise RuntimeError("camera unplugged")
+
+
 def test_failed_overwrite_keeps_the_old_file(tmp_path):
     """The new TIFF is written beside the old one and renamed only when complete."""
     target = tmp_path / "rec.tif"
     target.write_bytes(b"old recording")
-
-    def frames():
-        for k in range(10):
-            if k == 5:
-                raise RuntimeError("camera unplugged")
-            yield np.zeros((20, 20), np.uint16)
-
     with pytest.raises(RuntimeError):
-        write_recording(target, frames(), timing(), n_frames=10, overwrite=True)
+        write_recording(target, camera_unplugged_at(5), timing(), n_frames=10, overwrite=True)
     assert target.read_bytes() == b"old recording"
     assert not partial_path(target).exists()
-
 
 
 def test_failed_zarr_overwrite_keeps_the_old_store(tmp_path):
     """`write_recording(..., overwrite=True)` (simulate --overwrite) deleted the old Zarr
     recording first; a failure while writing the new one then left nothing at all."""
     target = write_recording(tmp_path / "rec.zarr", np.full((30, 20, 20), 7, np.uint16), timing())
-
-    def frames():
-        for k in range(30):
-            if k == 5:
-                raise RuntimeError("camera unplugged")
-            yield np.zeros((20, 20), np.uint16)
-
     with pytest.raises(RuntimeError):
-        write_recording(target, frames(), timing(), n_frames=30, overwrite=True)
+        write_recording(target, camera_unplugged_at(5), timing(), n_frames=30, overwrite=True)
     kept = open_recording(target)
     assert kept.n_frames == 30 and int(kept.read(0, 30).min()) == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.zarr"]  # nothing half-written beside it

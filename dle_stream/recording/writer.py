@@ -179,10 +179,11 @@ def write_recording(
         target = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)) if replacing else path
         try:
             _write_zarr(target, frames, timing, metadata, stamps, shown=path)
-        except BaseException:
-            _remove(target, fmt)  # only what this call created
+        except BaseException:  # only what this call created goes
             if replacing:
-                shutil.rmtree(target, ignore_errors=True)
+                shutil.rmtree(target, ignore_errors=True)  # its own hidden folder
+            else:
+                _remove(path, fmt)
             raise
         if replacing:
             _swap_in(target, path)
