@@ -130,9 +130,10 @@ class Estimates:
             ``n_windows`` and the same estimate columns.
         rois: per ROI (dim ``roi``; one ROI "frame" when none were given), its disjoint
             tiles combined: ROI bbox, ``n_tiles``, the estimate columns,
-            ``tile_d_min_um2_s``/``tile_d_max_um2_s`` (the range of its tiles' values,
-            which is what to report when ``flags`` says "disagree"), ``text`` (the estimate
-            in words, as the dashboard shows it) and, for a simulated recording,
+            ``tile_d_min_um2_s``/``tile_d_max_um2_s`` (the range of its tiles' values
+            inside the model's range), ``text`` (the estimate in words, as the dashboard
+            shows it: when ``flags`` says "disagree" — its tiles, or its successive windows,
+            are not consistent with one D — the values of those parts, not a number) and, for a simulated recording,
             ``true_d_um2_s``.
         timing: the scan timing used; timing_source: where it came from.
         d_max_um2_s: top of the model's operating range for this timing, µm²/s.
@@ -480,9 +481,8 @@ class EstimateStream:
         c = self.runner.combination
         regions = self.layout.regions
         bbox = np.array([r.bbox for r in regions], dtype=np.int64).reshape(-1, 4)
-        bits = self._flags(c.region, slice(None), c.region_disagree)
-        text = [report.estimate_text(c.region, i, disagree=bool(c.region_disagree[i]),
-                                     tile_range=tuple(c.region_tile_range[i])) for i in range(len(regions))]
+        bits = self._flags(c.region, slice(None), np.array([s is not None for s in c.region_spread], dtype=bool))
+        text = [report.estimate_text(c.region, i, spread=c.region_spread[i]) for i in range(len(regions))]
         n_windows = [int(np.min(c.tile_windows[r.tiles])) if r.tiles else 0 for r in regions]
         columns = {"roi": np.array([r.name for r in regions], dtype=object), "row": bbox[:, 0], "col": bbox[:, 1],
                    "height": bbox[:, 2], "width": bbox[:, 3], "n_tiles": np.array([len(r.tiles) for r in regions]),

@@ -13,13 +13,17 @@ Disagreement is a finding, not something to average away: before summing, a like
 ratio test asks whether the parts are consistent with one D,
 Λ = 2·(Σ_k max ℓ_k − max Σ_k ℓ_k), referred to χ² with K − 1 degrees of freedom; at
 p < :data:`DISAGREE_P` the combination is flagged ``DISAGREE`` (a tile whose successive
-windows disagree: D changed in time; an ROI whose tiles disagree: heterogeneous). The
-false-alarm rate on homogeneous data is measured by ``dle-stream bench --suite combine``.
+windows disagree: D changed in time; an ROI whose tiles disagree: heterogeneous; an ROI
+whose successive windows, its tiles added in each, disagree: D changed in time). A flagged
+combination is not reported as one number but as the :class:`Spread` of its parts' values.
+The false-alarm rate on homogeneous data is measured by ``dle-stream bench --suite combine``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -69,6 +73,35 @@ def disagreement_p(log_likelihoods: np.ndarray, axis: int = 0, lr_scale: float =
     return np.where(dof >= 1, p, 1.0)
 
 
+@dataclass(frozen=True)
+class Spread:
+    """The values of parts that disagree, shown instead of their combination (µm²/s).
+
+    ``what``: "tiles" (an ROI's tiles: heterogeneous) or "windows" (successive independent
+    windows: D changed over time). ``lo_um2_s`` / ``hi_um2_s``: the smallest and largest
+    posterior median among the parts inside the range that say something (NaN if none);
+    ``above_um2_s``: the lowest "D > x" bound among parts above the range (NaN if none)."""
+
+    what: str
+    lo_um2_s: float
+    hi_um2_s: float
+    above_um2_s: float = math.nan
+
+
+def spread_of(parts: Posterior, what: str) -> Spread:
+    """The :class:`Spread` of parts summarised in ``parts`` (1-d arrays over the parts).
+    Parts above the range give the "D > x" bound, never their median capped at the range's
+    top; parts that say little are left out of the range unless no part says more."""
+    d = np.asarray(parts.d, dtype=np.float64)
+    above = np.asarray(parts.above_range, dtype=bool) & np.isfinite(d)
+    inside = np.isfinite(d) & ~above
+    telling = inside & ~np.asarray(parts.little_information, dtype=bool)
+    use = telling if telling.any() else inside
+    lo, hi = (float(d[use].min()), float(d[use].max())) if use.any() else (math.nan, math.nan)
+    x = float(np.min(parts.lower95_wide[above])) if above.any() else math.nan
+    return Spread(what, lo, hi, x)
+
+
 class RunningCombination:
     """Per-tile and per-ROI running estimates from the latest independent windows.
 
@@ -81,9 +114,13 @@ class RunningCombination:
         d_max_um2_s: top of the operating range in this stream's units.
 
     After each :meth:`add`: ``tile`` and ``region`` (:class:`~dle_stream.likelihood.Posterior`
-    over tiles / ROIs), ``tile_windows`` (windows combined per tile), ``tile_disagree`` and
-    ``region_disagree`` (bool), ``region_tile_range`` ([n_regions, 2] smallest and largest
-    tile D), and the shortcuts ``tile_d``, ``tile_sigma``, ``region_d``, ``region_sigma``.
+    over tiles / ROIs), ``tile_windows`` (windows combined per tile), ``tile_disagree``
+    (a tile's windows disagree), ``region_disagree`` (an ROI's tiles disagree),
+    ``region_changed`` (an ROI's windows, its tiles added in each, disagree),
+    ``region_tile_range`` ([n_regions, 2] smallest and largest value of its tiles inside the
+    range, see :func:`spread_of`), ``tile_spread`` / ``region_spread`` (a :class:`Spread`
+    where the combination is flagged, None where one number stands), and the shortcuts
+    ``tile_d``, ``tile_sigma``, ``region_d``, ``region_sigma``.
     """
 
     def __init__(self, n_tiles: int, regions: list[list[int]], windows_apart: int, keep: int = 8,
@@ -105,8 +142,11 @@ class RunningCombination:
         self.region_windows = np.zeros(len(regions), dtype=int)
         self.tile_disagree = np.zeros(n_tiles, dtype=bool)
         self.region_disagree = np.zeros(len(regions), dtype=bool)
+        self.region_changed = np.zeros(len(regions), dtype=bool)
         self.region_p = np.ones(len(regions))
         self.region_tile_range = np.full((len(regions), 2), np.nan)
+        self.tile_spread: list[Spread | None] = [None] * n_tiles
+        self.region_spread: list[Spread | None] = [None] * len(regions)
 
     @property
     def tile_d(self) -> np.ndarray:
@@ -132,15 +172,27 @@ class RunningCombination:
         self.tile_log_likelihood = combine(chosen, axis=0)
         self.tile_disagree = disagreement_p(chosen, axis=0, lr_scale=self.grid.lr_scale) < DISAGREE_P
         self.tile = posterior(self.tile_log_likelihood, self.grid, self.d_max_um2_s, n_windows=self.tile_windows)
+        self.tile_spread = [self._window_spread(chosen[:, [t]]) if self.tile_disagree[t] else None
+                            for t in range(self.n_tiles)]
         parts = []
         for i, tiles in enumerate(self.regions):
             own = self.tile_log_likelihood[tiles]
             parts.append(combine(own, axis=0))
             self.region_p[i] = disagreement_p(own, axis=0, lr_scale=self.grid.lr_scale)
-            with np.errstate(all="ignore"):
-                ds = self.tile.d[tiles]
-                self.region_tile_range[i] = (np.nanmin(ds), np.nanmax(ds)) if np.isfinite(ds).any() else (np.nan, np.nan)
+            by_tile = spread_of(self.tile.take(tiles), "tiles")
+            self.region_tile_range[i] = (by_tile.lo_um2_s, by_tile.hi_um2_s)
+            in_time = combine(chosen[:, tiles], axis=1) if tiles else np.full((len(chosen), self.grid.n), np.nan)
+            self.region_changed[i] = disagreement_p(in_time, axis=0, lr_scale=self.grid.lr_scale) < DISAGREE_P
+            self.region_spread[i] = (by_tile if self.region_p[i] < DISAGREE_P else
+                                     self._window_spread(chosen[:, tiles]) if self.region_changed[i] else None)
         self.region_log_likelihood = np.stack(parts) if parts else np.zeros((0, self.grid.n))
         self.region_windows = np.array([int(self.tile_windows[t].sum()) for t in self.regions], dtype=int)
         self.region_disagree = self.region_p < DISAGREE_P
         self.region = posterior(self.region_log_likelihood, self.grid, self.d_max_um2_s, n_windows=self.region_windows)
+
+    def _window_spread(self, chosen: np.ndarray) -> Spread:
+        """The spread of successive windows [K, tiles, n], each window's tiles added."""
+        usable = np.all(np.isfinite(chosen), axis=-1)  # [K, tiles]
+        per_window = combine(chosen, axis=1)
+        post = posterior(per_window, self.grid, self.d_max_um2_s, n_windows=np.maximum(usable.sum(axis=1), 1))
+        return spread_of(post, "windows")

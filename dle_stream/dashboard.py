@@ -114,8 +114,7 @@ class Dashboard:
         if self.mode == "plain":
             parts = []
             for i, region in enumerate(self.runner.layout.regions[:6]):
-                parts.append(f"{region.name}: " + report.estimate_text(
-                    comb.region, i, disagree=bool(comb.region_disagree[i]), tile_range=tuple(comb.region_tile_range[i])))
+                parts.append(f"{region.name}: " + report.estimate_text(comb.region, i, spread=comb.region_spread[i]))
             more = "" if len(self.runner.layout.regions) <= 6 else f" (+{len(self.runner.layout.regions) - 6} ROIs)"
             fo = self.frame_offset
             self.console.print(f"window {est.window + self.window_offset} frames {est.frame_start + fo}–{est.frame_stop + fo}: "
@@ -197,9 +196,9 @@ class Dashboard:
         table.add_column("trend")
         limit = max(1, self.console.height - 18) if self.mode == "live" else 20
         for i, region in enumerate(self.runner.layout.regions[:limit]):
-            text = report.estimate_text(comb.region, i, disagree=bool(comb.region_disagree[i]),
-                                        tile_range=tuple(comb.region_tile_range[i]), truth=self.truth.get(region.name))
-            table.add_row(region.name, str(len(region.tiles)), text, sparkline(self.history[i]))
+            text = report.estimate_text(comb.region, i, spread=comb.region_spread[i], truth=self.truth.get(region.name))
+            # user text and notes in brackets are printed literally, never read as rich markup
+            table.add_row(Text(region.name), str(len(region.tiles)), Text(text), sparkline(self.history[i]))
         return table
 
     def warnings(self) -> Text:

@@ -388,6 +388,12 @@ class Posterior:
     lower95_wide: np.ndarray
     d_max: float
 
+    def take(self, index) -> Posterior:
+        """The summaries of entries ``index`` of the leading axis (a new Posterior)."""
+        arrays = {f: np.asarray(getattr(self, f))[index]
+                  for f in ("d", "sigma", "lo68", "hi68", "lo95", "hi95", "p_above", "lower95_wide")}
+        return Posterior(**arrays, d_max=self.d_max)
+
     @property
     def above_range(self) -> np.ndarray:
         """The data say D is at or above the top of the range (report "D > lower95_wide")."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dle_stream import report
-from dle_stream.combine import DISAGREE_P, disagreement_p
+from dle_stream.combine import DISAGREE_P, Spread, disagreement_p, spread_of
 from dle_stream.errors import DleStreamError
 from dle_stream.likelihood import DGrid, combine, gaussian_log_likelihood, posterior
 from dle_stream.zarr_log import WINDOW_CHUNK, LogView, open_log
@@ -70,10 +70,11 @@ def independent_windows(frame_start: np.ndarray, frame_stop: np.ndarray, usable:
 
 
 def _summary_row(kind: str, name: str, tiles: list[int], bbox: list[int], ll: np.ndarray, flags: np.ndarray,
-                 windows: int, last_ll: np.ndarray, parts_p: float, tile_range: tuple[float, float],
-                 grid: DGrid, d_max: float, added: int, last_added: int = 1) -> dict:
+                 windows: int, last_ll: np.ndarray, tile_range: tuple[float, float], spread: Spread | None,
+                 disagree_p: float, grid: DGrid, d_max: float, added: int, last_added: int = 1) -> dict:
     """``added`` / ``last_added``: windows summed into ``ll`` / ``last_ll`` (all tiles' for an
-    ROI), for the model's information weight (:func:`dle_stream.likelihood.information_weight`)."""
+    ROI), for the model's information weight (:func:`dle_stream.likelihood.information_weight`).
+    ``spread``: the parts' values when they disagree (then no combined number is reported)."""
     post = posterior(ll, grid, d_max, n_windows=max(added, 1))
     last = posterior(last_ll, grid, d_max, n_windows=max(last_added, 1))
     n_total = flags.size
@@ -87,11 +88,21 @@ def _summary_row(kind: str, name: str, tiles: list[int], bbox: list[int], ll: np
         "p_above": float(post.p_above), "above_range": bool(post.above_range),
         "lower95_um2_s": float(post.lower95_wide),
         "little_information": bool(post.little_information) and math.isfinite(float(post.d)),
-        "disagree_p": float(parts_p), "disagree": bool(parts_p < DISAGREE_P),
+        "disagree_p": float(disagree_p), "disagree": spread is not None,
+        "disagree_what": "" if spread is None else spread.what, "spread": spread,
         "tile_range_um2_s": [float(v) for v in tile_range],
         "flagged_share": float(np.count_nonzero(flags) / n_total) if n_total else math.nan,
-        "posterior": post,
+        "posterior": post, "last_posterior": last,
     }
+
+
+def _windows_test(parts: np.ndarray, used: np.ndarray, grid: DGrid, d_max: float) -> tuple[float, Spread | None]:
+    """p of "these successive windows [K, n] share one D", and their spread when they do not.
+    ``used`` [K]: windows (tiles) added into each part."""
+    p = float(disagreement_p(parts, lr_scale=grid.lr_scale)) if len(parts) else 1.0
+    if p >= DISAGREE_P:
+        return p, None
+    return p, spread_of(posterior(parts, grid, d_max, n_windows=np.maximum(used, 1)), "windows")
 
 
 def _summarize(view: LogView) -> list[dict]:
@@ -101,7 +112,6 @@ def _summarize(view: LogView) -> list[dict]:
     start, stop = view.frame_start, view.frame_stop
     usable = np.all(np.isfinite(ll), axis=-1)  # [W, T]
     tile_ll = np.full((view.n_tiles, grid.n), np.nan)
-    tile_d = np.full(view.n_tiles, np.nan)
     tile_n = np.zeros(view.n_tiles, dtype=int)
     rows = []
     for t in range(view.n_tiles):
@@ -110,24 +120,28 @@ def _summarize(view: LogView) -> list[dict]:
         chosen = ll[keep, t]
         tile_ll[t] = combine(chosen, axis=0) if keep.any() else np.nan
         last = ll[np.flatnonzero(usable[:, t])[-1], t] if usable[:, t].any() else np.full(grid.n, np.nan)
-        row = _summary_row("tile", f"tile {t}", [t], [int(v) for v in view.tile_bbox[t]], tile_ll[t], f[:, t],
-                           int(keep.sum()), last, float(disagreement_p(chosen, lr_scale=grid.lr_scale)) if keep.any() else 1.0,
-                           (math.nan, math.nan), grid, d_max, int(tile_n[t]))
-        tile_d[t] = row["d_um2_s"]
-        rows.append(row)
+        p, changed = _windows_test(chosen, np.ones(len(chosen), dtype=int), grid, d_max)
+        rows.append(_summary_row("tile", f"tile {t}", [t], [int(v) for v in view.tile_bbox[t]], tile_ll[t], f[:, t],
+                                 int(keep.sum()), last, (math.nan, math.nan), changed, p, grid, d_max, int(tile_n[t])))
+    tile_post = posterior(tile_ll, grid, d_max, n_windows=np.maximum(tile_n, 1))
     for roi in view.rois:
         tiles = [int(t) for t in roi["tiles"]]
         own = tile_ll[tiles]
-        last_rows = [r for r in range(view.n_windows) if usable[r, tiles].any()]
-        last = combine(ll[last_rows[-1], tiles], axis=0) if last_rows else np.full(grid.n, np.nan)
-        with np.errstate(all="ignore"):
-            ds = tile_d[tiles]
-            spread = (float(np.nanmin(ds)), float(np.nanmax(ds))) if np.isfinite(ds).any() else (math.nan, math.nan)
+        any_usable = usable[:, tiles].any(axis=1)
+        last_rows = np.flatnonzero(any_usable)
+        last = combine(ll[last_rows[-1], tiles], axis=0) if len(last_rows) else np.full(grid.n, np.nan)
+        by_tile = spread_of(tile_post.take(tiles), "tiles")
+        p = float(disagreement_p(own, lr_scale=grid.lr_scale))
+        spread: Spread | None = by_tile if p < DISAGREE_P else None
+        if spread is None:  # the ROI's successive independent windows, its tiles added in each
+            keep = independent_windows(start, stop, any_usable)
+            p, spread = _windows_test(combine(ll[keep][:, tiles], axis=1), usable[keep][:, tiles].sum(axis=1),
+                                      grid, d_max)
         rows.append(_summary_row("roi", str(roi["name"]), tiles, [int(v) for v in roi["bbox"]], combine(own, axis=0),
                                  f[:, tiles], max((r["n_windows"] for r in rows if r["tiles"][0] in tiles), default=0),
-                                 last, float(disagreement_p(own, lr_scale=grid.lr_scale)), spread, grid, d_max,
+                                 last, (by_tile.lo_um2_s, by_tile.hi_um2_s), spread, p, grid, d_max,
                                  int(tile_n[tiles].sum()),
-                                 int(usable[last_rows[-1], tiles].sum()) if last_rows else 1))
+                                 int(usable[last_rows[-1], tiles].sum()) if len(last_rows) else 1))
     return rows
 
 
@@ -140,11 +154,13 @@ def summarize_log(path: str | os.PathLike) -> list[dict]:
     tiles combined), ``d_um2_s`` ± ``sigma_um2_s`` with ``lo68/hi68/lo95/hi95_um2_s``
     (independent windows, and for an ROI its tiles, combined), ``p_above``,
     ``above_range`` and ``lower95_um2_s`` (report "D > lower95" when above the range),
-    ``little_information``, ``disagree`` and ``disagree_p`` (a tile's windows, or an ROI's
-    tiles, inconsistent with one D), ``tile_range_um2_s`` (an ROI's smallest and largest
-    tile D), ``flagged_share`` (share of tile-windows with any
+    ``little_information``, ``disagree`` and ``disagree_p`` (a tile's windows, an ROI's
+    tiles, or else an ROI's windows with its tiles added, inconsistent with one D: then
+    ``disagree_what`` is "windows" or "tiles" and ``spread`` the parts' values, reported
+    instead of a combined number), ``tile_range_um2_s`` (an ROI's smallest and largest
+    tile D inside the range), ``flagged_share`` (share of tile-windows with any
     :class:`~dle_stream.events.EstimateFlag` set), ``posterior``
-    (:class:`~dle_stream.likelihood.Posterior`). Values are µm²/s; NaN where there is
+    and ``last_posterior`` (:class:`~dle_stream.likelihood.Posterior`). Values are µm²/s; NaN where there is
     nothing to combine.
     """
     return _summarize(open_log(path))
@@ -193,16 +209,6 @@ def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike, shown: str 
         raise DleStreamError(f"{shown or csv_path}: cannot write the CSV file ({exc.strerror or exc}); "
                              f"choose a writable path") from None
     return n_rows
-
-
-def _pm(d: float, s: float) -> str:
-    """``D ± σ`` with σ to two significant digits and D to the same decimal place."""
-    if not math.isfinite(d):
-        return "–"
-    if not (math.isfinite(s) and s > 0):
-        return f"{d:.3g}"
-    decimals = max(0, 1 - math.floor(math.log10(s)))
-    return f"{d:.{decimals}f} ± {s:.{decimals}f}"
 
 
 def render_summary(path: str | os.PathLike):
@@ -256,10 +262,9 @@ def render_summary(path: str | os.PathLike):
                 continue
             name = r["name"] if kind == "roi" else str(r["tiles"][0])
             flagged = "–" if not math.isfinite(r["flagged_share"]) else f"{100 * r['flagged_share']:.0f}%"
-            combined = report.estimate_text(r["posterior"], (), disagree=r["disagree"],
-                                            tile_range=tuple(r["tile_range_um2_s"]) if kind == "roi" else None)
+            combined = report.estimate_text(r["posterior"], (), spread=r["spread"])
             t.add_row(Text(name), ", ".join(str(v) for v in r["bbox"]), str(r["n_windows"]),
-                      _pm(r["last_d_um2_s"], r["last_sigma_um2_s"]), combined, flagged)
+                      Text(report.window_text(r["last_posterior"])), Text(combined), flagged)
         return t
 
     parts = [facts]

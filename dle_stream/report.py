@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from dle_stream.combine import Spread
 from dle_stream.likelihood import Posterior
 
 #: Marks used in the tile map (one character each).
@@ -30,32 +31,59 @@ def number(value: float, scale: float) -> str:
     return "—" if not math.isfinite(value) else f"{value:.{_digits(value, scale)}f}"
 
 
-def estimate_text(post: Posterior, i: int | tuple[()], *, disagree: bool = False, tile_range: tuple[float, float] | None = None,
+def spread_text(spread: Spread, scale: float) -> str:
+    """ "tiles disagree: 0.29–1.21 µm²/s (heterogeneous; not one D)", or "windows disagree: D
+    changed over time, 0.30 µm²/s, and above 1.62 µm²/s (not one D)"; ``scale`` sets the decimals."""
+    lo, hi, x = spread.lo_um2_s, spread.hi_um2_s, spread.above_um2_s
+    above = f"above {number(x, scale)} µm²/s" if math.isfinite(x) else ""
+    if math.isfinite(lo):
+        values = (number(lo, scale) if hi <= lo else f"{number(lo, scale)}–{number(hi, scale)}") + " µm²/s"
+        values += f", and {above}" if above else ""
+    else:
+        values = f"all {above}" if above else "no values"
+    if spread.what == "tiles":
+        return f"tiles disagree: {values} (heterogeneous; not one D)"
+    return f"windows disagree: D changed over time, {values} (not one D)"
+
+
+def estimate_text(post: Posterior, i: int | tuple[()], *, spread: Spread | None = None,
                   truth: float | None = None) -> str:
     """One line for entry ``i`` of ``post``: "D = 0.302 µm²/s (68 %: 0.289–0.316; 95 %: …)",
-    "D > 41.2 µm²/s: above the model's range (0–50)", or "tiles disagree: 0.29–1.21 µm²/s".
-    ``i`` is ``()`` for a posterior of a single estimate (0-d arrays)."""
+    "D > 41.2 µm²/s: above the model's range (0–50)", or, when the parts combined disagree
+    (``spread``, from :mod:`dle_stream.combine`), their values (:func:`spread_text`) and no
+    combined number. ``i`` is ``()`` for a posterior of a single estimate (0-d arrays)."""
     d, s = float(post.d[i]), float(post.sigma[i])
     lo68, hi68, lo95, hi95 = (float(a[i]) for a in (post.lo68, post.hi68, post.lo95, post.hi95))
     tail = "" if truth is None or not math.isfinite(truth) else f"   (true {truth:.3g})"
     if not math.isfinite(d):
         return "no estimate yet" + tail
+    if spread is not None:
+        return spread_text(spread, s) + tail
     if bool(post.above_range[i]):
         x = float(post.lower95_wide[i])
         return (f"D > {number(x, s)} µm²/s: above the model's range (0–{post.d_max:g}), "
                 f"P = {float(post.p_above[i]):.2f}" + tail)
-    if disagree and tile_range is not None:
-        lo, hi = tile_range
-        return (f"tiles disagree: {number(lo, s)}–{number(hi, s)} µm²/s (heterogeneous; "
-                f"not one D)" + tail)
     text = (f"D = {number(d, s)} µm²/s (68 %: {number(lo68, s)}–{number(hi68, s)}; "
             f"95 %: {number(lo95, s)}–{number(hi95, s)})")
-    notes = []
-    if disagree:
-        notes.append("windows disagree: D changed")
     if bool(post.little_information[i]):
-        notes.append("little information")
-    return text + (f" [{'; '.join(notes)}]" if notes else "") + tail
+        text += " [little information]"
+    return text + tail
+
+
+def window_text(post: Posterior, i: int | tuple[()] = ()) -> str:
+    """A compact "D ± σ" of one estimate (σ to two significant digits, D to the same decimal
+    place), "> x" when above the range, "?" added when it says little, "–" when there is none."""
+    d, s = float(post.d[i]), float(post.sigma[i])
+    if not math.isfinite(d):
+        return "–"
+    if bool(post.above_range[i]):
+        return f"> {number(float(post.lower95_wide[i]), s)} (above range)"
+    if not (math.isfinite(s) and s > 0):
+        text = f"{d:.3g}"
+    else:
+        decimals = max(0, 1 - math.floor(math.log10(s)))
+        text = f"{d:.{decimals}f} ± {s:.{decimals}f}"
+    return text + (" (little information)" if bool(post.little_information[i]) else "")
 
 
 def cell_text(post: Posterior, i: int, width: int, disagree: bool = False) -> str:

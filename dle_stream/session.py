@@ -408,8 +408,7 @@ def describe_result(result: StreamResult, console: Console) -> None:
     for i, region in enumerate(result.layout.regions[:30]):
         if c is None:
             continue
-        text = report.estimate_text(c.region, i, disagree=bool(c.region_disagree[i]),
-                                    tile_range=tuple(c.region_tile_range[i]), truth=result.truth.get(region.name))
+        text = report.estimate_text(c.region, i, spread=c.region_spread[i], truth=result.truth.get(region.name))
         console.print(f"  {region.name}: {text}", highlight=False, markup=False)
 
 

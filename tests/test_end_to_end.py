@@ -91,5 +91,5 @@ def test_intervals_hold_the_truth_and_a_mixed_roi_is_reported_heterogeneous(two_
     assert lo < 0.6 < 0.9 < hi
     from dle_stream import report
 
-    text = report.estimate_text(c.region, both, disagree=True, tile_range=(lo, hi))
+    text = report.estimate_text(c.region, both, spread=c.region_spread[both])
     assert text.startswith("tiles disagree:") and "±" not in text
