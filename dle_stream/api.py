@@ -76,7 +76,7 @@ RUNNING_WINDOWS = 8
 #: Columns of the per-window table (:attr:`Estimates.windows`, :attr:`WindowResult.tiles`).
 WINDOW_COLUMNS = ("window", "frame_start", "frame_stop", "t_start_s", "t_stop_s", "wall_time", "tile", "row", "col",
                   "height", "width", "d_um2_s", "sigma_um2_s", "lo68_um2_s", "hi68_um2_s", "lo95_um2_s",
-                  "hi95_um2_s", "p_above", "flags", "flag_bits")
+                  "hi95_um2_s", "p_above", "lower95_um2_s", "flags", "flag_bits")
 
 #: Columns of the per-window table that label the window or the tile only.
 WINDOW_COORDS = {**{c: ("window",) for c in ("frame_start", "frame_stop", "t_start_s", "t_stop_s", "wall_time")},
@@ -124,8 +124,10 @@ class Estimates:
         windows: per window and tile (dims ``window``, ``tile``): window number, frames
             [frame_start, frame_stop), t_start_s/t_stop_s, tile index and bbox
             (row, col, height, width px), D (``d_um2_s``: posterior median), σ, 68 % and
-            95 % intervals, ``p_above`` (probability that D is above the model's range),
-            ``flags`` (names) and ``flag_bits``.
+            95 % intervals (on the model's range), ``p_above`` (probability that D is above
+            the model's range), ``lower95_um2_s`` (where the data say D is above the range:
+            report "D > lower95" instead of D; NaN elsewhere), ``flags`` (names) and
+            ``flag_bits``.
         tiles: per tile (dim ``tile``), its independent (non-overlapping) windows combined:
             ``n_windows`` and the same estimate columns.
         rois: per ROI (dim ``roi``; one ROI "frame" when none were given), its disjoint
@@ -434,13 +436,15 @@ class EstimateStream:
         i68 = est.interval68_um2_s if est.interval68_um2_s is not None else np.full((n, 2), np.nan)
         i95 = est.interval95_um2_s if est.interval95_um2_s is not None else np.full((n, 2), np.nan)
         p_above = est.p_above if est.p_above is not None else np.full(n, np.nan)
+        above = (np.asarray(est.flags, dtype=np.uint8) & np.uint8(EstimateFlag.ABOVE_RANGE)) != 0
+        lower95 = np.where(above, est.lower95_um2_s if est.lower95_um2_s is not None else np.nan, np.nan)
         tiles = ResultTable({
             "window": np.full(n, est.window), "frame_start": np.full(n, est.frame_start),
             "frame_stop": np.full(n, est.frame_stop), "t_start_s": np.full(n, est.t_start_s),
             "t_stop_s": np.full(n, est.t_stop_s), "wall_time": np.full(n, est.wall_time),
             "tile": np.arange(n), "row": bbox[:, 0], "col": bbox[:, 1], "height": bbox[:, 2], "width": bbox[:, 3],
             "d_um2_s": est.d_um2_s, "sigma_um2_s": est.sigma_um2_s, "lo68_um2_s": i68[:, 0], "hi68_um2_s": i68[:, 1],
-            "lo95_um2_s": i95[:, 0], "hi95_um2_s": i95[:, 1], "p_above": p_above,
+            "lo95_um2_s": i95[:, 0], "hi95_um2_s": i95[:, 1], "p_above": p_above, "lower95_um2_s": lower95,
             "flags": np.array([flag_text(b) for b in est.flags], dtype=object),
             "flag_bits": np.asarray(est.flags, dtype=np.uint8),
         }, dims=("window", "tile"), name=f"window {est.window} per tile", coords=WINDOW_COORDS)
@@ -463,6 +467,7 @@ class EstimateStream:
     def _estimate_columns(post, bits: np.ndarray) -> dict[str, np.ndarray]:
         return {"d_um2_s": post.d, "sigma_um2_s": post.sigma, "lo68_um2_s": post.lo68, "hi68_um2_s": post.hi68,
                 "lo95_um2_s": post.lo95, "hi95_um2_s": post.hi95, "p_above": post.p_above,
+                "lower95_um2_s": np.where(post.above_range, post.lower95_wide, np.nan),
                 "flags": np.array([flag_text(b) for b in bits], dtype=object), "flag_bits": bits}
 
     def _tile_table(self) -> ResultTable:

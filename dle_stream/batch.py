@@ -46,11 +46,12 @@ __all__ = ["TABLE_COLUMNS", "TABLE_NAME", "RecordingOutcome", "log_table", "repl
 PARTIAL_SUFFIX = ".partial"
 #: The combined table's file in the output folder.
 TABLE_NAME = "results.csv"
-#: Its columns: one row per recording, window and tile (D, σ and intervals in µm²/s;
-#: ``time_s`` the window's middle in acquisition time; ``roi`` the ROI(s) the tile covers).
+#: Its columns: one row per recording, window and tile (D, σ and intervals in µm²/s, on the
+#: model's range; ``lower95_um2_s`` the "D > x" bound of a window above the range, empty
+#: elsewhere; ``time_s`` the window's middle in acquisition time; ``roi`` the ROI(s) the tile covers).
 TABLE_COLUMNS = ("recording", "roi", "tile", "row", "col", "height", "width", "window", "frame_start", "frame_stop",
                  "t_start_s", "t_stop_s", "time_s", "d_um2_s", "sigma_um2_s", "lo68_um2_s", "hi68_um2_s",
-                 "lo95_um2_s", "hi95_um2_s", "p_above", "flags", "flag_bits")
+                 "lo95_um2_s", "hi95_um2_s", "p_above", "lower95_um2_s", "flags", "flag_bits")
 _LOG_ARRAYS = {"d_um2_s": "d", "sigma_um2_s": "sigma", "lo68_um2_s": "lo68", "hi68_um2_s": "hi68",
                "lo95_um2_s": "lo95", "hi95_um2_s": "hi95", "p_above": "p_above"}
 
@@ -93,6 +94,7 @@ def log_table(log: str | os.PathLike, recording: str) -> Any:
     row per window and tile, labelled with ``recording``."""
     import pandas as pd
 
+    from dle_stream.log_summary import window_lower95
     from dle_stream.results import flag_text
     from dle_stream.zarr_log import open_log
 
@@ -115,6 +117,7 @@ def log_table(log: str | os.PathLike, recording: str) -> Any:
         "t_start_s": np.repeat(t_start, n_t), "t_stop_s": np.repeat(t_stop, n_t),
         "time_s": np.repeat((t_start + t_stop) / 2, n_t),
         **{name: view.array(array).reshape(-1) for name, array in _LOG_ARRAYS.items()},
+        "lower95_um2_s": window_lower95(view).reshape(-1),
         "flags": np.array([flag_text(b) for b in flags], dtype=object), "flag_bits": flags,
     }
     return pd.DataFrame(columns, columns=list(TABLE_COLUMNS))

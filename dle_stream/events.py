@@ -89,7 +89,8 @@ class WindowEstimate:
     Attributes:
         window: running number of the window (0-based).
         frame_start, frame_stop: frames [start, stop) the window covers.
-        t_start_s, t_stop_s: the window's span in acquisition time, s (from the scan timing).
+        t_start_s, t_stop_s: the window's span in acquisition time, s (from the scan timing:
+            frame periods since the first frame, images lost in gaps included).
         wall_time: Unix time when the estimate was made, s.
         d_um2_s: [n_tiles] D̂, µm²/s: posterior median on the model's operating range
             (NaN for tiles not estimated in this window).

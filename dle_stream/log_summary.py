@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dle_stream import report
-from dle_stream.combine import DISAGREE_P, Spread, disagreement_p, spread_of
+from dle_stream.combine import DISAGREE_P, Spread, disagreement_p, part_weights, spread_of
 from dle_stream.errors import DleStreamError
 from dle_stream.likelihood import DGrid, combine, gaussian_log_likelihood, posterior
 from dle_stream.zarr_log import WINDOW_CHUNK, LogView, open_log
@@ -29,7 +29,7 @@ __all__ = ["inverse_variance_mean", "summarize_log", "export_csv", "render_summa
 
 CSV_COLUMNS = ["window", "frame_start", "frame_stop", "t_start_s", "t_stop_s", "wall_time",
                "tile", "row", "col", "d_um2_s", "sigma_um2_s", "lo68_um2_s", "hi68_um2_s", "lo95_um2_s",
-               "hi95_um2_s", "p_above", "flags"]
+               "hi95_um2_s", "p_above", "lower95_um2_s", "flags"]
 
 
 def inverse_variance_mean(d: np.ndarray, sigma: np.ndarray) -> tuple[float, float, int]:
@@ -46,6 +46,22 @@ def inverse_variance_mean(d: np.ndarray, sigma: np.ndarray) -> tuple[float, floa
         return math.nan, math.nan, 0
     w = 1.0 / s[ok] ** 2
     return float(np.sum(w * d[ok]) / np.sum(w)), float(np.sum(w) ** -0.5), n
+
+
+def window_lower95(view: LogView, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """[window, tile] the "D > x" bound x (µm²/s) of the windows flagged above the model's
+    range, read from their logged log-likelihoods; NaN elsewhere (there D, σ and the
+    intervals on the range are the estimate)."""
+    from dle_stream.events import EstimateFlag
+
+    flags = view.array("flags", start, stop)
+    out = np.full(flags.shape, np.nan)
+    above = (flags & np.uint8(EstimateFlag.ABOVE_RANGE)) != 0
+    if above.any():
+        grid, d_max = view.grid()
+        ll = view.array("log_likelihood", start, stop)[above].astype(np.float64)
+        out[above] = posterior(ll, grid, d_max).lower95_wide
+    return out
 
 
 def _log_likelihoods(view: LogView, grid: DGrid, d_max: float) -> np.ndarray:
@@ -99,7 +115,7 @@ def _summary_row(kind: str, name: str, tiles: list[int], bbox: list[int], ll: np
 def _windows_test(parts: np.ndarray, used: np.ndarray, grid: DGrid, d_max: float) -> tuple[float, Spread | None]:
     """p of "these successive windows [K, n] share one D", and their spread when they do not.
     ``used`` [K]: windows (tiles) added into each part."""
-    p = float(disagreement_p(parts, lr_scale=grid.lr_scale)) if len(parts) else 1.0
+    p = float(disagreement_p(parts, lr_scale=grid.lr_scale, weights=part_weights(grid, used))) if len(parts) else 1.0
     if p >= DISAGREE_P:
         return p, None
     return p, spread_of(posterior(parts, grid, d_max, n_windows=np.maximum(used, 1)), "windows")
@@ -131,7 +147,7 @@ def _summarize(view: LogView) -> list[dict]:
         last_rows = np.flatnonzero(any_usable)
         last = combine(ll[last_rows[-1], tiles], axis=0) if len(last_rows) else np.full(grid.n, np.nan)
         by_tile = spread_of(tile_post.take(tiles), "tiles")
-        p = float(disagreement_p(own, lr_scale=grid.lr_scale))
+        p = float(disagreement_p(own, lr_scale=grid.lr_scale, weights=part_weights(grid, tile_n[tiles])))
         spread: Spread | None = by_tile if p < DISAGREE_P else None
         if spread is None:  # the ROI's successive independent windows, its tiles added in each
             keep = independent_windows(start, stop, any_usable)
@@ -177,8 +193,9 @@ def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike, shown: str 
     when ``csv_path`` is a temporary file beside it.
 
     Columns: :data:`CSV_COLUMNS` (``window`` is the stored window number, ``row``/``col``
-    the tile's top-left pixel, D, σ and the intervals in µm²/s). Missing values (NaN) are
-    empty cells.
+    the tile's top-left pixel, D, σ and the intervals in µm²/s, on the model's range;
+    ``lower95_um2_s``: for a window above the range, report "D > lower95" instead, see
+    :func:`window_lower95`). Missing values (NaN) are empty cells.
     """
     view = open_log(path)
     csv_path = Path(csv_path)
@@ -194,13 +211,14 @@ def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike, shown: str 
                 block = {name: view.array(name, start, stop) for name in
                          ("window", "frame_start", "frame_stop", "t_start_s", "t_stop_s", "wall_time",
                           "d", "sigma", "lo68", "hi68", "lo95", "hi95", "p_above", "flags")}
+                block["lower95"] = window_lower95(view, start, stop).astype(np.float32)
                 for i in range(stop - start):
                     head = [int(block["window"][i]), int(block["frame_start"][i]), int(block["frame_stop"][i]),
                             _fmt(float(block["t_start_s"][i])), _fmt(float(block["t_stop_s"][i])),
                             _fmt(float(block["wall_time"][i]))]
                     # str() of a float32 is its shortest round-trip text (0.3, not 0.30000001)
                     values = [["" if not np.isfinite(v) else str(v) for v in block[name][i]]
-                              for name in ("d", "sigma", "lo68", "hi68", "lo95", "hi95", "p_above")]
+                              for name in ("d", "sigma", "lo68", "hi68", "lo95", "hi95", "p_above", "lower95")]
                     fl = block["flags"][i].tolist()
                     for t in range(view.n_tiles):
                         writer.writerow([*head, t, rows_px[t], cols_px[t], *(v[t] for v in values), fl[t]])

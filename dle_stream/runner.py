@@ -247,9 +247,11 @@ class StreamRunner:
         stop = self.windows.last_frame + 1
         start = stop - self.window
         period_s = self.timing.frame_period_us * 1e-6
+        # acquisition time: a window never spans a gap, so every image lost so far came before it
+        acquired = start + self.stats.images_lost
         est = WindowEstimate(
-            window=self._window_number, frame_start=start, frame_stop=stop, t_start_s=start * period_s,
-            t_stop_s=stop * period_s, wall_time=time.time(), d_um2_s=d.astype(np.float32),
+            window=self._window_number, frame_start=start, frame_stop=stop, t_start_s=acquired * period_s,
+            t_stop_s=(acquired + self.window) * period_s, wall_time=time.time(), d_um2_s=d.astype(np.float32),
             sigma_um2_s=sigma.astype(np.float32), flags=flags,
             interval68_um2_s=np.stack([post.lo68, post.hi68], axis=-1).astype(np.float32),
             interval95_um2_s=np.stack([post.lo95, post.hi95], axis=-1).astype(np.float32),

@@ -136,5 +136,8 @@ def make_stream_estimator(estimator: str, model: str, timing: ScanTiming,
         from dle_stream.classic import ClassicEstimator
 
         pixel_est = ClassicEstimator(timing, psf_sigma_xy_um=float(psf), d_max_um2_s=d_range[1], d_min_um2_s=d_range[0])
+    # the model's grid, without its calibration: that describes the network's windows, and
+    # these estimators' D ± σ become exact Gaussian likelihoods
+    plain = DGrid(intervals=dle.grid.intervals, top=dle.grid.top)
     return ClassicStream(pixel_est, (card.tile_height, card.tile_width), int(card.window_frames), d_range,
-                         grid=dle.grid, name=kind), comparison
+                         grid=plain, name=kind), comparison

@@ -85,7 +85,7 @@ def test_window_table_has_one_row_per_window_and_tile_with_times(from_array):
     assert len(w) == n_windows * 6
     assert w.columns == ["window", "frame_start", "frame_stop", "t_start_s", "t_stop_s", "wall_time", "tile", "row",
                          "col", "height", "width", "d_um2_s", "sigma_um2_s", "lo68_um2_s", "hi68_um2_s", "lo95_um2_s",
-                         "hi95_um2_s", "p_above", "flags", "flag_bits"]
+                         "hi95_um2_s", "p_above", "lower95_um2_s", "flags", "flag_bits"]
     assert np.array_equal(w["window"], np.repeat(np.arange(n_windows), 6))
     assert np.array_equal(w["frame_start"], np.repeat(np.arange(n_windows) * HOP, 6))
     assert np.array_equal(w["frame_stop"], w["frame_start"] + WINDOW)
@@ -100,7 +100,7 @@ def test_window_table_has_one_row_per_window_and_tile_with_times(from_array):
 
     assert [f for f in w["flags"]] == [", ".join(flag_names(int(b))) for b in w["flag_bits"]]
     df = w.to_pandas()
-    assert df.shape == (n_windows * 6, 20) and df["d_um2_s"].equals(df["d_um2_s"])
+    assert df.shape == (n_windows * 6, 21) and df["d_um2_s"].equals(df["d_um2_s"])
     assert set(df["flags"]) <= {"", "little information", "above range"}
 
 

@@ -168,7 +168,7 @@ def test_an_interrupted_rerun_leaves_the_earlier_table_whole(tmp_path, monkeypat
     out = tmp_path / "results"
     out.mkdir()
     table = out / "results.csv"
-    earlier = ",".join(TABLE_COLUMNS) + "\n" + "a.tif,,0,0,0,20,20,0,0,40,0,1,0.5,0.3,0.1,0.2,0.4,0.1,0.5,0,,0\n"
+    earlier = ",".join(TABLE_COLUMNS) + "\n" + "a.tif,,0,0,0,20,20,0,0,40,0,1,0.5,0.3,0.1,0.2,0.4,0.1,0.5,0,,,0\n"
     table.write_text(earlier)
 
     class Client:
@@ -203,7 +203,7 @@ def test_a_recording_that_fails_in_a_rerun_keeps_its_rows_in_the_table(tmp_path,
     table = out / "results.csv"
     rec = write_movie("a.tif")
     earlier = (",".join(TABLE_COLUMNS) + "\n" + f"{rec.absolute()},frame,0,0,0,20,20,0,0,40,0,1,0.5,0.3,0.1,0.2,0.4,"
-               f"0.1,0.5,0,,0\n")
+               f"0.1,0.5,0,,,0\n")
     table.write_text(earlier)
 
     class Failed:

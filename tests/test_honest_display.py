@@ -159,3 +159,42 @@ def test_the_dashboard_roi_table_prints_an_estimate_note():
         assert "[little information]" in text
         table = shown(dash.roi_table())
     assert "little information" in table, table
+
+
+def test_the_classic_and_rics_streams_combine_as_the_gaussians_they_are():
+    """The tracker and RICS give D ± σ, turned into exact Gaussian likelihoods: two windows of
+    the same D ± σ combine to σ/√2. The network's calibration (its windows count as K^(1−β)
+    and its likelihood-ratio scale) describes the network, not them."""
+    from dle_stream.stream_estimators import make_stream_estimator
+    from dle_stream.timing import ScanTiming
+
+    timing = ScanTiming(0.15, 8.0, 1508.0, 61652.0, 188, 40)
+    for kind in ("classic", "rics"):
+        est, _ = make_stream_estimator(kind, "brain-qd-low", timing)
+        dmax = est.d_max_um2_s
+        one = gaussian_log_likelihood(np.array([0.4]), np.array([0.05]), est.grid)
+        c = RunningCombination(1, [[0]], windows_apart=1, keep=2, grid=est.grid, d_max_um2_s=dmax)
+        c.add(one)
+        c.add(one)
+        assert float(c.tile_sigma[0]) == pytest.approx(0.05 * dmax / np.sqrt(2), rel=0.01), kind
+
+
+def test_window_tables_carry_the_d_above_x_bound_of_windows_above_the_range(tmp_path):
+    """A window far above the range (2.7 ± 0.2 µm²/s; range 0–1.5) is reported "D > x": the
+    per-window tables a user analyses (``log export``'s CSV, ``batch``'s results table) give
+    x, a bound above the range's top that the truth exceeds, beside the flag."""
+    import csv
+
+    from dle_stream.batch import log_table
+    from dle_stream.log_summary import export_csv
+
+    path = write_log(tmp_path / "run.zarr", [[(2.7, 0.2), (0.5, 0.1)] for _ in range(3)])
+    export_csv(path, tmp_path / "run.csv")
+    rows = list(csv.DictReader(open(tmp_path / "run.csv", encoding="utf-8")))
+    table = log_table(path, "rec.tif")
+    for above in ([r for r in rows if r["tile"] == "0"], table[table.tile == 0].to_dict("records")):
+        for r in above:
+            x = float(r["lower95_um2_s"])
+            assert 1.5 < x < 2.7, x
+    for r in (r for r in rows if r["tile"] == "1"):
+        assert r["lower95_um2_s"] == ""  # only where the window is above the range

@@ -86,6 +86,18 @@ def test_a_gap_restarts_the_windows_and_is_counted():
     assert any("gap" in w for w in runner.stats.warnings)
 
 
+def test_window_times_after_lost_images_are_acquisition_times():
+    """Image n of a scan is acquired at n frame periods: after 100 images lost, a window's
+    first frame (delivered as frame 50, image 150) started at 150 periods, not 50."""
+    runner = StreamRunner(FrameNumberEstimator(), grid_layout(40, 60, 20, 20), TIMING, window=40, hop=20)
+    numbers = list(range(50)) + list(range(150, 150 + 80))
+    out = [e for ev in frames(130, image_numbers=numbers) for e in runner.process(ev)]
+    period = TIMING.frame_period_us * 1e-6
+    for e in out:
+        image = numbers[e.frame_start]
+        assert e.t_start_s == pytest.approx(image * period) and e.t_stop_s == pytest.approx((image + 40) * period)
+
+
 def test_a_timestamp_jump_is_a_gap_too():
     runner = StreamRunner(FrameNumberEstimator(), grid_layout(40, 60, 20, 20), TIMING, window=40, hop=20)
     events = list(frames(60))
