@@ -3,21 +3,19 @@ false alarms ≤ 5 %), on a model's own windows of steady-density tiles filmed o
 independent windows (`calibrate`'s tiles, kept in a latent bank), fed through the real
 :class:`dle_stream.combine.RunningCombination`.
 
-    python benchmarks/roi_false_alarms.py PACKAGE EVAL_DIR [--unweighted]
+    python benchmarks/roi_false_alarms.py PACKAGE EVAL_DIR
 
 EVAL_DIR: what `benchmarks/latent_bank.py raw` wrote for PACKAGE (tiles.npy: [D cells,
 tiles, 8 windows, grid]). Each D cell inside 10–90 % of the range: its tiles in ROIs of 1,
 4 and 16 tiles, 8 windows added one by one; counted after the 8th: a tile's windows flagged
 (the tile map's ≠), an ROI's tiles flagged, an ROI's windows flagged ("D changed"), and an
-ROI given no number (either). ``--unweighted``: the parts of the ROI tests not weighted by
-the model's information weight (as before this benchmark).
+ROI given no number (either).
 """
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from dle_stream import combine as comb_mod
 from dle_stream.combine import RunningCombination
 from dle_stream.model_package import load_model_package
 from dle_stream.training import calibration as cal
@@ -28,8 +26,6 @@ from combine_offline import calibrated  # noqa: E402
 
 def main() -> None:
     pkg, folder = sys.argv[1], Path(sys.argv[2])
-    if "--unweighted" in sys.argv[3:]:
-        comb_mod.part_weights = lambda grid, n: np.ones(np.shape(n))
     model, card = load_model_package(pkg)
     cfg = model.config
     fr = np.array(cal.INSIDE_FRACTIONS + cal.BEYOND_FRACTIONS)

@@ -51,7 +51,7 @@ from dle_stream.protocols import StreamEstimator
 from dle_stream.recording import Recording
 from dle_stream.results import ResultTable, flag_text
 from dle_stream.runner import RunStats, StreamRunner
-from dle_stream.stream_estimators import ESTIMATORS
+from dle_stream.stream_estimators import ESTIMATORS, window_note
 from dle_stream.tiling import Region, TileLayout, grid_layout, roi_layout
 from dle_stream.timing import ScanTiming
 
@@ -100,7 +100,7 @@ class WindowResult:
     Attributes:
         window: running number of the window (0-based).
         frame_start, frame_stop: the frames [start, stop) it covers.
-        t_start_s, t_stop_s: its span in acquisition time, s (frame × frame period).
+        t_start_s, t_stop_s: its span in acquisition time, s (frame periods since the first frame, images lost in gaps included).
         tiles: this window's estimates, one row per tile (columns as :attr:`Estimates.windows`).
         rois: the running combined estimate per ROI after this window (as :attr:`Estimates.rois`).
         estimate: the runner's raw record (log-likelihoods on the D grid included).
@@ -129,9 +129,12 @@ class Estimates:
             report "D > lower95" instead of D; NaN elsewhere), ``flags`` (names) and
             ``flag_bits``.
         tiles: per tile (dim ``tile``), its independent (non-overlapping) windows combined:
-            ``n_windows`` and the same estimate columns.
+            ``n_windows`` and the same estimate columns — no number (NaN) where those windows
+            disagree (``disagree`` "windows", their values in ``spread_lo_um2_s`` …
+            ``spread_hi_um2_s``, ``spread_above_um2_s`` for those above the range).
         rois: per ROI (dim ``roi``; one ROI "frame" when none were given), its disjoint
-            tiles combined: ROI bbox, ``n_tiles``, the estimate columns,
+            tiles combined: ROI bbox, ``n_tiles``, the estimate columns (NaN, and
+            ``disagree`` "tiles" or "windows" with the ``spread_*`` columns, as for tiles),
             ``tile_d_min_um2_s``/``tile_d_max_um2_s`` (the range of its tiles' values
             inside the model's range), ``text`` (the estimate in words, as the dashboard
             shows it: when ``flags`` says "disagree" — its tiles, or its successive windows,
@@ -349,6 +352,8 @@ class EstimateStream:
         self.layout = layout
         self.window = window
         self.runner.events.warning.connect(self._warn)
+        if (note := window_note(est, window)) is not None:
+            self._warn(note)
         if self._recording is not None:
             self.truth = truth_for(self._recording.path, layout)
 
@@ -464,11 +469,26 @@ class EstimateStream:
         return bits
 
     @staticmethod
-    def _estimate_columns(post, bits: np.ndarray) -> dict[str, np.ndarray]:
-        return {"d_um2_s": post.d, "sigma_um2_s": post.sigma, "lo68_um2_s": post.lo68, "hi68_um2_s": post.hi68,
+    def _estimate_columns(post, bits: np.ndarray, spreads: list | None = None) -> dict[str, np.ndarray]:
+        """The estimate columns; with ``spreads`` (combined estimates: a
+        :class:`~dle_stream.combine.Spread` where the parts disagree), no number where they
+        disagree, and what disagrees (``disagree``: "tiles", "windows" or "") with the parts'
+        values (``spread_lo_um2_s``, ``spread_hi_um2_s``, ``spread_above_um2_s``: the "D > x"
+        of parts above the range)."""
+        cols = {"d_um2_s": post.d, "sigma_um2_s": post.sigma, "lo68_um2_s": post.lo68, "hi68_um2_s": post.hi68,
                 "lo95_um2_s": post.lo95, "hi95_um2_s": post.hi95, "p_above": post.p_above,
                 "lower95_um2_s": np.where(post.above_range, post.lower95_wide, np.nan),
                 "flags": np.array([flag_text(b) for b in bits], dtype=object), "flag_bits": bits}
+        if spreads is None:
+            return cols
+        flagged = np.array([sp is not None for sp in spreads], dtype=bool)
+        for name in ("d_um2_s", "sigma_um2_s", "lo68_um2_s", "hi68_um2_s", "lo95_um2_s", "hi95_um2_s", "lower95_um2_s"):
+            cols[name] = np.where(flagged, np.nan, cols[name])
+        cols["disagree"] = np.array(["" if sp is None else sp.what for sp in spreads], dtype=object)
+        for name, attr in (("spread_lo_um2_s", "lo_um2_s"), ("spread_hi_um2_s", "hi_um2_s"),
+                            ("spread_above_um2_s", "above_um2_s")):
+            cols[name] = np.array([np.nan if sp is None else getattr(sp, attr) for sp in spreads], dtype=float)
+        return cols
 
     def _tile_table(self) -> ResultTable:
         assert self.runner is not None
@@ -477,7 +497,7 @@ class EstimateStream:
         bits = self._flags(c.tile, slice(None), c.tile_disagree)
         return ResultTable({"tile": np.arange(len(bbox)), "row": bbox[:, 0], "col": bbox[:, 1],
                             "height": bbox[:, 2], "width": bbox[:, 3], "n_windows": np.asarray(c.tile_windows),
-                            **self._estimate_columns(c.tile, bits)}, dims=("tile",),
+                            **self._estimate_columns(c.tile, bits, c.tile_spread)}, dims=("tile",),
                            name="combined estimates per tile",
                            coords={c: ("tile",) for c in ("row", "col", "height", "width")})
 
@@ -491,7 +511,7 @@ class EstimateStream:
         n_windows = [int(np.min(c.tile_windows[r.tiles])) if r.tiles else 0 for r in regions]
         columns = {"roi": np.array([r.name for r in regions], dtype=object), "row": bbox[:, 0], "col": bbox[:, 1],
                    "height": bbox[:, 2], "width": bbox[:, 3], "n_tiles": np.array([len(r.tiles) for r in regions]),
-                   "n_windows": np.array(n_windows), **self._estimate_columns(c.region, bits),
+                   "n_windows": np.array(n_windows), **self._estimate_columns(c.region, bits, c.region_spread),
                    "tile_d_min_um2_s": c.region_tile_range[:, 0].copy(),
                    "tile_d_max_um2_s": c.region_tile_range[:, 1].copy(), "text": np.array(text, dtype=object)}
         if self.truth:

@@ -52,6 +52,9 @@ TABLE_NAME = "results.csv"
 TABLE_COLUMNS = ("recording", "roi", "tile", "row", "col", "height", "width", "window", "frame_start", "frame_stop",
                  "t_start_s", "t_stop_s", "time_s", "d_um2_s", "sigma_um2_s", "lo68_um2_s", "hi68_um2_s",
                  "lo95_um2_s", "hi95_um2_s", "p_above", "lower95_um2_s", "flags", "flag_bits")
+#: The columns of a table written before ``lower95_um2_s`` (2026-12-01): still taken, its
+#: rows carried under the columns of the same names.
+EARLIER_TABLE_COLUMNS = tuple(c for c in TABLE_COLUMNS if c != "lower95_um2_s")
 _LOG_ARRAYS = {"d_um2_s": "d", "sigma_um2_s": "sigma", "lo68_um2_s": "lo68", "hi68_um2_s": "hi68",
                "lo95_um2_s": "lo95", "hi95_um2_s": "hi95", "p_above": "p_above"}
 
@@ -196,7 +199,7 @@ def _check_table(path: Path) -> None:
         except OSError as exc:
             raise ParameterError(f"{arg('out', path.parent)}: cannot read its {path.name} ({exc.strerror or exc}); "
                                  f"choose another {arg('out')} folder") from None
-        if tuple(header) != TABLE_COLUMNS:
+        if tuple(header) not in (TABLE_COLUMNS, EARLIER_TABLE_COLUMNS):
             raise ParameterError(f"{arg('out', path.parent)}: it holds a {path.name} that dle-stream batch did not "
                                  f"write; choose another {arg('out')} folder (it is never overwritten)")
 
@@ -314,17 +317,17 @@ def replay_batch(recordings: Sequence[str | os.PathLike], out: str | os.PathLike
 
 def _carry_rows(table: Path, failed: dict[str, RecordingOutcome], fh) -> None:
     """Append to ``fh`` the rows the earlier ``table`` holds for the ``failed`` recordings
-    (their ``earlier_rows`` counted), as they are."""
+    (their ``earlier_rows`` counted), each value under its column (a table of an earlier
+    version lacks columns added since: those cells are left empty)."""
     if not failed or not table.is_file():
         return
-    writer = csv.writer(fh)
+    writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS, restval="")
     with table.open(newline="", encoding="utf-8") as old:
-        reader = csv.reader(old)
-        next(reader, None)  # the header (checked at the start: ours)
-        for row in reader:
-            if row and row[0] in failed:
-                writer.writerow(row)
-                failed[row[0]].earlier_rows += 1
+        for row in csv.DictReader(old):  # its header was checked at the start: ours
+            name = row.get("recording")
+            if name in failed:
+                writer.writerow({c: row.get(c, "") for c in TABLE_COLUMNS})
+                failed[name].earlier_rows += 1
 
 
 def summary(outcomes: Sequence[RecordingOutcome]) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from dle_stream.likelihood import DGrid, Posterior, combine, information_weight, posterior
+from dle_stream.likelihood import DGrid, Posterior, combine, posterior
 
 #: p-value of the likelihood-ratio test below which combined parts are called inconsistent.
 DISAGREE_P = 0.01
@@ -52,22 +52,17 @@ def inverse_variance(d: np.ndarray, sigma: np.ndarray, axis=None) -> tuple[np.nd
     return mean, sig
 
 
-def disagreement_p(log_likelihoods: np.ndarray, axis: int = 0, lr_scale: float = 1.0,
-                   weights: np.ndarray | None = None) -> np.ndarray:
+def disagreement_p(log_likelihoods: np.ndarray, axis: int = 0, lr_scale: float = 1.0) -> np.ndarray:
     """p-value of "the parts along ``axis`` share one D" (likelihood-ratio test).
 
     ``log_likelihoods`` [..., n] on one grid (each part's own maximum need not be 0);
     NaN parts are left out. Fewer than two parts give p = 1. ``lr_scale``: the statistic is
     divided by it before it is referred to χ² (a model's calibration,
     :attr:`dle_stream.likelihood.DGrid.lr_scale`: its likelihoods are not exact, and the
-    statistic of homogeneous parts was measured this many times larger than χ²'s).
-    ``weights`` (broadcast against the parts, without the grid axis): a factor on each
-    part's log-likelihood, e.g. the information weight of a part that sums several windows
-    (:func:`part_weights`).
+    statistic of homogeneous parts was measured this many times larger than χ²'s, on
+    single windows and on tiles' and ROIs' sums alike, unweighted: see
+    :func:`dle_stream.training.calibration.calibrate`).
     """
-    if weights is not None:
-        w = np.asarray(weights, dtype=np.float64)
-        log_likelihoods = np.asarray(log_likelihoods, dtype=np.float64) * np.expand_dims(w, -1)
     ll = np.moveaxis(np.asarray(log_likelihoods, dtype=np.float64), axis, 0)
     ok = np.all(np.isfinite(ll), axis=-1)  # [K, ...]
     safe = np.where(ok[..., None], ll, 0.0)
@@ -107,15 +102,6 @@ def spread_of(parts: Posterior, what: str) -> Spread:
     lo, hi = (float(d[use].min()), float(d[use].max())) if use.any() else (math.nan, math.nan)
     x = float(np.min(parts.lower95_wide[above])) if above.any() else math.nan
     return Spread(what, lo, hi, x)
-
-
-def part_weights(grid: DGrid, n_windows: np.ndarray) -> np.ndarray:
-    """The factor on each part's log-likelihood in a disagreement test: the model's
-    information weight of the windows summed into it (K^(−β), see
-    :func:`dle_stream.likelihood.information_weight`), so that a part adding K windows
-    counts as the evidence the model's calibration says it holds."""
-    n = np.asarray(n_windows, dtype=np.float64)
-    return np.broadcast_to(np.asarray(information_weight(grid, n), dtype=np.float64), n.shape)
 
 
 class RunningCombination:
@@ -194,14 +180,11 @@ class RunningCombination:
         for i, tiles in enumerate(self.regions):
             own = self.tile_log_likelihood[tiles]
             parts.append(combine(own, axis=0))
-            self.region_p[i] = disagreement_p(own, axis=0, lr_scale=self.grid.lr_scale,
-                                              weights=part_weights(self.grid, self.tile_windows[tiles]))
+            self.region_p[i] = disagreement_p(own, axis=0, lr_scale=self.grid.lr_scale)
             by_tile = spread_of(self.tile.take(tiles), "tiles")
             self.region_tile_range[i] = (by_tile.lo_um2_s, by_tile.hi_um2_s)
             in_time = combine(chosen[:, tiles], axis=1) if tiles else np.full((len(chosen), self.grid.n), np.nan)
-            in_each = np.all(np.isfinite(chosen[:, tiles]), axis=-1).sum(axis=1)  # tiles in each window
-            self.region_changed[i] = disagreement_p(in_time, axis=0, lr_scale=self.grid.lr_scale,
-                                                    weights=part_weights(self.grid, in_each)) < DISAGREE_P
+            self.region_changed[i] = disagreement_p(in_time, axis=0, lr_scale=self.grid.lr_scale) < DISAGREE_P
             self.region_spread[i] = (by_tile if self.region_p[i] < DISAGREE_P else
                                      self._window_spread(chosen[:, tiles]) if self.region_changed[i] else None)
         self.region_log_likelihood = np.stack(parts) if parts else np.zeros((0, self.grid.n))

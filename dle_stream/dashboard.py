@@ -109,8 +109,9 @@ class Dashboard:
     # ------------------------------------------------------------ callbacks
     def _on_estimate(self, est: WindowEstimate) -> None:
         comb = self.runner.combination
-        for i, h in enumerate(self.history):
-            h.append(comb.region_d[i])
+        for i, h in enumerate(self.history):  # the trend of a number shown: none when it is not
+            shown = comb.region_spread[i] is None and not comb.region.above_range[i]
+            h.append(comb.region_d[i] if shown else math.nan)
         if self.mode == "plain":
             parts = []
             for i, region in enumerate(self.runner.layout.regions[:6]):
@@ -166,7 +167,8 @@ class Dashboard:
                 frac = (comb.tile_d[i] - lo) / (hi - lo)
                 style = f"black on {_colour(frac)}" if frac > 0.5 else f"white on {_colour(frac)}"
                 if cell_w == 2:
-                    mark = report.MARK_ABOVE if comb.tile.above_range[i] else ("≠" if comb.tile_disagree[i] else " ")
+                    mark = (report.MARK_DISAGREE if comb.tile_disagree[i] else
+                            report.MARK_ABOVE if comb.tile.above_range[i] else " ")
                     text.append(mark.ljust(2), style=style)
                 else:
                     text.append(report.cell_text(comb.tile, i, cell_w, bool(comb.tile_disagree[i])), style=style)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dle_stream import report
-from dle_stream.combine import DISAGREE_P, Spread, disagreement_p, part_weights, spread_of
+from dle_stream.combine import DISAGREE_P, Spread, disagreement_p, spread_of
 from dle_stream.errors import DleStreamError
 from dle_stream.likelihood import DGrid, combine, gaussian_log_likelihood, posterior
 from dle_stream.zarr_log import WINDOW_CHUNK, LogView, open_log
@@ -59,17 +59,18 @@ def window_lower95(view: LogView, start: int = 0, stop: int | None = None) -> np
     above = (flags & np.uint8(EstimateFlag.ABOVE_RANGE)) != 0
     if above.any():
         grid, d_max = view.grid()
-        ll = view.array("log_likelihood", start, stop)[above].astype(np.float64)
-        out[above] = posterior(ll, grid, d_max).lower95_wide
+        out[above] = posterior(_log_likelihoods(view, grid, d_max, start, stop)[above], grid, d_max).lower95_wide
     return out
 
 
-def _log_likelihoods(view: LogView, grid: DGrid, d_max: float) -> np.ndarray:
-    """[window, tile, n] log-likelihoods; rows logged without one as a Gaussian of D ± σ."""
-    ll = view.array("log_likelihood").astype(np.float64)
+def _log_likelihoods(view: LogView, grid: DGrid, d_max: float, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """[window, tile, n] log-likelihoods of windows [start, stop); rows logged without one as
+    a Gaussian of D ± σ."""
+    ll = view.array("log_likelihood", start, stop).astype(np.float64)
     missing = ~np.all(np.isfinite(ll), axis=-1)
     if missing.any():
-        gauss = gaussian_log_likelihood(view.d.astype(np.float64) / d_max, view.sigma.astype(np.float64) / d_max, grid)
+        d, sigma = (view.array(name, start, stop).astype(np.float64) / d_max for name in ("d", "sigma"))
+        gauss = gaussian_log_likelihood(d, sigma, grid)
         ll = np.where(missing[..., None], gauss, ll)
     return ll
 
@@ -115,7 +116,7 @@ def _summary_row(kind: str, name: str, tiles: list[int], bbox: list[int], ll: np
 def _windows_test(parts: np.ndarray, used: np.ndarray, grid: DGrid, d_max: float) -> tuple[float, Spread | None]:
     """p of "these successive windows [K, n] share one D", and their spread when they do not.
     ``used`` [K]: windows (tiles) added into each part."""
-    p = float(disagreement_p(parts, lr_scale=grid.lr_scale, weights=part_weights(grid, used))) if len(parts) else 1.0
+    p = float(disagreement_p(parts, lr_scale=grid.lr_scale)) if len(parts) else 1.0
     if p >= DISAGREE_P:
         return p, None
     return p, spread_of(posterior(parts, grid, d_max, n_windows=np.maximum(used, 1)), "windows")
@@ -147,7 +148,7 @@ def _summarize(view: LogView) -> list[dict]:
         last_rows = np.flatnonzero(any_usable)
         last = combine(ll[last_rows[-1], tiles], axis=0) if len(last_rows) else np.full(grid.n, np.nan)
         by_tile = spread_of(tile_post.take(tiles), "tiles")
-        p = float(disagreement_p(own, lr_scale=grid.lr_scale, weights=part_weights(grid, tile_n[tiles])))
+        p = float(disagreement_p(own, lr_scale=grid.lr_scale))
         spread: Spread | None = by_tile if p < DISAGREE_P else None
         if spread is None:  # the ROI's successive independent windows, its tiles added in each
             keep = independent_windows(start, stop, any_usable)

@@ -57,8 +57,8 @@ def estimate_text(post: Posterior, i: int | tuple[()], *, spread: Spread | None 
     tail = "" if truth is None or not math.isfinite(truth) else f"   (true {truth:.3g})"
     if not math.isfinite(d):
         return "no estimate yet" + tail
-    if spread is not None:
-        return spread_text(spread, s) + tail
+    if spread is not None:  # decimals of the range's scale: the combined σ means nothing here
+        return spread_text(spread, 0.01 * post.d_max) + tail
     if bool(post.above_range[i]):
         x = float(post.lower95_wide[i])
         return (f"D > {number(x, s)} µm²/s: above the model's range (0–{post.d_max:g}), "
@@ -91,11 +91,11 @@ def cell_text(post: Posterior, i: int, width: int, disagree: bool = False) -> st
     d = float(post.d[i])
     if not math.isfinite(d):
         return "·".center(width)
-    if bool(post.above_range[i]):
-        body, mark = f">{post.d_max:.3g}", MARK_ABOVE
-    else:
-        body = f"{d:.{max(0, min(3, width - 3 - len(str(int(d)))))}f}"
-        mark = MARK_DISAGREE if disagree else (MARK_LITTLE if bool(post.little_information[i]) else " ")
+    above = bool(post.above_range[i])
+    body = f">{post.d_max:.3g}" if above else f"{d:.{max(0, min(3, width - 3 - len(str(int(d)))))}f}"
+    # a disagreement is the first thing to say (also when the windows added read above the range)
+    mark = (MARK_DISAGREE if disagree else MARK_ABOVE if above else
+            MARK_LITTLE if bool(post.little_information[i]) else " ")
     return (body[: width - 1] + mark).rjust(width)
 
 

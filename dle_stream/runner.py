@@ -107,8 +107,10 @@ class StreamRunner:
 
     def __init__(self, estimator: StreamEstimator, layout: TileLayout, timing: ScanTiming, *,
                  window: int | None = None, hop: int = 50, live: bool = False, timing_assumed: bool = False,
-                 combine_windows: int = 8, encode_every: int = 10):
+                 combine_windows: int = 8, encode_every: int = 10, images_lost_before: int = 0):
         self.est = estimator
+        #: images lost before this stream's first frame (a continued replay: from its log)
+        self.images_lost_before = int(images_lost_before)
         self.layout = layout
         self.timing = timing
         self.window = int(window or estimator.window_frames)
@@ -248,7 +250,7 @@ class StreamRunner:
         start = stop - self.window
         period_s = self.timing.frame_period_us * 1e-6
         # acquisition time: a window never spans a gap, so every image lost so far came before it
-        acquired = start + self.stats.images_lost
+        acquired = start + self.images_lost_before + self.stats.images_lost
         est = WindowEstimate(
             window=self._window_number, frame_start=start, frame_stop=stop, t_start_s=acquired * period_s,
             t_stop_s=(acquired + self.window) * period_s, wall_time=time.time(), d_um2_s=d.astype(np.float32),

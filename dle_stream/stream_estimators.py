@@ -107,6 +107,16 @@ class ClassicStream:
         return gaussian_log_likelihood(np.asarray(d, float) / scale, np.asarray(s, float) / scale, self.grid)
 
 
+def window_note(est: StreamEstimator, window: int) -> str | None:
+    """A warning when a stream's windows differ in length from the model's: a model's
+    likelihood calibration (intervals, information of windows combined, the disagreement
+    tests' scale) was measured on windows of its own length only."""
+    if est.name != "dle" or int(window) == int(est.window_frames):
+        return None
+    return (f"windows of {window} frames: the model was trained and calibrated on {est.window_frames}-frame "
+            f"windows, so its intervals and its tests of disagreement are not measured for these")
+
+
 def make_stream_estimator(estimator: str, model: str, timing: ScanTiming,
                           device: str = "cpu") -> tuple[StreamEstimator, TimingComparison]:
     """Load the estimator ``estimator`` ("dle", "classic" or "rics") for a stream with this timing.

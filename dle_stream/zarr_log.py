@@ -266,8 +266,10 @@ class ZarrLog:
         self._closed = False
         self._attached: list[tuple[SignalInstance, Callable[..., None]]] = []
         #: replaying the same recording into its log again (--append): the first frame to
-        #: read, and frames below ``logged_until`` are already in the log (not logged twice)
+        #: read, and frames below ``logged_until`` are already in the log (not logged twice);
+        #: ``images_lost_before``: images lost in the log's gaps up to ``resume_frame``
         self.resume_frame = 0
+        self.images_lost_before = 0
         self.logged_until = 0
 
     # ------------------------------------------------------------------ opening
@@ -432,13 +434,16 @@ class ZarrLog:
             window_offset = int(np.asarray(_array(group, "window")[cw - 1])) + 1 if cw else 0
             logged_until = int(np.asarray(_array(group, "frame_index")[cf - 1])) + 1 if cf else 0
             last_stop = int(np.max(_array(group, "frame_stop")[:cw])) if cw else 0
-            resume_frame = 0
+            resume_frame = lost_before = 0
             if user_attrs.get("mode") == "replay":
                 # the same recording again: continue it where the committed windows end (frame
                 # numbers are the recording's own, so they need no offset)
                 frame_offset = 0
                 hop, window = int(user_attrs.get("hop_frames", 1)), int(user_attrs.get("window_frames", 1))
                 resume_frame = max(0, last_stop + hop - window) if cw else 0
+                # images lost before that frame (a resumed run cannot see gaps before its first frame)
+                gaps = np.asarray(_array(group, "gaps")[:cg]).reshape(-1, 3)
+                lost_before = int(np.sum(np.maximum(gaps[gaps[:, 0] <= resume_frame, 1], 0)))
             else:
                 # a new acquisition continues the log: its frames are numbered on after the old ones
                 frame_offset = max(logged_until, last_stop)
@@ -457,6 +462,7 @@ class ZarrLog:
         log = cls(group, path, header, flush_interval_s=flush_interval_s,
                   window_offset=window_offset, frame_offset=frame_offset)
         log.resume_frame = resume_frame
+        log.images_lost_before = lost_before
         log.logged_until = logged_until
         return log
 

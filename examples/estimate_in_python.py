@@ -36,7 +36,7 @@ rois = {"left": (0, 0, 40, 40), "right": (40, 0, 40, 40)}   # name: (x, y, w, h)
 
 # 1. a movie array and its scan timing
 res = dle.estimate(movie, timing, rois=rois, window=200, hop=100)
-print(res.rois.to_pandas()[["roi", "d_um2_s", "lo95_um2_s", "hi95_um2_s", "flags"]])
+print(res.rois.to_pandas()[["roi", "d_um2_s", "lo95_um2_s", "hi95_um2_s", "flags", "text"]])
 per_window = res.windows.to_pandas()                  # one row per window and tile
 print(per_window[["window", "t_stop_s", "tile", "row", "col", "d_um2_s", "sigma_um2_s"]].head(8))
 
@@ -46,5 +46,5 @@ print(res)                                            # in words, next to the tr
 
 # 3. window by window, as they are made
 for w in dle.stream(rec.path, rois=rois, window=200, hop=100):
-    left, right = w.rois["d_um2_s"]
-    print(f"frames {w.frame_start}-{w.frame_stop} ({w.t_stop_s:.1f} s): left {left:.3f}, right {right:.3f} µm²/s")
+    left, right = w.rois["text"]          # the running estimate in words (a range when the parts disagree)
+    print(f"frames {w.frame_start}-{w.frame_stop} ({w.t_stop_s:.1f} s): left {left}; right {right}")

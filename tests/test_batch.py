@@ -189,9 +189,12 @@ def test_an_interrupted_rerun_leaves_the_earlier_table_whole(tmp_path, monkeypat
     assert table.read_text() == earlier
 
 
-def test_a_recording_that_fails_in_a_rerun_keeps_its_rows_in_the_table(tmp_path, monkeypatch, write_movie):
+@pytest.mark.parametrize("header", ["now", "before lower95_um2_s"])
+def test_a_recording_that_fails_in_a_rerun_keeps_its_rows_in_the_table(tmp_path, monkeypatch, write_movie, header):
     """A rerun in which recordings failed (a share briefly unreachable, a wrong --model)
-    replaced results.csv with a table without their rows: every row, if all failed."""
+    replaced results.csv with a table without their rows: every row, if all failed. A table
+    an earlier version wrote (without the column lower95_um2_s) is taken too, its rows
+    carried under the right columns."""
     import dask.distributed
     from typer.testing import CliRunner
 
@@ -202,9 +205,13 @@ def test_a_recording_that_fails_in_a_rerun_keeps_its_rows_in_the_table(tmp_path,
     out.mkdir()
     table = out / "results.csv"
     rec = write_movie("a.tif")
-    earlier = (",".join(TABLE_COLUMNS) + "\n" + f"{rec.absolute()},frame,0,0,0,20,20,0,0,40,0,1,0.5,0.3,0.1,0.2,0.4,"
-               f"0.1,0.5,0,,,0\n")
-    table.write_text(earlier)
+    row = f"{rec.absolute()},frame,0,0,0,20,20,0,0,40,0,1,0.5,0.3,0.1,0.2,0.4,0.1,0.5,0,,,0\n"
+    earlier = ",".join(TABLE_COLUMNS) + "\n" + row
+    if header == "now":
+        table.write_text(earlier)
+    else:  # the same row as the version before wrote it
+        old_columns = [c for c in TABLE_COLUMNS if c != "lower95_um2_s"]
+        table.write_text(",".join(old_columns) + "\n" + row.replace(",,,0\n", ",,0\n"))
 
     class Failed:
         def __init__(self, recording, log):

@@ -58,6 +58,24 @@ def test_tiles_that_disagree_win_over_above_range_and_above_range_tiles_are_not_
     assert text.startswith("tiles disagree") and "above" in text, text
     lo, hi = c.region_tile_range[0]
     assert hi < 0.5, "a tile above the range counted as the largest value inside it"
+    import re
+
+    assert all(len(x) <= 3 for x in re.findall(r"\d\.(\d+)", text)), text  # decimals of the range, not of σ
+
+
+def test_the_tile_map_marks_a_tile_whose_windows_disagree_even_above_the_range():
+    """Two windows at 0.3 µm²/s, then six far above the range: the windows added read above
+    the range, and the map must say first that they disagree; the ROI text shows both."""
+    c = RunningCombination(1, [[0]], windows_apart=1, keep=8, grid=GRID, d_max_um2_s=D_MAX)
+    for k in range(8):
+        c.add(gauss([0.3 if k < 2 else 2.7], [0.15]))
+    assert c.tile_disagree[0] and c.tile.above_range[0]
+    assert report.cell_text(c.tile, 0, 7, bool(c.tile_disagree[0])).endswith(report.MARK_DISAGREE)
+    text = region_text(c)
+    assert text.startswith("windows disagree") and "0.30" in text and "above" in text, text
+    import re
+
+    assert all(len(x) <= 3 for x in re.findall(r"\d\.(\d+)", text)), text  # decimals of the range, not of σ
 
 
 def test_homogeneous_windows_and_tiles_are_rarely_called_changed():
@@ -198,3 +216,18 @@ def test_window_tables_carry_the_d_above_x_bound_of_windows_above_the_range(tmp_
             assert 1.5 < x < 2.7, x
     for r in (r for r in rows if r["tile"] == "1"):
         assert r["lower95_um2_s"] == ""  # only where the window is above the range
+
+
+def test_the_api_tables_give_no_number_where_the_parts_disagree():
+    """The API's per-ROI table: an ROI of a tile at 0.3 and a tile far above the range has
+    no D (NaN) but says what disagrees, with the tiles' values; a homogeneous ROI keeps its D."""
+    from dle_stream.api import EstimateStream
+
+    c = RunningCombination(3, [[0, 1], [2]], windows_apart=1, keep=8, grid=GRID, d_max_um2_s=D_MAX)
+    for _ in range(4):
+        c.add(gauss([0.3, 2.7, 0.6], [0.08, 0.08, 0.08]))
+    cols = EstimateStream._estimate_columns(c.region, np.zeros(2, np.uint8), c.region_spread)
+    assert np.isnan(cols["d_um2_s"][0]) and np.isnan(cols["lo95_um2_s"][0])
+    assert cols["disagree"].tolist() == ["tiles", ""]
+    assert cols["spread_lo_um2_s"][0] == pytest.approx(0.3, abs=0.03) and 1.5 < cols["spread_above_um2_s"][0] < 2.7
+    assert cols["d_um2_s"][1] == pytest.approx(0.6, abs=0.03) and np.isnan(cols["spread_lo_um2_s"][1])

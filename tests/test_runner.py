@@ -98,6 +98,35 @@ def test_window_times_after_lost_images_are_acquisition_times():
         assert e.t_start_s == pytest.approx(image * period) and e.t_stop_s == pytest.approx((image + 40) * period)
 
 
+def test_a_resumed_replay_times_its_windows_after_the_images_lost_before_it(tmp_path):
+    """A replay continued from its log (killed, or a batch worker replaced) starts at a
+    frame after a gap: its windows' times still count the images lost before that frame."""
+    layout = grid_layout(40, 60, 20, 20)
+    numbers = list(range(50)) + list(range(150, 150 + 80))  # 100 images lost before frame 50
+    attrs = {"source": "test", "mode": "replay", "window_frames": 40, "hop_frames": 20}
+    est = FrameNumberEstimator()
+
+    def log(append):
+        return ZarrLog.create(tmp_path / "run.zarr", tile_bboxes=layout.bboxes, attrs=attrs, grid=est.grid,
+                              d_max_um2_s=est.d_max_um2_s, append=append)
+
+    first = StreamRunner(est, layout, TIMING, window=40, hop=20)
+    first_log = log(False)
+    first.attach(first_log)
+    first.run(frames(110, image_numbers=numbers[:110]))  # windows up to frame 100, then killed
+    first_log.close()
+    again_log = log(True)
+    start = again_log.resume_frame
+    assert 50 < start < 110
+    again = StreamRunner(est, layout, TIMING, window=40, hop=20, images_lost_before=again_log.images_lost_before)
+    out = [e for ev in frames(130 - start, start=start, image_numbers=numbers[start:]) for e in again.process(ev)]
+    again_log.close()
+    assert out
+    period = TIMING.frame_period_us * 1e-6
+    for e in out:
+        assert e.t_start_s == pytest.approx(numbers[e.frame_start] * period)
+
+
 def test_a_timestamp_jump_is_a_gap_too():
     runner = StreamRunner(FrameNumberEstimator(), grid_layout(40, 60, 20, 20), TIMING, window=40, hop=20)
     events = list(frames(60))

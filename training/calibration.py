@@ -624,9 +624,13 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     temper = {k: v / window_temperatures(v, grid, best, profile)[..., None] for k, v in sets.items()}
     tile_sums = combine(tempered, axis=2)  # [cells, tiles, entries]: each tile's running likelihood
     roi = tile_sums[:, : (nt // ROI_TILES) * ROI_TILES].reshape(c, nt // ROI_TILES, ROI_TILES, e)
+    # an ROI's successive windows, its tiles added in each (the "D changed over time" test)
+    roi_windows = combine(tempered[:, : (nt // ROI_TILES) * ROI_TILES].reshape(c, nt // ROI_TILES, ROI_TILES, nw, e),
+                          axis=2)
     null = {"independent_k4": temper["independent_k4"][inside],  # Λ is read from plain sums
             "independent_k16": temper["independent_k16"][inside],
-            f"tile_k{nw}": tempered[inside], f"roi_{ROI_TILES}_tiles": roi[inside]}
+            f"tile_k{nw}": tempered[inside], f"roi_{ROI_TILES}_tiles": roi[inside],
+            f"roi_{ROI_TILES}_windows": roi_windows[inside]}
     if "cloud_k4" in temper:
         null.update({"cloud_k4": temper["cloud_k4"][inside], "cloud_k16": temper["cloud_k16"][inside]})
     say(f"temperature {best:.3g}, systematic error {systematic:.0%}; fitting the disagreement scale")
