@@ -254,8 +254,16 @@ def test_calibration_is_stored_in_the_package_and_used_by_the_estimator(trained,
     before, _ = raw.window_log_likelihoods_of_movies(batch.movies.numpy(), raw.timing)
     fractions = (0.1, 0.3, 0.5, 0.7, 0.9, 1.25)
     saved = tmp_path / "windows.npz"
+    trained_validation = json.loads((pkg / "card.json").read_text())["validation"]
     r = calibrate(pkg, n_per_cell=128, fractions=fractions, save_windows=saved)
     assert 0.1 <= r["temperature"] <= 2.0 and r["warp_points"] == 6
+    # the card's validation is measured again with the calibration (the trainer's kept beside it):
+    # the same number of held-out movies, the estimator's intervals now the calibrated ones
+    card = json.loads((pkg / "card.json").read_text())
+    assert card["training"]["validation_before_calibration"] == trained_validation
+    v = card["validation"]
+    assert v["n_movies"] == trained_validation["n_movies"] and "calibration included" in v["measured"]
+    assert 0 < v["dle"]["l1"] < v["prior_baseline"]["l1"] and 0 < v["dle"]["interval68_coverage"] < 1
     # the simulated windows, saved, give the same calibration offline; the file is never replaced
     tiles, f, seed, sha = load_tile_cells(saved)
     assert tiles.shape[:3] == (6, 16, 8) and tuple(f) == fractions and seed == r["seed"]

@@ -498,7 +498,8 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
               fractions: tuple[float, ...] = INSIDE_FRACTIONS + BEYOND_FRACTIONS,
               tiles: np.ndarray | None = None, log: Callable[[str], None] | None = None,
               temperature_profile: bool = False, save_windows: str | Path | None = None,
-              cloud: np.ndarray | None = None, with_cloud: bool = True, warp_from: str = "peaks") -> dict:
+              cloud: np.ndarray | None = None, with_cloud: bool = True, warp_from: str = "peaks",
+              validation_movies: int | None = None) -> dict:
     """Fit and store the smoothing, warp, temperature, systematic error and likelihood-ratio
     scale of the grid model in ``folder``; returns what was measured.
 
@@ -520,6 +521,11 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
     ``warp_from``: "peaks" (each cell's average log-likelihood peaks at its D,
     :func:`fit_warp`) or "medians" (then refined until 16 windows combined have unbiased
     medians, :func:`refine_warp_by_medians`).
+    ``validation_movies``: the card's validation is measured again on this many held-out
+    movies with the calibrated package (:func:`dle_stream.training.validation.measure_validation`;
+    default: as many as the card's validation had, else 512; 0: not measured, the card then
+    says its validation predates the calibration); the trainer's figures are kept as
+    ``training.validation_before_calibration``.
     """
     from dle_stream.estimator import DiffusionEstimator
     from dle_stream.model_package import load_model_package, save_model_package
@@ -669,6 +675,16 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
                            grid_smooth_knots=SMOOTH_KNOTS, grid_lr_scale=lr_scale, grid_temperature_profile=profile,
                            grid_combine_exponent=exponent)
     card.training["likelihood_calibration"] = result
+    previous = card.validation if isinstance(card.validation, dict) else {}
+    card.training.setdefault("validation_before_calibration", previous)  # the trainer's, kept on recalibration
+    n_val = int(previous.get("n_movies", 512)) if validation_movies is None else int(validation_movies)
+    if n_val > 0:
+        from dle_stream.training.validation import measure_validation
+
+        say(f"measuring the card's validation again with the calibration ({n_val} held-out movies)")
+        card.validation = measure_validation(DiffusionEstimator(model, card, Path(folder), device), n_val)
+    else:
+        card.validation = {**previous, "measured": "before this calibration (not measured again)"}
     save_model_package(folder, model, card)
     return result
 
