@@ -25,6 +25,8 @@ card = json.loads(card_path.read_text(encoding="utf-8"))
 if "likelihood_calibration" not in card.get("training", {}):
     raise SystemExit(f"{folder}: not calibrated; its validation already describes it")
 n = int(sys.argv[2]) if len(sys.argv) > 2 else int(card.get("validation", {}).get("n_movies", 512))
+if n < 2:
+    raise SystemExit(f"N={n}: give at least 2 movies")
 v = measure_validation(DiffusionEstimator.load(folder), n)
 card["training"].setdefault("validation_before_calibration", card.get("validation", {}))
 card["validation"] = v

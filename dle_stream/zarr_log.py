@@ -443,7 +443,9 @@ class ZarrLog:
                 resume_frame = max(0, last_stop + hop - window) if cw else 0
                 # images lost before that frame (a resumed run cannot see gaps before its first frame)
                 gaps = np.asarray(_array(group, "gaps")[:cg]).reshape(-1, 3)
-                lost_before = int(np.sum(np.maximum(gaps[gaps[:, 0] <= resume_frame, 1], 0)))
+                # each gap once (logs written before resumed replays skipped re-read gaps hold it twice)
+                seen = np.unique(gaps[gaps[:, 0] <= resume_frame][:, :2], axis=0)
+                lost_before = int(np.sum(np.maximum(seen[:, 1], 0)))
             else:
                 # a new acquisition continues the log: its frames are numbered on after the old ones
                 frame_offset = max(logged_until, last_stop)
@@ -545,12 +547,15 @@ class ZarrLog:
         self._maybe_flush()
 
     def add_gap(self, frame_index: int, n_lost: int, kind: str = "dropped_frames") -> None:
-        """Buffer a gap seen at ``frame_index`` (``n_lost`` frames lost, -1 if unknown).
+        """Buffer a gap seen at ``frame_index`` (``n_lost`` frames lost, -1 if unknown;
+        skipped when a resumed replay re-reads a gap the log already holds).
 
         ``kind`` is free text (e.g. "dropped_frames", "timestamp_jump",
         "skipped_windows"); it is stored as an index into ``gaps.attrs["kinds"]``.
         """
         self._check_open()
+        if int(frame_index) + self.frame_offset < self.logged_until:
+            return  # a resumed replay re-read a gap the log already holds
         kind = str(kind)
         if kind not in self._gap_kinds:
             self._gap_kinds.append(kind)

@@ -35,16 +35,16 @@ with open_recording(rec.path) as recording:
 rois = {"left": (0, 0, 40, 40), "right": (40, 0, 40, 40)}   # name: (x, y, w, h) px
 
 # 1. a movie array and its scan timing
-res = dle.estimate(movie, timing, rois=rois, window=200, hop=100)
+res = dle.estimate(movie, timing, rois=rois, hop=100)
 print(res.rois.to_pandas()[["roi", "d_um2_s", "lo95_um2_s", "hi95_um2_s", "flags", "text"]])
 per_window = res.windows.to_pandas()                  # one row per window and tile
 print(per_window[["window", "t_stop_s", "tile", "row", "col", "d_um2_s", "sigma_um2_s"]].head(8))
 
 # 2. the recording on disk: its scan timing is read from the file's metadata
-res = dle.estimate_recording(rec.path, rois=rois, window=200, hop=100)
+res = dle.estimate_recording(rec.path, rois=rois, hop=100)
 print(res)                                            # in words, next to the truth
 
 # 3. window by window, as they are made
-for w in dle.stream(rec.path, rois=rois, window=200, hop=100):
+for w in dle.stream(rec.path, rois=rois, hop=100):
     left, right = w.rois["text"]          # the running estimate in words (a range when the parts disagree)
     print(f"frames {w.frame_start}-{w.frame_stop} ({w.t_stop_s:.1f} s): left {left}; right {right}")

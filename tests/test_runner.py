@@ -100,31 +100,33 @@ def test_window_times_after_lost_images_are_acquisition_times():
 
 def test_a_resumed_replay_times_its_windows_after_the_images_lost_before_it(tmp_path):
     """A replay continued from its log (killed, or a batch worker replaced) starts at a
-    frame after a gap: its windows' times still count the images lost before that frame."""
+    frame after a gap: its windows' times still count the images lost before that frame —
+    also when continued twice, the second time after re-reading the gap (counted once)."""
     layout = grid_layout(40, 60, 20, 20)
-    numbers = list(range(50)) + list(range(150, 150 + 80))  # 100 images lost before frame 50
+    numbers = list(range(100)) + list(range(150, 150 + 300))  # 50 images lost before frame 100
     attrs = {"source": "test", "mode": "replay", "window_frames": 40, "hop_frames": 20}
     est = FrameNumberEstimator()
-
-    def log(append):
-        return ZarrLog.create(tmp_path / "run.zarr", tile_bboxes=layout.bboxes, attrs=attrs, grid=est.grid,
-                              d_max_um2_s=est.d_max_um2_s, append=append)
-
-    first = StreamRunner(est, layout, TIMING, window=40, hop=20)
-    first_log = log(False)
-    first.attach(first_log)
-    first.run(frames(110, image_numbers=numbers[:110]))  # windows up to frame 100, then killed
-    first_log.close()
-    again_log = log(True)
-    start = again_log.resume_frame
-    assert 50 < start < 110
-    again = StreamRunner(est, layout, TIMING, window=40, hop=20, images_lost_before=again_log.images_lost_before)
-    out = [e for ev in frames(130 - start, start=start, image_numbers=numbers[start:]) for e in again.process(ev)]
-    again_log.close()
-    assert out
     period = TIMING.frame_period_us * 1e-6
-    for e in out:
+
+    def run(stop, append):
+        log = ZarrLog.create(tmp_path / "run.zarr", tile_bboxes=layout.bboxes, attrs=attrs, grid=est.grid,
+                             d_max_um2_s=est.d_max_um2_s, append=append)
+        start = log.resume_frame
+        runner = StreamRunner(est, layout, TIMING, window=40, hop=20, images_lost_before=log.images_lost_before)
+        runner.attach(log)
+        out = [e for ev in frames(stop - start, start=start, image_numbers=numbers[start:stop])
+               for e in runner.process(ev)]
+        log.close()
+        return start, out
+
+    run(110, False)  # killed after frame 109: the gap at frame 100 is logged
+    start, out = run(200, True)  # continued from before the gap: re-reads it
+    assert start < 100 and out
+    start, again = run(260, True)  # continued once more, after it
+    assert start > 100 and again
+    for e in out + again:
         assert e.t_start_s == pytest.approx(numbers[e.frame_start] * period)
+    assert open_log(tmp_path / "run.zarr").n_gaps == 1
 
 
 def test_a_timestamp_jump_is_a_gap_too():

@@ -212,6 +212,22 @@ def test_a_resumed_run_keeps_its_own_learning_rate_and_batch_unless_given(tmp_pa
     assert config_for(**common, lr=1e-3).lr == 1e-3
 
 
+def test_a_resumed_package_keeps_the_name_its_card_has_now(tmp_path):
+    """A candidate shipped under a new name (its card renamed: beads-high-steady → beads-high)
+    and resumed in place must write a package of that name, not of the checkpoint's."""
+    from dle_stream.training.trainer import _config_json
+    from dle_stream.training.training_setup import config_for
+
+    out = tmp_path / "m"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.json").write_text(json.dumps({"config": _config_json(easy_config(out))}))
+    (out / "card.json").write_text(json.dumps({"name": "renamed-model"}))
+    resumed = config_for(out=out, preset="low", like=None, d_max=None, steps=10, minutes=None, device="cpu", seed=0,
+                         resume=True, encoder_from=None, ae_steps=None, cache_movies=64, val_movies=64, name=None,
+                         flags={}, timing_file=None)
+    assert resumed.name == "renamed-model"
+
+
 def test_a_resumed_run_never_ends_worse_than_the_weights_it_started_from(tmp_path):
     """The held-out score of the resumed package's own weights counts as the best so far:
     when every later validation is worse, the run ends with the weights it started from."""

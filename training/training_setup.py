@@ -56,6 +56,16 @@ def describe_priors(preset: Preset, priors: SimulatorPriors) -> str:
     return (f"D {priors.d_prior} on {priors.d_min_um2_s:g}–{priors.d_max_um2_s:g} µm²/s, "
             f"otherwise the priors of preset {preset.name}")
 
+def _current_name(out: Path, checkpoint_name: str) -> str:
+    """The name of the package in ``out`` as its card says now (a package shipped under a new
+    name keeps it when resumed), else the checkpoint's."""
+    try:
+        name = json.loads((out / "card.json").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        return checkpoint_name
+    return name if isinstance(name, str) and name else checkpoint_name
+
+
 def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None, steps: int | None,
                minutes: float | None, device: str, seed: int, resume: bool, encoder_from: Path | None,
                ae_steps: int | None, cache_movies: int, val_movies: int, name: str | None, flags: dict,
@@ -106,7 +116,7 @@ def config_for(*, out: Path, preset: str, like: Path | None, d_max: float | None
         # held-out score went from −6.05 to +1.45 within 500 steps)
         kept = {k: saved[k] for k in RESUME_KEEPS if k in saved}
         return TrainConfig(
-            name=saved["name"], priors=SimulatorPriors.from_dict(saved["priors"]),
+            name=_current_name(out, saved["name"]), priors=SimulatorPriors.from_dict(saved["priors"]),
             timing=ScanTiming.from_dict(saved["timing"]), out=out, preset=saved.get("preset", "custom"),
             description=saved.get("description", ""), tile_height=saved["tile_height"], tile_width=saved["tile_width"],
             frames=saved["frames"], architecture=ModelConfig.from_dict(saved["architecture"]), seed=seed,
