@@ -104,6 +104,13 @@ def spread_of(parts: Posterior, what: str) -> Spread:
     return Spread(what, lo, hi, x)
 
 
+def window_spread(per_window: np.ndarray, used: np.ndarray, grid: DGrid, d_max_um2_s: float) -> Spread:
+    """The :class:`Spread` of successive windows [K, n] (a tile's, or an ROI's with its tiles
+    added in each); ``used`` [K]: windows (tiles) summed into each, for the information weight."""
+    post = posterior(per_window, grid, d_max_um2_s, n_windows=np.maximum(np.asarray(used), 1))
+    return spread_of(post, "windows")
+
+
 class RunningCombination:
     """Per-tile and per-ROI running estimates from the latest independent windows.
 
@@ -174,8 +181,9 @@ class RunningCombination:
         self.tile_log_likelihood = combine(chosen, axis=0)
         self.tile_disagree = disagreement_p(chosen, axis=0, lr_scale=self.grid.lr_scale) < DISAGREE_P
         self.tile = posterior(self.tile_log_likelihood, self.grid, self.d_max_um2_s, n_windows=self.tile_windows)
-        self.tile_spread = [self._window_spread(chosen[:, [t]]) if self.tile_disagree[t] else None
-                            for t in range(self.n_tiles)]
+        usable = np.all(np.isfinite(chosen), axis=-1)  # [K, tiles]
+        self.tile_spread = [window_spread(chosen[:, t], usable[:, t], self.grid, self.d_max_um2_s)
+                            if self.tile_disagree[t] else None for t in range(self.n_tiles)]
         parts = []
         for i, tiles in enumerate(self.regions):
             own = self.tile_log_likelihood[tiles]
@@ -186,15 +194,9 @@ class RunningCombination:
             in_time = combine(chosen[:, tiles], axis=1) if tiles else np.full((len(chosen), self.grid.n), np.nan)
             self.region_changed[i] = disagreement_p(in_time, axis=0, lr_scale=self.grid.lr_scale) < DISAGREE_P
             self.region_spread[i] = (by_tile if self.region_p[i] < DISAGREE_P else
-                                     self._window_spread(chosen[:, tiles]) if self.region_changed[i] else None)
+                                     window_spread(in_time, usable[:, tiles].sum(axis=1), self.grid, self.d_max_um2_s)
+                                     if self.region_changed[i] else None)
         self.region_log_likelihood = np.stack(parts) if parts else np.zeros((0, self.grid.n))
         self.region_windows = np.array([int(self.tile_windows[t].sum()) for t in self.regions], dtype=int)
         self.region_disagree = self.region_p < DISAGREE_P
         self.region = posterior(self.region_log_likelihood, self.grid, self.d_max_um2_s, n_windows=self.region_windows)
-
-    def _window_spread(self, chosen: np.ndarray) -> Spread:
-        """The spread of successive windows [K, tiles, n], each window's tiles added."""
-        usable = np.all(np.isfinite(chosen), axis=-1)  # [K, tiles]
-        per_window = combine(chosen, axis=1)
-        post = posterior(per_window, self.grid, self.d_max_um2_s, n_windows=np.maximum(usable.sum(axis=1), 1))
-        return spread_of(post, "windows")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dle_stream import report
-from dle_stream.combine import DISAGREE_P, Spread, disagreement_p, spread_of
+from dle_stream.combine import DISAGREE_P, Spread, disagreement_p, spread_of, window_spread
 from dle_stream.errors import DleStreamError
 from dle_stream.likelihood import DGrid, combine, gaussian_log_likelihood, posterior
 from dle_stream.zarr_log import WINDOW_CHUNK, LogView, open_log
@@ -119,7 +119,7 @@ def _windows_test(parts: np.ndarray, used: np.ndarray, grid: DGrid, d_max: float
     p = float(disagreement_p(parts, lr_scale=grid.lr_scale)) if len(parts) else 1.0
     if p >= DISAGREE_P:
         return p, None
-    return p, spread_of(posterior(parts, grid, d_max, n_windows=np.maximum(used, 1)), "windows")
+    return p, window_spread(parts, used, grid, d_max)
 
 
 def _summarize(view: LogView) -> list[dict]:

@@ -72,7 +72,8 @@ def estimate_text(post: Posterior, i: int | tuple[()], *, spread: Spread | None 
 
 def window_text(post: Posterior, i: int | tuple[()] = ()) -> str:
     """A compact "D ± σ" of one estimate (σ to two significant digits, D to the same decimal
-    place), "> x" when above the range, "?" added when it says little, "–" when there is none."""
+    place), "> x (above range)" when above the range, "(little information)" added when it
+    says little, "–" when there is none."""
     d, s = float(post.d[i]), float(post.sigma[i])
     if not math.isfinite(d):
         return "–"

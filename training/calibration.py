@@ -676,14 +676,14 @@ def calibrate(folder: str | Path, n_per_cell: int = 512, seed: int = CALIBRATION
                            grid_combine_exponent=exponent)
     card.training["likelihood_calibration"] = result
     previous = card.validation if isinstance(card.validation, dict) else {}
-    card.training.setdefault("validation_before_calibration", previous)  # the trainer's, kept on recalibration
     n_val = int(previous.get("n_movies", 512)) if validation_movies is None else int(validation_movies)
     if n_val > 0:
-        from dle_stream.training.validation import measure_validation
+        from dle_stream.training.validation import record_validation
 
         say(f"measuring the card's validation again with the calibration ({n_val} held-out movies)")
-        card.validation = measure_validation(DiffusionEstimator(model, card, Path(folder), device), n_val)
+        record_validation(card, DiffusionEstimator(model, card, Path(folder), device), n_val)
     else:
+        card.training.setdefault("validation_before_calibration", previous)  # the trainer's, kept on recalibration
         card.validation = {**previous, "measured": "before this calibration (not measured again)"}
     save_model_package(folder, model, card)
     return result

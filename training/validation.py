@@ -42,3 +42,14 @@ def measure_validation(est, n: int, seed: int = VALIDATION_SEED, batch: int = 32
     return json_safe({"n_movies": int(truth.size), "seed": int(seed), "dle": metrics,
                       "prior_baseline": prior_baseline(truth, p.d_mean_um2_s, p.d_std_um2_s),
                       "measured": "with the package as shipped (its calibration included), the paper's spreading cloud"})
+
+
+def record_validation(card, est, n: int) -> dict:
+    """Measure ``card``'s validation again with ``est`` (:func:`measure_validation`, ``n``
+    movies) and store it in the card (a :class:`dle_stream.model_package.ModelCard`), the
+    trainer's figures kept as ``training.validation_before_calibration`` (the first ones
+    only, on a recalibration). Returns the new validation."""
+    previous = card.validation if isinstance(card.validation, dict) else {}
+    card.training.setdefault("validation_before_calibration", previous)
+    card.validation = measure_validation(est, n)
+    return card.validation
