@@ -51,7 +51,7 @@ from dle_stream.protocols import StreamEstimator
 from dle_stream.recording import Recording
 from dle_stream.results import ResultTable, flag_text
 from dle_stream.runner import RunStats, StreamRunner
-from dle_stream.stream_estimators import ESTIMATORS, window_note
+from dle_stream.stream_estimators import ESTIMATORS, calibration_note
 from dle_stream.tiling import Region, TileLayout, grid_layout, roi_layout
 from dle_stream.timing import ScanTiming
 
@@ -352,7 +352,7 @@ class EstimateStream:
         self.layout = layout
         self.window = window
         self.runner.events.warning.connect(self._warn)
-        if (note := window_note(est, window)) is not None:
+        if (note := calibration_note(est, window)) is not None:
             self._warn(note)
         if self._recording is not None:
             self.truth = truth_for(self._recording.path, layout)

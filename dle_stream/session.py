@@ -26,7 +26,7 @@ from dle_stream.errors import DleStreamError, EstimatorChoiceError, ParameterErr
 from dle_stream.log_attrs import RunMetadata
 from dle_stream.protocols import FrameSource, LiveFrameSource, StreamEstimator
 from dle_stream.runner import RunStats, StreamRunner
-from dle_stream.stream_estimators import make_stream_estimator, window_note
+from dle_stream.stream_estimators import calibration_note, make_stream_estimator
 from dle_stream.tiling import TileLayout, grid_layout, parse_roi, read_rois, roi_layout
 from dle_stream.timing import ScanTiming, TimingComparison
 
@@ -226,7 +226,7 @@ def replay(recording: Path, opts: StreamOptions, *, realtime: bool = False, chan
             warnings.insert(0, opts.model_note)
         layout = make_layout(rec.height, rec.width, est.tile_shape, opts)
         window = opts.window or est.window_frames
-        if (note := window_note(est, window)) is not None:
+        if (note := calibration_note(est, window)) is not None:
             warnings.append(note)
         if rec.n_frames < window:
             raise ParameterError(
@@ -469,7 +469,7 @@ def run_live(opts: StreamOptions, *, demo: bool = False, mm_config: Path | None 
         opts.roi = [f"left=0,0,{w // 2},{h}", f"right={w // 2},0,{w - w // 2},{h}"]
     layout = make_layout(h, w, est.tile_shape, opts)
     window = opts.window or est.window_frames
-    if (note := window_note(est, window)) is not None:
+    if (note := calibration_note(est, window)) is not None:
         warnings.append(note)
     if frames is not None and frames < window:
         raise ParameterError(f"{arg('frames', frames)}: fewer than one {window}-frame window, so nothing could be "

@@ -107,11 +107,17 @@ class ClassicStream:
         return gaussian_log_likelihood(np.asarray(d, float) / scale, np.asarray(s, float) / scale, self.grid)
 
 
-def window_note(est: StreamEstimator, window: int) -> str | None:
-    """A warning when a stream's windows differ in length from the model's: a model's
+def calibration_note(est: StreamEstimator, window: int) -> str | None:
+    """A warning when a stream's intervals are not measured: the classic tracker's and RICS's
+    D ± σ are read as exact Gaussians, which they are not (measured: their combined 68 %
+    intervals missed the truth in about half of the halves of simulated recordings, and
+    homogeneous halves were called inconsistent; BENCHMARKS.md, session 14); and a model's
     likelihood calibration (intervals, information of windows combined, the disagreement
     tests' scale) was measured on windows of its own length only."""
-    if est.name != "dle" or int(window) == int(est.window_frames):
+    if est.name != "dle":
+        return (f"estimator {est.name}: its D ± σ are not calibrated, so its intervals and its tests of "
+                f"disagreement are not measured (use the DLE for intervals that hold)")
+    if int(window) == int(est.window_frames):
         return None
     return (f"windows of {window} frames: the model was trained and calibrated on {est.window_frames}-frame "
             f"windows, so its intervals and its tests of disagreement are not measured for these")

@@ -195,6 +195,10 @@ def test_the_classic_and_rics_streams_combine_as_the_gaussians_they_are():
         c.add(one)
         c.add(one)
         assert float(c.tile_sigma[0]) == pytest.approx(0.05 * dmax / np.sqrt(2), rel=0.01), kind
+        # exact Gaussians they are not (their combined intervals missed simulated truths): said
+        from dle_stream.stream_estimators import calibration_note
+
+        assert "not calibrated" in calibration_note(est, est.window_frames), kind
 
 
 def test_window_tables_carry_the_d_above_x_bound_of_windows_above_the_range(tmp_path):
