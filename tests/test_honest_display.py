@@ -235,3 +235,32 @@ def test_the_api_tables_give_no_number_where_the_parts_disagree():
     assert cols["disagree"].tolist() == ["tiles", ""]
     assert cols["spread_lo_um2_s"][0] == pytest.approx(0.3, abs=0.03) and 1.5 < cols["spread_above_um2_s"][0] < 2.7
     assert cols["d_um2_s"][1] == pytest.approx(0.6, abs=0.03) and np.isnan(cols["spread_lo_um2_s"][1])
+
+
+def test_the_dashboard_trend_leaves_out_numbers_it_does_not_show():
+    """An ROI reported "D > x" (far above the range) gets no point in its trend: the
+    sparkline plotted the capped median the text refuses to give."""
+    from dle_stream.dashboard import Dashboard
+    from dle_stream.events import FrameEvent
+    from dle_stream.runner import StreamRunner
+    from dle_stream.tiling import grid_layout
+    from dle_stream.timing import ScanTiming
+
+    class Fast:
+        name, tile_shape, window_frames, min_frames = "fast", (20, 20), 40, 4
+        d_range, d_max_um2_s, grid = (0.0, D_MAX), D_MAX, GRID
+
+        def features(self, tiles):
+            return tiles.reshape(len(tiles), -1).mean(1, keepdims=True)
+
+        def estimate(self, windows):
+            return gauss(np.full(len(windows), 2.7), np.full(len(windows), 0.1))
+
+    runner = StreamRunner(Fast(), grid_layout(20, 20, 20, 20), ScanTiming(0.15, 8.0, 1508.0, 61652.0, 20, 20),
+                          window=40, hop=40)
+    console = Console(file=io.StringIO(), width=120, height=40, force_terminal=True, color_system=None)
+    with Dashboard(runner, source="s", model="fast", mode="live", console=console) as dash:
+        for i in range(80):
+            runner.process(FrameEvent(np.zeros((20, 20), np.float32), i, timestamp_s=i * 0.061652, image_number=i))
+        assert bool(runner.combination.region.above_range[0])
+        assert len(dash.history[0]) == 2 and np.all(np.isnan(np.asarray(dash.history[0], dtype=float)))
