@@ -607,7 +607,7 @@ def _bench_combine(model: str | None, n: int, out: Path, density: str = "cloud")
 @app.command()
 @user_errors
 def demo(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the simulated recording and its log (default: a temporary folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the simulated recording and its log, kept (default: a temporary folder, removed at the end)."),
     frames: int = typer.Option(1000, "--frames", help="Frames to simulate."),
     d: str = typer.Option("0.3,1.2", "--d", help="True D of the left and right halves, µm²/s."),
     seed: int = typer.Option(0, "--seed", help="Seed of the simulated recording."),
@@ -643,13 +643,15 @@ def demo(
                                None, None, 50, folder / "demo.zarr", overwrite, False, dashboard, quiet,
                                _timing_flags(None, None, None, None, None), None)
         result = run_replay(rec.path, opts, console=console)
-    except BaseException:
-        if out is None:  # the temporary folder is ours alone: leave nothing behind
+        describe_result(result, console)
+    finally:
+        if out is None:  # the temporary folder is ours alone: leave nothing behind, finished or not
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
-        raise
-    describe_result(result, console)
+    if out is None:
+        console.print("(the demo's recording and log were in a temporary folder, now removed; "
+                      "pass --out FOLDER to keep them)", markup=False, highlight=False, soft_wrap=True)
 
 
 def _check_demo_files(out: Path, overwrite: bool) -> None:

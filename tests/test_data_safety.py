@@ -734,3 +734,17 @@ def test_train_from_a_missing_encoder_leaves_no_out_folder(tmp_path):
     one_line_error(runner.invoke(app, ["train", "--out", str(out), "--encoder-from", str(tmp_path / "nope"),
                                        "--steps", "1"]), "--encoder-from", "nope")
     assert not out.exists()
+
+
+def test_demo_without_out_leaves_no_temporary_folder_behind(tmp_path, small_model, monkeypatch):
+    """`demo` without --out simulated into a fresh temporary folder (≈ 19 MB at its defaults)
+    and left it there after every run: a user who runs the demo a few times fills /tmp."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    done = runner.invoke(app, ["demo", "--model", str(small_model), *DEMO])
+    assert done.exit_code == 0, done.output
+    assert list(scratch.iterdir()) == []
+    assert "--out" in done.output  # the user is told how to keep the files
