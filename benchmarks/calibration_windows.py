@@ -3,10 +3,11 @@ then fitted offline — what BENCHMARKS "Honest numbers, sixth pass" ran.
 
     python benchmarks/calibration_windows.py tiles MODEL TILES.npy     # 64 tiles × 8 windows per D
     python benchmarks/calibration_windows.py cloud MODEL CLOUD.npy     # 512 cloud windows per D
-    python benchmarks/calibration_windows.py fit MODEL TILES.npy CLOUD.npy OUT_DIR peaks|medians 0|1
+    python benchmarks/calibration_windows.py fit MODEL TILES.npy CLOUD.npy OUT_DIR peaks|medians 0|1|posterior
 
 ``fit`` copies MODEL to the new folder OUT_DIR and calibrates the copy on the saved windows
-(warp from peaks or combined medians; 1: with the temperature profile). The seeds are
+(warp from peaks or combined medians; 1: with the per-window temperature profile;
+posterior: with the profile read where combined log-likelihoods peak). The seeds are
 `calibrate`'s (tiles 20241201, cloud 20241202), so the windows are the ones it simulates.
 """
 import shutil
@@ -45,8 +46,10 @@ elif part == "fit":
         raise SystemExit(f"{dst}: exists; choose a new folder")
     shutil.copytree(model_dir, dst)
     r = cal.calibrate(dst, tiles=tiles.astype(np.float64), cloud=cloud.astype(np.float64), log=print,
-                      warp_from=sys.argv[6], temperature_profile=bool(int(sys.argv[7])))
-    print({k: r[k] for k in ("temperature", "temperature_profile", "systematic_rel", "combine_exponent", "lr_scale")},
+                      warp_from=sys.argv[6], temperature_profile=sys.argv[7] == "1",
+                      posterior_profile=sys.argv[7] == "posterior")
+    print({k: r[k] for k in ("temperature", "temperature_profile", "posterior_profile", "systematic_rel",
+                             "combine_exponent", "lr_scale")},
           f"{time.time() - t:.0f} s")
 else:
     raise SystemExit(f"{part}: use tiles, cloud or fit")

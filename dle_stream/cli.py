@@ -370,6 +370,7 @@ def calibrate(
     movies: int = typer.Option(512, "--movies", help="Held-out simulated windows per true D value (25 values): movies/8 steady-density tiles × 8 consecutive windows, and as many independent windows of the paper's spreading cloud; at least 128."),
     save_windows: Optional[Path] = typer.Option(None, "--save-windows", help="Also write the simulated window likelihoods to this new .npz file (to try calibrations offline)."),
     windows: Optional[Path] = typer.Option(None, "--windows", help="Fit on window likelihoods saved by --save-windows from this model's weights instead of simulating."),
+    width_profile: bool = typer.Option(False, "--width-profile", help="Also fit a width that depends on D, read where each (combined) likelihood peaks: for a model whose intervals are too wide at some D and too narrow at others (BENCHMARKS.md, 'A width that depends on D')."),
 ) -> None:
     """Calibrate a grid model's likelihood for combining (smoothing, D axis, temperature, systematic error, disagreement scale), fitted on held-out movies of known D."""
     from dle_stream.model_package import load_model_package
@@ -391,7 +392,8 @@ def calibrate(
                                  f"(leave out --windows)")
         saved = {"tiles": tiles, "fractions": tuple(float(x) for x in fractions), "seed": seed,
                  "cloud": load_cloud_cells(windows)}  # simulated anew when the file has none
-    r = fit(model, n_per_cell=movies, log=lambda m: console.print(m, markup=False), save_windows=save_windows, **saved)
+    r = fit(model, n_per_cell=movies, log=lambda m: console.print(m, markup=False), save_windows=save_windows,
+            posterior_profile=width_profile, **saved)
     b, a = r["before"], r["after"]
     console.print(f"{model}: temperature {r['temperature']:.3g}, systematic error {r['systematic_rel']:.0%} of D, "
                   f"D axis warped at {r['warp_points']} points, disagreement scale {r['lr_scale']:.2g}"

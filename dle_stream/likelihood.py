@@ -74,6 +74,14 @@ class DGrid:
             before a posterior is read from it (``posterior(..., n_windows=K)``; the model's
             calibration, ``ModelConfig.grid_combine_exponent``; 0: the windows' likelihoods
             are taken as exact).
+        posterior_profile: points (D, factor), D in units of d_max, linear between them and
+            constant beyond the ends: before a posterior is read, a (combined) log-likelihood
+            is divided by the factor read where it peaks (``ModelConfig.grid_posterior_profile``;
+            empty: 1). It corrects a width that is wrong by a factor depending on D — measured
+            on brain-qd-low: too wide at 0.1–0.3·d_max, too narrow above 0.7·d_max — and is read
+            where the *sum* peaks, so all windows of one combination share one factor: a
+            factor per window (``window_temperatures``) weights the windows that peak where it
+            is small more than the others, which biases the combination (:func:`combined_factor`).
     """
 
     intervals: int = 96
@@ -81,6 +89,7 @@ class DGrid:
     systematic_rel: float = 0.0
     lr_scale: float = 1.0
     combine_exponent: float = 0.0
+    posterior_profile: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.intervals < 4 or not self.top > 1.0:
@@ -91,6 +100,10 @@ class DGrid:
             raise ValueError("DGrid: lr_scale must be a positive number")
         if not 0.0 <= self.combine_exponent < 1.0:
             raise ValueError("DGrid: combine_exponent must be in [0, 1)")
+        profile = tuple((float(a), float(b)) for a, b in self.posterior_profile)
+        object.__setattr__(self, "posterior_profile", profile)
+        if profile_problem(profile):
+            raise ValueError(f"DGrid: posterior_profile {profile_problem(profile)}")
 
     @cached_property
     def knots(self) -> np.ndarray:
@@ -160,14 +173,28 @@ class DGrid:
 
     def to_dict(self) -> dict:
         return {"intervals": self.intervals, "top": self.top, "systematic_rel": self.systematic_rel,
-                "lr_scale": self.lr_scale, "combine_exponent": self.combine_exponent}
+                "lr_scale": self.lr_scale, "combine_exponent": self.combine_exponent,
+                "posterior_profile": [list(p) for p in self.posterior_profile]}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "DGrid":
         data = data or {}
         return cls(intervals=int(data.get("intervals", 96)), top=float(data.get("top", 2.0)),
                    systematic_rel=float(data.get("systematic_rel", 0.0)), lr_scale=float(data.get("lr_scale", 1.0)),
-                   combine_exponent=float(data.get("combine_exponent", 0.0)))
+                   combine_exponent=float(data.get("combine_exponent", 0.0)),
+                   posterior_profile=tuple(tuple(p) for p in data.get("posterior_profile", ())))
+
+
+def profile_problem(profile: Sequence[Sequence[float]]) -> str | None:
+    """What is wrong with a profile of points (D, factor), or None: two or more points, D
+    increasing, every factor a positive number (an empty profile is fine: none)."""
+    pts = [tuple(p) for p in profile]
+    if not pts:
+        return None
+    if any(len(p) != 2 for p in pts) or len(pts) < 2 or any(b[0] <= a[0] for a, b in zip(pts, pts[1:])) \
+            or not all(f > 0 and math.isfinite(f) for _, f in pts):
+        return "needs two or more points (D, factor), D increasing, factor > 0"
+    return None
 
 
 @dataclass(frozen=True)
@@ -334,13 +361,28 @@ def information_weight(grid: DGrid, n_windows: ArrayLike | None) -> np.ndarray |
     return np.power(n, -grid.combine_exponent)
 
 
+def combined_factor(log_likelihood: np.ndarray, grid: DGrid, n_windows: ArrayLike | None = None) -> np.ndarray:
+    """[...]: the factor on each (summed) log-likelihood [..., n] before its posterior is read:
+    the information weight of its ``n_windows`` (:func:`information_weight`) divided by the
+    grid's posterior profile read where the row peaks (its overflow entry not counted).
+    One factor per row: every window added into it is weighted alike."""
+    ll = np.asarray(log_likelihood, dtype=np.float64)
+    factor = np.broadcast_to(np.asarray(information_weight(grid, n_windows), dtype=np.float64), ll.shape[:-1])
+    if grid.posterior_profile:
+        pts = np.asarray(grid.posterior_profile, dtype=np.float64)
+        knots = ll[..., :-1]
+        peak = grid.knots[np.argmax(np.where(np.isfinite(knots), knots, -np.inf), axis=-1)]
+        factor = factor / np.interp(peak, pts[:, 0], pts[:, 1])
+    return np.array(factor, dtype=np.float64)
+
+
 def log_posterior_at(log_likelihood: np.ndarray, grid: DGrid, d_norm: np.ndarray,
                      n_windows: ArrayLike | None = None) -> np.ndarray:
     """Log posterior density (flat prior on the operating range [0, 1], units of d_max) of each
     row of ``log_likelihood`` [N, n] at ``d_norm`` [N] (inside the range): the log score.
-    ``n_windows`` [N]: windows summed in each row (see :func:`information_weight`)."""
+    ``n_windows`` [N]: windows summed in each row (see :func:`combined_factor`)."""
     ll = np.asarray(log_likelihood, dtype=np.float64)
-    ll = ll * np.reshape(information_weight(grid, n_windows), (-1, 1))
+    ll = ll * np.reshape(combined_factor(ll, grid, n_windows), (-1, 1))
     fine = ll[:, :-1] @ grid.interp_matrix
     inr = grid.fine <= 1.0 + 1e-12
     x = grid.fine[inr]
@@ -414,11 +456,12 @@ def posterior(log_likelihood: np.ndarray, grid: DGrid, d_max_um2_s: float,
 
     ``d_max_um2_s`` is the operating range's top in the stream's units (the card's d_max
     divided by the stream's time scale). ``n_windows`` [...]: how many windows were added
-    into each row (their information is weighted by :func:`information_weight`; None: one).
+    into each row (their information is weighted by :func:`information_weight`; None: one);
+    the grid's posterior profile, if any, applies too (:func:`combined_factor`).
     """
     ll = np.asarray(log_likelihood, dtype=np.float64)
-    weight = np.asarray(information_weight(grid, n_windows))
-    if np.any(weight != 1.0):  # (a scalar count too: `log show` passes one per row)
+    weight = combined_factor(ll, grid, n_windows)  # (a scalar count too: `log show` passes one per row)
+    if np.any(weight != 1.0):
         ll = ll * weight[..., None]
     lead = ll.shape[:-1]
     flat = ll.reshape(-1, ll.shape[-1])

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dle_stream.errors import DleStreamError
-from dle_stream.likelihood import DGrid, TrainingPrior, warp_function
+from dle_stream.likelihood import DGrid, TrainingPrior, profile_problem, warp_function
 
 #: Kinds of window output (see :attr:`ModelConfig.output`).
 OUTPUTS = ("d_grid", "gaussian")
@@ -168,6 +168,10 @@ class ModelConfig:
             likelihood peaks (:func:`dle_stream.likelihood.window_temperatures`; empty: 1).
         grid_combine_exponent: β: K windows added carry the information of K^(1 − β) exact
             ones (:attr:`dle_stream.likelihood.DGrid.combine_exponent`; 0: exact).
+        grid_posterior_profile: points (D, factor), D in units of d_max: any sum of window
+            log-likelihoods (one window too) is divided by this profile read where the sum
+            peaks, before its posterior is read
+            (:attr:`dle_stream.likelihood.DGrid.posterior_profile`; empty: 1).
         grid_lr_scale: how many times χ² the likelihood-ratio statistic of homogeneous parts
             was measured (:attr:`dle_stream.likelihood.DGrid.lr_scale`; 1: taken as exact).
         grid_prior_in_range, grid_prior_beyond: the training prior of a "d_grid" head,
@@ -206,6 +210,7 @@ class ModelConfig:
     grid_temperature_profile: tuple[tuple[float, float], ...] = ()
     grid_lr_scale: float = 1.0
     grid_combine_exponent: float = 0.0
+    grid_posterior_profile: tuple[tuple[float, float], ...] = ()
     grid_prior_exact: bool = True
     scan_features: int = 0
 
@@ -215,6 +220,7 @@ class ModelConfig:
         self.temporal_strides = tuple(int(s) for s in self.temporal_strides)
         self.grid_warp = tuple((float(a), float(b)) for a, b in self.grid_warp)
         self.grid_temperature_profile = tuple((float(a), float(b)) for a, b in self.grid_temperature_profile)
+        self.grid_posterior_profile = tuple((float(a), float(b)) for a, b in self.grid_posterior_profile)
         problems = []
         if len(self.encoder_channels) != 4 or len(self.encoder_strides) != 4:
             problems.append("encoder_channels and encoder_strides need 4 entries each (the 5th layer is dense)")
@@ -241,6 +247,8 @@ class ModelConfig:
         if prof and (len(prof) < 2 or any(b1 <= b0 for (b0, _), (b1, _) in zip(prof, prof[1:]))
                      or not all(f > 0 and math.isfinite(f) for _, f in prof)):
             problems.append("grid_temperature_profile needs two or more points (D increasing, factor > 0)")
+        if profile_problem(self.grid_posterior_profile):
+            problems.append(f"grid_posterior_profile {profile_problem(self.grid_posterior_profile)}")
         if not 0.0 <= self.grid_combine_exponent < 1.0:
             problems.append("grid_combine_exponent must be in [0, 1)")
         if not (self.grid_lr_scale > 0 and math.isfinite(self.grid_lr_scale)):
@@ -273,7 +281,8 @@ class ModelConfig:
     def grid(self) -> DGrid:
         """The D grid of a "d_grid" head (units of d_max)."""
         return DGrid(self.grid_intervals, self.grid_top, self.grid_systematic_rel, self.grid_lr_scale,
-                     self.grid_combine_exponent)
+                     self.grid_combine_exponent,
+                     self.grid_posterior_profile if profile_problem(self.grid_posterior_profile) is None else ())
 
     @property
     def training_prior(self) -> TrainingPrior:
@@ -304,10 +313,11 @@ class ModelConfig:
 
     def uncalibrated(self) -> ModelConfig:
         """This configuration with every fitted calibration of the grid likelihood undone
-        (temperature 1 and no profile, no warp, smoothing, systematic error, combine exponent
+        (temperature 1 and no profiles, no warp, smoothing, systematic error, combine exponent
         or likelihood-ratio scale): the network's raw window log-likelihoods."""
         return replace(self, grid_temperature=1.0, grid_warp=(), grid_systematic_rel=0.0, grid_smooth_knots=0.0,
-                       grid_lr_scale=1.0, grid_temperature_profile=(), grid_combine_exponent=0.0)
+                       grid_lr_scale=1.0, grid_temperature_profile=(), grid_combine_exponent=0.0,
+                       grid_posterior_profile=())
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

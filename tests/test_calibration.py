@@ -299,3 +299,43 @@ def test_the_peak_of_the_average_likelihood_is_read_between_knots():
     assert abs(peak - c) < 3 * s / np.sqrt(n)
     spacing = np.diff(GRID.knots)[np.searchsorted(GRID.knots, c) - 1]
     assert min(abs(GRID.knots - peak)) > 0.05 * spacing  # not snapped to a knot
+
+
+def test_a_width_wrong_by_a_factor_of_the_true_d_is_fixed_on_the_sum_not_per_window():
+    """Windows of true D read x ~ N(D, 0.06) but report 0.06·(0.4 + 1.2·D): too narrow at
+    small D, too wide near the top, as a function of the *true* D. A temperature profile
+    per window (read at each window's own peak) weights the windows of one D unequally by
+    where each happens to read, so 16 windows combined are biased (measured: z mean +0.54).
+    The profile read where the *sum* peaks gives every window of a group one factor: 16
+    fresh windows combine without that bias (+0.05), and single windows keep their coverage."""
+    from dataclasses import replace
+
+    from dle_stream.likelihood import combine, window_temperatures
+    from dle_stream.training.calibration import coverage_table, fit_posterior_profile, fit_temperature_profile
+
+    f = np.round(np.arange(0.125, 0.9, 0.1), 3)
+    cells = np.arange(f.size)
+
+    def draws(seed, n=256):
+        rng = np.random.default_rng(seed)
+        x = f[:, None] + 0.06 * rng.standard_normal((f.size, n))
+        return gaussian_log_likelihood(x, 0.06 * (0.4 + 1.2 * f[:, None]) * np.ones_like(x), GRID)
+
+    fit = draws(31)
+    shapes = dict(slopes=(-2.0, -1.0, 0.0, 1.0, 2.0), curves=(-2.0, 0.0, 2.0))
+    t_w, per_window = fit_temperature_profile({"k1": fit[:, :, None]}, f, GRID, 1.0, cells, **shapes)
+    t_p, on_sum = fit_posterior_profile({"k1": fit[:, :, None], "k16": disjoint_groups(fit, 16)}, f, GRID, 1.0,
+                                        cells, **shapes)
+    fresh = draws(32, n=512)
+
+    def z16(grid, t, profile):
+        g = disjoint_groups(fresh, 16)
+        g = g / window_temperatures(g, grid, t, profile)[..., None]
+        post = posterior(combine(g, axis=2), grid, 1.0, n_windows=np.full(g.shape[:2], 16))
+        return float(np.mean((post.d - f[:, None]) / post.sigma))
+
+    summed = replace(GRID, posterior_profile=on_sum)
+    assert abs(z16(GRID, t_w, per_window)) > 0.3
+    assert abs(z16(summed, t_p, ())) < 0.15
+    c1 = coverage_table({"k1": fresh[:, :, None]}, f, summed, t_p, cells)["k1"][:, 0]
+    assert 0.6 <= c1.min() and c1.max() <= 0.78

@@ -130,3 +130,26 @@ def test_a_window_above_the_range_is_not_also_called_uninformative():
     assert bool(post.above_range[0])
     assert float(post.sigma[0]) > 0.2  # the in-range part alone is nearly flat
     assert not bool(post.little_information[0])
+
+
+def test_posterior_profile_widens_a_sum_by_the_factor_read_where_the_sum_peaks():
+    """A profile (D, factor) divides the summed log-likelihood by the factor at the sum's
+    peak: 16 Gaussian measurements of σ combine to σ/4 (closed form), read with factor 4
+    there to 2·σ/4; where the profile is 1 nothing changes; one shared factor, so the
+    combined centre stays the closed-form weighted mean."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(4)
+    profile = ((0.0, 1.0), (0.3, 1.0), (0.6, 4.0), (1.0, 4.0))
+    for truth, factor in ((0.15, 1.0), (0.8, 4.0)):
+        y = truth + 0.1 * rng.standard_normal(16)
+        summed = combine(gaussian_log_likelihood(y, np.full(16, 0.1), GRID))
+        plain = posterior(summed, GRID, 1.0)
+        read = posterior(summed, replace(GRID, posterior_profile=profile), 1.0)
+        assert float(plain.sigma) == pytest.approx(0.1 / 4, rel=0.03)
+        assert float(read.sigma) == pytest.approx(0.1 / 4 * np.sqrt(factor), rel=0.03)
+        assert float(read.d) == pytest.approx(float(np.mean(y)), abs=3e-3)
+    with pytest.raises(ValueError, match="posterior_profile"):
+        DGrid(posterior_profile=((0.5, 1.0), (0.2, 2.0)))
+    assert DGrid.from_dict(replace(GRID, posterior_profile=profile).to_dict()).posterior_profile == profile
+    assert DGrid.from_dict({"intervals": 96, "top": 2.0}).posterior_profile == ()  # a log written before it
