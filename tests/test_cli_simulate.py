@@ -96,3 +96,26 @@ def test_d_map_bands_and_tiles():
     for r0, c0, h, w in tiles:
         covered[r0:r0 + h, c0:c0 + w] += 1
     assert np.all(covered == 1)
+
+
+def test_the_tiles_of_a_simulated_recording_share_one_microscope(tmp_path):
+    """The tiles of a recording were simulated with their own PSF, background, brightness and
+    gain each, as independent training movies: a recording whose background level jumped
+    from tile to tile (the 20th percentile of the pixel values, which the background sets,
+    spread over 17–19 counts across 8 tiles), and whose tiles looked more independent
+    than a real recording's. One instrument now serves every tile, and the truth file says
+    which."""
+    from dle_stream.training.priors import get_preset
+    from dle_stream.training.recording_sim import simulate_recording
+
+    timing = ScanTiming(**{**ScanTiming.reference().to_dict(), "width_px": 80, "height_px": 40})
+    rec = simulate_recording(tmp_path / "r.tif", get_preset("low"), frames=60, height=40, width=80, timing=timing,
+                             d_spec="0.3", seed=6)
+    with open_recording(rec.path) as r:
+        frames = r.read(0, 60).astype(float)
+    floor = [np.percentile(frames[:, r0:r0 + 20, c0:c0 + 20], 20) for r0 in (0, 20) for c0 in (0, 20, 40, 60)]
+    assert max(floor) - min(floor) < 6.0
+    instrument = json.loads((tmp_path / "r.tif.truth.json").read_text())["instrument"]
+    assert set(instrument) == {"psf_sigma_xy_um", "psf_sigma_z_um", "background_photons", "brightness_photons",
+                               "gain", "offset"}
+    assert 0.02 <= instrument["psf_sigma_xy_um"] < 1.0 and instrument["background_photons"] > 0

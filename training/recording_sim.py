@@ -129,6 +129,10 @@ def simulate_recording(
     for i, (_, _, h, w) in enumerate(tiles):
         groups.setdefault((h, w), []).append(i)
     sims = {shape: Simulator(priors, timing, shape[0], shape[1], chunk, device) for shape in groups}
+    # one microscope and sample for the whole recording: every tile has the same PSF, background,
+    # brightness and gain (drawn per tile, a recording's tiles would be independent samples and
+    # look more independent than a real recording's)
+    instrument = next(iter(sims.values())).draw_instrument(gen)
     states: dict[tuple[int, int], SimulatorState | None] = {}
     truth: list[dict[str, Any]] = [dict(bbox=list(t), d_um2_s=None, n_particles=0, visible_transitions=0) for t in tiles]
 
@@ -143,7 +147,8 @@ def simulate_recording(
                     batch = sims[shape].simulate(len(idx), generator=gen, continue_from=states[shape])
                 else:
                     d = None if d_map is None else [float(d_map[r0:r0 + h, c0:c0 + w].mean()) for (r0, c0, h, w) in (tiles[i] for i in idx)]
-                    batch = sims[shape].simulate(len(idx), generator=gen, d_um2_s=d, offsets=offsets)
+                    batch = sims[shape].simulate(len(idx), generator=gen, d_um2_s=d, offsets=offsets,
+                                                 instrument=instrument)
                 states[shape] = batch.state
                 movies = batch.movies.cpu().numpy()
                 for k, i in enumerate(idx):
@@ -164,8 +169,10 @@ def simulate_recording(
     doc = {
         "software": f"dle-stream {__version__}", "recording": out.name, "frames": frames, "seed": seed,
         "preset": preset.name, "d_map": d_spec, "timing": timing.to_dict(), "priors": priors.to_dict(),
-        "tile_px": tile, "tiles": truth,
-        "note": "d_um2_s per tile; visible_transitions: Σ over frames of particles inside the tile and within σz of focus",
+        "tile_px": tile, "instrument": instrument, "tiles": truth,
+        "note": ("d_um2_s per tile; visible_transitions: Σ over frames of particles inside the tile and within σz of "
+                 "focus; instrument: PSF widths (µm), background and brightness (photons), gain and offset, shared by "
+                 "every tile"),
     }
     text = json.dumps(doc, indent=1)
     try:

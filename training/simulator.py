@@ -99,6 +99,10 @@ class SimulatedBatch:
         return self.positions_um[self.particle_movie == movie]
 
 
+#: What one microscope and sample fix for all the tiles of a recording (:meth:`Simulator.draw_instrument`).
+INSTRUMENT_FIELDS = ("psf_sigma_xy_um", "psf_sigma_z_um", "background_photons", "brightness_photons", "gain", "offset")
+
+
 @dataclass
 class SimulatorState:
     """What a batch needs to be continued: the same movies' next frames."""
@@ -147,6 +151,22 @@ class Simulator:
     def _abs_normal(self, n: int, mean_std: tuple[float, float], g: torch.Generator) -> torch.Tensor:
         mean, std = mean_std
         return (mean + std * torch.randn(n, generator=g, device=self.device, dtype=torch.float64)).abs()
+
+    def draw_instrument(self, g: torch.Generator) -> dict[str, float]:
+        """One microscope and sample, as the priors draw them for a movie: PSF widths (µm),
+        background and brightness (photons), gain and offset; for :meth:`simulate`'s
+        ``instrument``, so that the tiles of one recording share them."""
+        p = self.priors
+        bg = float(self._abs_normal(1, p.background_photons, g)[0])
+        values = {
+            "psf_sigma_xy_um": max(float(self._abs_normal(1, p.psf_sigma_xy_um, g)[0]), 0.02),
+            "psf_sigma_z_um": max(float(self._abs_normal(1, p.psf_sigma_z_um, g)[0]), 0.05),
+            "background_photons": bg,
+            "brightness_photons": float(self._abs_normal(1, p.brightness_photons, g)[0]),
+            "gain": max(float(self._abs_normal(1, p.gain, g)[0]), 1e-3),
+        }
+        values["offset"] = bg * float(self._uniform(1, 0.9, 1.1, g)[0]) if p.subtract_offset else 0.0
+        return values
 
     def draw_d(self, n: int, g: torch.Generator) -> torch.Tensor:
         p = self.priors
@@ -224,7 +244,7 @@ class Simulator:
     def simulate(
         self, n_movies: int, seed: int | None = None, *, d_um2_s=None, offsets=None,
         generator: torch.Generator | None = None, keep_pixel_paths: bool = False,
-        continue_from: "SimulatorState | None" = None,
+        continue_from: "SimulatorState | None" = None, instrument: dict | None = None,
     ) -> SimulatedBatch:
         """Simulate ``n_movies`` movies.
 
@@ -240,6 +260,10 @@ class Simulator:
             continue_from: the ``state`` of a previous batch: simulate its next frames,
                 with the same particles, D and detector (for recordings longer than
                 memory); ``d_um2_s`` and ``offsets`` are then taken from the state.
+            instrument: the microscope and sample shared by these movies
+                (:meth:`draw_instrument`: PSF widths, background, brightness, gain, offset;
+                each a number, or [B]); drawn per movie if None, as for independent
+                training movies. The tiles of one recording share them.
         """
         if n_movies < 1:
             raise DleStreamError(f"simulator: need at least one movie, got {n_movies}")
@@ -264,12 +288,18 @@ class Simulator:
             if d.numel() != B or not torch.isfinite(d).all() or (d < 0).any():
                 raise DleStreamError("simulator: D must be one finite value ≥ 0 (µm²/s) per movie")
         counts = self.draw_particle_counts(B, g)
-        sxy = self._abs_normal(B, p.psf_sigma_xy_um, g).clamp_min(0.02)
-        sz = self._abs_normal(B, p.psf_sigma_z_um, g).clamp_min(0.05)
-        bg = self._abs_normal(B, p.background_photons, g)
-        bright = self._abs_normal(B, p.brightness_photons, g)
-        gain = self._abs_normal(B, p.gain, g).clamp_min(1e-3)
-        offset = bg * self._uniform(B, 0.9, 1.1, g) if p.subtract_offset else torch.zeros(B, dtype=torch.float64, device=dev)
+        if instrument is None:
+            sxy = self._abs_normal(B, p.psf_sigma_xy_um, g).clamp_min(0.02)
+            sz = self._abs_normal(B, p.psf_sigma_z_um, g).clamp_min(0.05)
+            bg = self._abs_normal(B, p.background_photons, g)
+            bright = self._abs_normal(B, p.brightness_photons, g)
+            gain = self._abs_normal(B, p.gain, g).clamp_min(1e-3)
+            offset = (bg * self._uniform(B, 0.9, 1.1, g) if p.subtract_offset
+                      else torch.zeros(B, dtype=torch.float64, device=dev))
+        else:
+            sxy, sz, bg, bright, gain, offset = (
+                torch.as_tensor(instrument[k], dtype=torch.float64, device=dev).reshape(-1).expand(B).clone()
+                for k in INSTRUMENT_FIELDS)
         lat_std_um = self._abs_normal(B, p.cloud_lateral_std_tiles, g) * W * dx
         anchor_frame = torch.floor(self._uniform(B, 0, T, g)).long().clamp(max=T - 1)
         if offsets is None:
