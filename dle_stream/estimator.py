@@ -37,6 +37,7 @@ from dle_stream.errors import DleStreamError
 from dle_stream.likelihood import DGrid, Posterior, gaussian_log_likelihood, posterior, window_log_likelihood
 from dle_stream.model import DLEModel, with_scan_features
 from dle_stream.model_package import ModelCard, load_model_package, resolve_model
+from dle_stream.spots import flatten_unseen, frame_spot_features, particles_seen
 from dle_stream.timing import ScanTiming, TimingComparison
 
 #: Tile-frames encoded per batch (measured: chunks of 256–2048 are ≈ equally fast on
@@ -44,6 +45,8 @@ from dle_stream.timing import ScanTiming, TimingComparison
 ENCODE_CHUNK = 1024
 #: Windows per temporal-head batch.
 HEAD_CHUNK = 64
+#: PSF width (σ, µm) the spot test assumes when a card has no PSF prior (the presets').
+DEFAULT_PSF_SIGMA_UM = 0.21
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -156,7 +159,32 @@ class DiffusionEstimator:
         self._check_length(t)
         latents = self._encode_tensor(x.reshape(b * t, *x.shape[2:])).reshape(b, t, -1)
         ll = self._head(self._head_input(latents, timing))
+        ll = self.flatten_unseen(ll, self.spot_features(x.cpu().numpy()))
         return (ll[0] if single else ll), comparison.time_scale
+
+    @property
+    def spot_psf_px(self) -> float:
+        """Width (σ, px of the model's scan) of the spot test's filter: the card's PSF prior."""
+        psf = self.card.psf_priors.get("sigma_xy_um") if isinstance(self.card.psf_priors, dict) else None
+        sigma_um = float(psf[0]) if psf else DEFAULT_PSF_SIGMA_UM
+        return sigma_um / float(self.card.pixel_size_um)
+
+    def spot_features(self, frames: np.ndarray) -> np.ndarray:
+        """Tile-frames [..., H, W] → the spot test's numbers per frame [..., 2]
+        (:func:`dle_stream.spots.frame_spot_features`)."""
+        return frame_spot_features(frames, self.spot_psf_px)
+
+    def flatten_unseen(self, log_likelihood: np.ndarray, spot_features: np.ndarray) -> np.ndarray:
+        """Window log-likelihoods [B, n] with those of windows where no particle was seen and
+        that say little on their own made flat (:mod:`dle_stream.spots`); ``spot_features``
+        [B, frames, 2] from :meth:`spot_features`. A "gaussian" (older) model's are kept."""
+        ll = np.asarray(log_likelihood, dtype=np.float64)
+        if self.model.config.output != "d_grid":
+            return ll
+        seen = particles_seen(spot_features)
+        if bool(np.all(seen)):
+            return ll
+        return flatten_unseen(ll, seen, posterior(ll, self.grid, 1.0).little_information)
 
     def encode(self, frames: ArrayLike) -> np.ndarray:
         """Tile-frames [N, H, W] (raw intensities) → latents [N, latent] (float32).
@@ -177,7 +205,8 @@ class DiffusionEstimator:
         ``timing_scale`` is the stream's time scale b = :attr:`TimingComparison.time_scale`
         (stream times / model times, from :meth:`timing_check`); D and σ are divided by it.
         For a grid model they are the posterior median and std on the operating range.
-        ``scan``: the windows' scan (needed by a family model).
+        ``scan``: the windows' scan (needed by a family model). Latents carry no pixels, so
+        the spot test (:meth:`flatten_unseen`) is not applied here.
         """
         return self._summary(self.window_log_likelihoods(latents, scan), timing_scale)
 

@@ -66,10 +66,17 @@ class DLEStream:
         return self.estimator.grid
 
     def features(self, tiles: np.ndarray) -> np.ndarray:
-        return np.asarray(self.estimator.encode(tiles), dtype=np.float32)
+        """Per tile-frame: the encoder's latent vector, then the spot test's two numbers
+        (:mod:`dle_stream.spots`), float32."""
+        latents = np.asarray(self.estimator.encode(tiles), dtype=np.float32)
+        spots = np.asarray(self.estimator.spot_features(tiles), dtype=np.float32)
+        return np.concatenate([latents, spots], axis=-1)
 
     def estimate(self, windows: np.ndarray) -> np.ndarray:
-        return self.estimator.window_log_likelihoods(windows, self.scan)
+        """Window log-likelihoods; flat for windows where no particle was seen and that say little."""
+        windows = np.asarray(windows)
+        ll = self.estimator.window_log_likelihoods(windows[..., :-2], self.scan)
+        return self.estimator.flatten_unseen(ll, windows[..., -2:])
 
 
 class PixelEstimator(Protocol):
