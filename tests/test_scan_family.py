@@ -158,7 +158,10 @@ def test_the_family_estimator_serves_its_box_reads_the_scan_and_refuses_what_is_
     from dle_stream.estimator import DiffusionEstimator
 
     est = DiffusionEstimator.load(_family_package(tmp_path / "fam"))
-    movies = np.random.default_rng(0).poisson(50, (2, 40, 20, 20)).astype(np.float32)
+    yy, xx = np.mgrid[0:20, 0:20]
+    dot = 3000.0 * np.exp(-((yy - 9.5) ** 2 + (xx - 9.5) ** 2) / (2 * 1.4**2)) / (2 * np.pi * 1.4**2)
+    # a particle in view (windows of pure noise would be read as holding none: dle_stream/spots.py)
+    movies = np.random.default_rng(0).poisson(50 + dot, (2, 40, 20, 20)).astype(np.float32)
     ll64, scale = est.window_log_likelihoods_of_movies(movies, REFERENCE_SCANS["64x64-8us"])
     ll512, _ = est.window_log_likelihoods_of_movies(movies, REFERENCE_SCANS["512x512-1us"])
     assert scale == 1.0  # a family model's D is never rescaled
