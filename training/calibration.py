@@ -319,21 +319,26 @@ def fit_temperature_profile(sets: dict[str, np.ndarray], fractions: np.ndarray, 
     temperature around ``temperature``, then b and c again. A smooth form, because a free
     value per point followed the noise of single cells (measured: factors 0.24 and 4.3 at
     neighbouring points, and 68 % coverage of 53–85 % per decile of the 1000-movie suite)."""
-    x = np.asarray(PROFILE_NODES) - 0.5
+    return _fit_smooth_profile(
+        lambda t, prof: cell_mismatch(coverage_table(sets, fractions, grid, t, cells, prof)), temperature, slopes, curves)
 
-    def profile(b: float, c: float) -> tuple[tuple[float, float], ...]:
-        return tuple((float(n), float(np.exp(b * v + c * v * v))) for n, v in zip(PROFILE_NODES, x))
 
-    def mismatch(t: float, b: float, c: float) -> float:
-        return cell_mismatch(coverage_table(sets, fractions, grid, t, cells, profile(b, c)))
+def _smooth_profile(b: float, c: float) -> tuple[tuple[float, float], ...]:
+    """Points (D, factor) at :data:`PROFILE_NODES` of log factor b·(x − ½) + c·(x − ½)²."""
+    return tuple((float(n), float(np.exp(b * (n - 0.5) + c * (n - 0.5) ** 2))) for n in PROFILE_NODES)
 
+
+def _fit_smooth_profile(mismatch: Callable[[float, tuple[tuple[float, float], ...]], float], temperature: float,
+                        slopes: Sequence[float], curves: Sequence[float]) -> tuple[float, tuple[tuple[float, float], ...]]:
+    """The search of the two profile fits: b and c on a grid, then the temperature within
+    ×/÷ 1.5 of ``temperature``, then b and c again, minimising ``mismatch(temperature, profile)``."""
     t = float(temperature)
     shapes = [(float(b), float(c)) for b in slopes for c in curves]
-    _, b, c = min((mismatch(t, b, c), b, c) for b, c in shapes)
+    _, b, c = min((mismatch(t, _smooth_profile(b, c)), b, c) for b, c in shapes)
     near = TEMPERATURES[(TEMPERATURES >= t / 1.5) & (TEMPERATURES <= t * 1.5)]
-    _, t = min((mismatch(float(v), b, c), float(v)) for v in near)
-    _, b, c = min((mismatch(t, b, c), b, c) for b, c in shapes)
-    return t, profile(b, c)
+    _, t = min((mismatch(float(v), _smooth_profile(b, c)), float(v)) for v in near)
+    _, b, c = min((mismatch(t, _smooth_profile(b, c)), b, c) for b, c in shapes)
+    return t, _smooth_profile(b, c)
 
 
 def fit_posterior_profile(sets: dict[str, np.ndarray], fractions: np.ndarray, grid: DGrid, temperature: float,
@@ -346,21 +351,9 @@ def fit_posterior_profile(sets: dict[str, np.ndarray], fractions: np.ndarray, gr
     temperature around ``temperature``, then b and c again. Unlike a profile per window, it
     can be fitted on combined groups too: all windows of a group share its factor, so it
     does not weight the windows of one combination unequally."""
-    x = np.asarray(PROFILE_NODES) - 0.5
-
-    def profile(b: float, c: float) -> tuple[tuple[float, float], ...]:
-        return tuple((float(n), float(np.exp(b * v + c * v * v))) for n, v in zip(PROFILE_NODES, x))
-
-    def mismatch(t: float, b: float, c: float) -> float:
-        return cell_mismatch(coverage_table(sets, fractions, replace(grid, posterior_profile=profile(b, c)), t, cells))
-
-    t = float(temperature)
-    shapes = [(float(b), float(c)) for b in slopes for c in curves]
-    _, b, c = min((mismatch(t, b, c), b, c) for b, c in shapes)
-    near = TEMPERATURES[(TEMPERATURES >= t / 1.5) & (TEMPERATURES <= t * 1.5)]
-    _, t = min((mismatch(float(v), b, c), float(v)) for v in near)
-    _, b, c = min((mismatch(t, b, c), b, c) for b, c in shapes)
-    return t, profile(b, c)
+    return _fit_smooth_profile(
+        lambda t, prof: cell_mismatch(coverage_table(sets, fractions, replace(grid, posterior_profile=prof), t, cells)),
+        temperature, slopes, curves)
 
 
 def independent_groups(tiles: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
