@@ -4,11 +4,16 @@ the figures behind SPOT_Z in BENCHMARKS.md, ninth pass.
 
     python benchmarks/spot_power.py MODEL
 """
-import numpy as np, torch, sys
-from dle_stream.spots import frame_spot_features, particles_seen
-from dle_stream.model_package import resolve_model
+import sys
+
+import numpy as np
+import torch
+
 from dle_stream.estimator import DiffusionEstimator
+from dle_stream.model_package import resolve_model
+from dle_stream.spots import frame_spot_features, particles_seen
 from dle_stream.training.calibration import _operating_simulator
+
 name = sys.argv[1]
 est = DiffusionEstimator.load(resolve_model(name))
 psf = est.card.psf_priors["sigma_xy_um"][0] / est.card.pixel_size_um
